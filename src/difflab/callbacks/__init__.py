@@ -1,0 +1,1 @@
+"""Lightning callbacks: sample grids, throughput, (and FID, see metrics)."""

@@ -1,0 +1,98 @@
+"""Checkpoint files: atomic writes, safe loading, finding `last`, and resume compatibility checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from difflab.errors import DifflabError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``path.tmp`` then renames it over ``path``: a crash mid-save never corrupts a checkpoint.
+
+    Lightning's TorchCheckpointIO streams straight into the final file, so a kill during the write
+    leaves a truncated ``last.ckpt``; ``os.replace`` is atomic on POSIX file systems.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote file systems: fall back to Lightning's writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a difflab checkpoint on CPU with ``weights_only=True`` (no arbitrary code from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DifflabError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle errors, wrong file type
+        raise DifflabError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}".split("\n")[0]) from e
+    if not isinstance(ckpt, dict) or "difflab" not in ckpt or "state_dict" not in ckpt:
+        raise DifflabError(f"{path} is not a difflab training checkpoint (no 'difflab' metadata)")
+    return ckpt
+
+
+def find_last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """``last.ckpt`` of a run directory, else its newest ``*.ckpt``, else None."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if (ckpt_dir / "last.ckpt").is_file():
+        return ckpt_dir / "last.ckpt"
+    found = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | os.PathLike) -> str | None:
+    """``null`` → fresh start; ``last`` → newest checkpoint of this run dir (or fresh); else an existing file."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        found = find_last_checkpoint(run_dir)
+        return str(found) if found else None
+    if not Path(ckpt_path).is_file():
+        raise DifflabError(f"ckpt_path={ckpt_path} does not exist; give a .ckpt file or ckpt_path=last")
+    return str(ckpt_path)
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None) -> list[str]:
+    keys = keys or (set(saved) | set(current))
+    out = []
+    for k in sorted(keys):
+        if k.startswith("_"):
+            continue
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+            a, b = list(a), list(b)
+        if a != b:
+            out.append(f"{k} (checkpoint {a!r}, config {b!r})")
+    return out
+
+
+def check_resume_compatible(ckpt: dict[str, Any], unet_config: dict[str, Any],
+                            scheduler_config: dict[str, Any], path: str = "") -> None:
+    """Refuse to resume when the network or the noise schedule differs from the checkpoint's."""
+    meta = ckpt["difflab"]
+    diffs = [f"model.unet.{d}" for d in _differences(meta["unet_config"], unet_config)]
+    sched_keys = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                  "rescale_betas_zero_snr"}
+    diffs += [f"model.noise_scheduler.{d}"
+              for d in _differences(meta["scheduler_config"], scheduler_config, sched_keys)]
+    if diffs:
+        raise DifflabError(
+            f"cannot resume from {path}: the config differs from the checkpoint in " + "; ".join(diffs)
+            + ". Use the checkpoint's settings (see its run dir's config.yaml) or start a new run"
+        )

@@ -1,0 +1,100 @@
+"""The Hydra side of difflab: where configs live, custom resolvers, CLI aliases and start-up checks."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.errors import DifflabError
+
+# conf/ sits at the repository root (editable install); DIFFLAB_CONF_DIR points elsewhere if needed.
+CONF_DIR = os.environ.get("DIFFLAB_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+
+def new_run_dir(log_dir: str, ckpt_path: str | None = None) -> str:
+    """A run directory: the checkpoint's own run when resuming from ``<run>/checkpoints/x.ckpt``,
+    otherwise ``<log_dir>/runs/<time>_<random>`` (two runs started in the same second never collide)."""
+    if ckpt_path and ckpt_path != "last":
+        p = Path(ckpt_path).expanduser().resolve()
+        if p.parent.name == "checkpoints":
+            return str(p.parent.parent)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    while True:
+        run = Path(log_dir) / "runs" / f"{stamp}_{secrets.token_hex(3)}"
+        if not run.exists():
+            return str(run)
+
+
+def unique_suffix() -> str:
+    return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("difflab_run_dir"):
+        OmegaConf.register_new_resolver("difflab_run_dir", new_run_dir)
+        OmegaConf.register_new_resolver("difflab_unique", unique_suffix)
+
+
+# `model.unet=tiny` reads naturally but Hydra selects groups with a slash; accept both spellings.
+GROUP_ALIASES = {"model.unet": "model/unet"}
+
+
+def rewrite_group_aliases(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in GROUP_ALIASES and value and not value.startswith("{"):
+            arg = f"{GROUP_ALIASES[key]}={value}"
+        out.append(arg)
+    return out
+
+
+def _choice(cfg: DictConfig, key: str, allowed: tuple, errors: list[str]) -> None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is not None and value not in allowed:
+        errors.append(f"{key}={value!r} is not valid; allowed: {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail at start-up, naming the key and the allowed values, instead of deep inside a step."""
+    from difflab.data.transforms import CROPS
+    from difflab.diffusion.module import LR_SCHEDULES
+    from difflab.diffusion.noise import PREDICTION_TYPES
+    from difflab.diffusion.sampling import SAMPLERS
+
+    errors: list[str] = []
+    _choice(cfg, "data.channels", (1, 3), errors)
+    _choice(cfg, "data.crop", CROPS, errors)
+    _choice(cfg, "model.noise_scheduler.prediction_type", PREDICTION_TYPES, errors)
+    _choice(cfg, "model.noise_scheduler.beta_schedule", BETA_SCHEDULES, errors)
+    _choice(cfg, "model.lr_schedule", tuple(LR_SCHEDULES), errors)
+    _choice(cfg, "trainer.precision", PRECISIONS, errors)
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        if isinstance(cb, DictConfig) and "scheduler" in cb:
+            _choice(cfg, f"callbacks.{name}.scheduler", tuple(SAMPLERS), errors)
+    unet = cfg.model.get("unet")
+    if not isinstance(unet, DictConfig):
+        errors.append(f"model.unet={unet!r} is not a UNet preset; choose one with model/unet=NAME")
+    else:
+        depth = len(unet.block_out_channels) - 1
+        res = cfg.data.resolution
+        if res % (2**depth):
+            errors.append(f"data.resolution={res} must be divisible by {2**depth} for a UNet with "
+                          f"{depth + 1} blocks (model.unet.block_out_channels)")
+    if cfg.trainer.get("precision") in ("16-mixed", "16-true") and cfg.trainer.get("accelerator") == "cpu":
+        errors.append("trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
+    if errors:
+        raise DifflabError("invalid config: " + "; ".join(errors))
+
+
+def print_error_and_exit(e: Exception) -> None:
+    print(f"difflab: error: {e}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,1 @@
+"""Image sources, transforms and the LightningDataModule."""

@@ -1,0 +1,168 @@
+"""LightningDataModule: a source, the image transform, a sharded reproducible sampler, stateful loaders."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from difflab.data.transforms import ImageTransform, to_model_input
+from difflab.errors import DifflabError
+
+log = logging.getLogger(__name__)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Per-sample augmentation seed. Python's hash of an int tuple is stable across processes."""
+    return hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ImageDataset(Dataset):
+    """Transforms a source's images; keys are ``index`` or ``(index, epoch)`` from the sampler."""
+
+    def __init__(self, source: Any, transform: ImageTransform, channels: int, background: Sequence[int],
+                 seed: int) -> None:
+        self.source = source
+        self.transform = transform
+        self.channels = channels
+        self.background = tuple(background)
+        self.seed = seed
+        self.prepared: torch.Tensor | None = None
+        images = getattr(source, "images", None)
+        if images is not None:
+            # Small in-memory datasets: do channel conversion, Resize and CenterCrop once, not per epoch.
+            out = [transform.deterministic(to_model_input(chunk, channels, self.background))
+                   for chunk in images.split(4096)]
+            self.prepared = torch.cat(out).contiguous()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if self.prepared is not None:
+            img = self.prepared[index]
+        else:
+            raw = to_model_input(self.source[index], self.channels, self.background)
+            if raw.shape[0] != self.channels:
+                raise DifflabError(f"image {index} has {raw.shape[0]} channels after conversion, "
+                                   f"expected data.channels={self.channels}")
+            img = self.transform.deterministic(raw)
+        return self.transform.finish(img, sample_seed(self.seed, epoch, index))
+
+
+class ShardedShuffleSampler(Sampler[tuple[int, int]]):
+    """Shuffles with (seed, epoch) and gives each rank a disjoint shard, yielding (index, epoch).
+
+    Written here rather than using DistributedSampler because the epoch must reach the dataset
+    (per-sample augmentation seeds) and the same class must serve 1 and N ranks identically; the
+    order is a pure function of (seed, epoch), so a stateful loader's fast-forward on resume is exact.
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_items // self.world_size
+        return -(-self.num_items // self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=g)
+        else:
+            order = torch.arange(self.num_items)
+        total = len(self) * self.world_size
+        if total > self.num_items:  # pad so every rank gets the same number of items
+            order = torch.cat([order, order[: total - self.num_items]])
+        for i in order[self.rank : total : self.world_size].tolist():
+            yield i, self.epoch
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images for unconditional training, normalised to [-1, 1], shape (batch, channels, res, res)."""
+
+    def __init__(
+        self,
+        source: Callable[[], Any],
+        resolution: int = 32,
+        channels: int = 3,
+        crop: str = "center",
+        flip: bool = False,
+        background: Sequence[int] = (255, 255, 255),
+        batch_size: int = 64,
+        num_workers: int = 0,
+        persistent_workers: bool = True,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        seed: int | None = 0,
+        skip_bad_images: bool = False,
+    ) -> None:
+        super().__init__()
+        if channels not in (1, 3):
+            raise DifflabError(f"data.channels={channels} is not valid; allowed: 1, 3")
+        if resolution < 1 or batch_size < 1:
+            raise DifflabError("data.resolution and data.batch_size must be positive integers")
+        self.source_factory = source
+        self.resolution, self.channels = resolution, channels
+        self.transform = ImageTransform(resolution, channels, crop=crop, flip=flip)
+        self.background = tuple(background)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
+        self.drop_last, self.shuffle = drop_last, shuffle
+        self.seed = seed if seed is not None else random.randrange(2**31)
+        self.skip_bad_images = skip_bad_images
+        self.source: Any = None
+        self.train_set: ImageDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.source = self.source_factory() if callable(self.source_factory) else self.source_factory
+        self.train_set = ImageDataset(self.source, self.transform, self.channels, self.background, self.seed)
+        log.info("data: %d images from %s", len(self.train_set), self.source.identity)
+
+    @property
+    def identity(self) -> str:
+        """What determines the training images: source identity plus the transform settings."""
+        self.setup()
+        return f"{self.source.identity}|res={self.resolution}|ch={self.channels}|bg={self.background}"
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        self.setup()
+        rank, world = self._rank_world()
+        sampler = ShardedShuffleSampler(len(self.train_set), self.seed, self.shuffle, self.drop_last, rank, world)
+        if len(sampler) < self.batch_size and self.drop_last:
+            raise DifflabError(
+                f"each device gets {len(sampler)} images, fewer than data.batch_size={self.batch_size} "
+                "with data.drop_last=true; lower the batch size or set data.drop_last=false"
+            )
+        return StatefulDataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            drop_last=self.drop_last,
+        )

@@ -1,0 +1,244 @@
+"""Where images come from: each source yields raw images (PIL or uint8 tensors) and names itself.
+
+A source has ``__len__``, ``__getitem__(i)`` returning a PIL image or a CHW tensor, and ``identity``:
+a string that changes whenever the images change (used to key caches such as FID statistics).
+Sources small enough to hold in memory expose ``images`` (uint8 NCHW) so the dataset can apply the
+deterministic part of the transform once instead of every epoch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from difflab.errors import DifflabError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class InMemorySource:
+    """Images already decoded into one uint8 tensor (N, C, H, W)."""
+
+    def __init__(self, images: torch.Tensor, identity: str) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 NCHW images, got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.identity = identity
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def _limit(images: torch.Tensor, max_items: int | None) -> torch.Tensor:
+    return images if max_items is None else images[:max_items]
+
+
+def digits_source(max_items: int | None = None) -> InMemorySource:
+    """scikit-learn's bundled 1,797 8x8 grey digits (0..16 intensities), for fast tests."""
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().images  # (1797, 8, 8) float64 in 0..16
+    images = torch.from_numpy(np.round(pixels * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    images = _limit(images, max_items)
+    return InMemorySource(images, identity=f"sklearn-digits:n={len(images)}")
+
+
+def _read_idx_images(path: Path) -> torch.Tensor:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        data = f.read()
+    magic, n, rows, cols = (int.from_bytes(data[i : i + 4], "big") for i in range(0, 16, 4))
+    if magic != 2051:
+        raise DifflabError(f"{path} is not an IDX image file (magic {magic}, expected 2051)")
+    pixels = np.frombuffer(data, dtype=np.uint8, offset=16)
+    if pixels.size != n * rows * cols:
+        raise DifflabError(f"{path} is truncated: expected {n * rows * cols} pixels, found {pixels.size}")
+    return torch.from_numpy(pixels.reshape(n, 1, rows, cols).copy())
+
+
+def fashion_mnist_source(
+    root: str = "/usr/share/datasets/fashion-mnist",
+    split: str = "train",
+    download_root: str | None = None,
+    max_items: int | None = None,
+) -> InMemorySource:
+    """Fashion-MNIST from Debian's `dataset-fashion-mnist` IDX files; torchvision download as fallback."""
+    if split not in ("train", "test"):
+        raise DifflabError(f"data.source.split={split!r} is not valid; allowed: train, test")
+    prefix = "train" if split == "train" else "t10k"
+    for name in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte"):
+        path = Path(root) / name
+        if path.is_file():
+            images = _limit(_read_idx_images(path), max_items)
+            return InMemorySource(images, identity=f"fashion-mnist:{split}:n={len(images)}")
+    if download_root is not None:
+        images = _torchvision_images("FashionMNIST", download_root, split == "train")
+        if images is not None:
+            images = _limit(images, max_items)
+            return InMemorySource(images, identity=f"fashion-mnist:{split}:n={len(images)}")
+    raise DifflabError(
+        f"Fashion-MNIST not found in {root} and could not be downloaded; install it offline with "
+        "`apt-get install dataset-fashion-mnist` (or set data.source.root to a folder with the IDX .gz files)"
+    )
+
+
+def _torchvision_images(name: str, root: str, train: bool) -> torch.Tensor | None:
+    """Load (downloading if the network allows) a torchvision dataset into uint8 NCHW, or None."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, name)
+    try:
+        ds = cls(root=root, train=train, download=True)
+    except Exception as e:  # network errors come in many types (URLError, socket, HTTP)
+        log.warning("could not download %s into %s: %s", name, root, e)
+        return None
+    data = ds.data
+    data = torch.as_tensor(np.asarray(data))
+    if data.ndim == 3:  # MNIST-like: N, H, W
+        return data.unsqueeze(1).contiguous()
+    return data.permute(0, 3, 1, 2).contiguous()  # CIFAR: N, H, W, C
+
+
+def torchvision_source(
+    name: str, root: str, split: str = "train", max_items: int | None = None
+) -> InMemorySource:
+    """MNIST or CIFAR-10 through torchvision (downloads into ``root`` when the network allows)."""
+    allowed = {"mnist": "MNIST", "cifar10": "CIFAR10", "fashion_mnist": "FashionMNIST"}
+    if name not in allowed:
+        raise DifflabError(f"data.source.name={name!r} is not valid; allowed: {', '.join(allowed)}")
+    if split not in ("train", "test"):
+        raise DifflabError(f"data.source.split={split!r} is not valid; allowed: train, test")
+    images = _torchvision_images(allowed[name], root, split == "train")
+    if images is None:
+        raise DifflabError(
+            f"{name} is not in {root} and could not be downloaded (no network?); copy torchvision's "
+            f"{allowed[name]} files into {root} or run once where the network is reachable"
+        )
+    images = _limit(images, max_items)
+    return InMemorySource(images, identity=f"{name}:{split}:n={len(images)}")
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Open and fully decode one file, turning every PIL failure into a message naming the file."""
+    try:
+        if path.stat().st_size == 0:
+            raise DifflabError(f"image file is empty (0 bytes): {path}")
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except DifflabError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DifflabError(f"cannot read image {path}: {e}") from e
+
+
+class FolderSource:
+    """Every image under a directory (recursive), decoded lazily in the loader workers."""
+
+    def __init__(
+        self,
+        path: str,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        skip_bad_images: bool = False,
+        max_items: int | None = None,
+    ) -> None:
+        root = Path(path).expanduser()
+        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        if not root.is_dir():
+            raise DifflabError(f"data.source.path={str(root)!r} is not a directory; point it at a folder of images")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
+        if not files:
+            raise DifflabError(
+                f"no images found under {root} (searched recursively for {', '.join(exts)}); "
+                "check data.source.path or data.source.extensions"
+            )
+        files = files[:max_items] if max_items is not None else files
+        good, bad = [], []
+        # Check every file once up front: a corrupt image found at step 50,000 wastes a run.
+        for f in files:
+            try:
+                _open_image(f)
+                good.append(f)
+            except DifflabError:
+                if not skip_bad_images:
+                    raise
+                bad.append(f)
+        if bad:
+            log.warning(
+                "skipped %d unreadable image(s) under %s (first: %s); data.skip_bad_images=true",
+                len(bad), root, bad[0],
+            )
+        if not good:
+            raise DifflabError(f"every image under {root} is unreadable ({len(bad)} files)")
+        self.files = good
+        self.skipped = bad
+        digest = hashlib.sha1()
+        for f in good:
+            st = f.stat()
+            digest.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        self.identity = f"folder:{root.resolve()}:n={len(good)}:{digest.hexdigest()[:16]}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Image.Image:
+        return _open_image(self.files[i])
+
+
+class HFSource:
+    """A Hugging Face `datasets` dataset: a hub name, a local script/folder, or a `save_to_disk` folder."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        image_column: str = "image",
+        config_name: str | None = None,
+        data_dir: str | None = None,
+        max_items: int | None = None,
+    ) -> None:
+        import datasets
+
+        try:
+            if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+                ds = datasets.load_from_disk(name)[split]
+            elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_info.json")):
+                ds = datasets.load_from_disk(name)
+            else:
+                ds = datasets.load_dataset(name, config_name, data_dir=data_dir, split=split)
+        except KeyError as e:
+            raise DifflabError(f"data.source.split={split!r} not found in {name}") from e
+        except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, DatasetNotFound)
+            raise DifflabError(f"cannot load Hugging Face dataset {name!r} (split {split!r}): {e}") from e
+        if image_column not in ds.column_names:
+            raise DifflabError(
+                f"data.source.image_column={image_column!r} not in dataset {name!r}; "
+                f"columns: {', '.join(ds.column_names)}"
+            )
+        if max_items is not None:
+            ds = ds.select(range(min(max_items, len(ds))))
+        self.dataset = ds.select_columns([image_column])
+        self.image_column = image_column
+        fingerprint = getattr(ds, "_fingerprint", "unknown")
+        self.identity = f"hf:{name}:{config_name}:{split}:{image_column}:n={len(ds)}:{fingerprint}"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Image.Image:
+        item = self.dataset[int(i)][self.image_column]
+        if isinstance(item, dict) and "path" in item:  # undecoded Image feature
+            return _open_image(Path(item["path"]))
+        return item

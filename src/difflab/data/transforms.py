@@ -1,0 +1,99 @@
+"""Image → model tensor: channel conversion, then torchvision v2 Resize / crop / flip / Normalize.
+
+The pipeline is split in two: a deterministic prefix (Resize, CenterCrop) that an in-memory dataset
+applies once at set-up, and a random suffix (RandomCrop, RandomHorizontalFlip) run per sample under
+a seed derived from (run seed, epoch, index), so augmentation is reproducible and survives resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+CROPS = ("center", "random")
+
+
+def _composite_alpha(img: Image.Image, background: Sequence[int]) -> Image.Image:
+    rgba = img.convert("RGBA")
+    bg = Image.new("RGBA", rgba.size, (*tuple(int(c) for c in background), 255))
+    return Image.alpha_composite(bg, rgba).convert("RGB")
+
+
+def pil_to_tensor(img: Image.Image, channels: int, background: Sequence[int] = (255, 255, 255)) -> torch.Tensor:
+    """Decode a PIL image into CHW with ``channels`` channels.
+
+    8-bit images give uint8; 16/32-bit integer images give float32 in [0, 1] scaled by their own bit
+    depth (a 16-bit scan keeps its full range instead of being clipped at 255).
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        scale = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else 2**31 - 1
+        t = torch.from_numpy(arr / scale).clamp_(0, 1).unsqueeze(0)
+        return t.expand(3, -1, -1).contiguous() if channels == 3 else t
+    if img.mode == "F":
+        t = torch.from_numpy(np.asarray(img, dtype=np.float32)).clamp(0, 1).unsqueeze(0)
+        return t.expand(3, -1, -1).contiguous() if channels == 3 else t
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        img = _composite_alpha(img, background)
+    img = img.convert("L" if channels == 1 else "RGB")
+    return F.pil_to_tensor(img)
+
+
+def tensor_to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """Convert a CHW (or NCHW) image tensor between 1 and 3 channels."""
+    c = t.shape[-3]
+    if c == channels:
+        return t
+    if c == 1 and channels == 3:
+        return t.expand(*t.shape[:-3], 3, *t.shape[-2:]).contiguous()
+    if c == 3 and channels == 1:
+        return F.rgb_to_grayscale(t, num_output_channels=1)
+    if c == 4:  # RGBA tensor: composite on black is ambiguous; refuse rather than guess
+        raise ValueError("RGBA tensors must be decoded through pil_to_tensor (alpha compositing)")
+    raise ValueError(f"cannot convert a {c}-channel image to {channels} channels")
+
+
+def to_model_input(img: Image.Image | torch.Tensor, channels: int, background: Sequence[int]) -> torch.Tensor:
+    """Any raw image (PIL or tensor) → CHW tensor with the wanted channels (uint8 or float in [0, 1])."""
+    if isinstance(img, Image.Image):
+        return pil_to_tensor(img, channels, background)
+    return tensor_to_channels(img, channels)
+
+
+class ImageTransform:
+    """Resize(shorter side) → CenterCrop|RandomCrop → [RandomHorizontalFlip] → float → Normalize(-1, 1)."""
+
+    def __init__(self, resolution: int, channels: int, crop: str = "center", flip: bool = False) -> None:
+        if crop not in CROPS:
+            raise ValueError(f"crop={crop!r} is not valid; allowed: {', '.join(CROPS)}")
+        self.resolution = resolution
+        resize = v2.Resize(resolution, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        det = [resize, v2.CenterCrop(resolution)] if crop == "center" else [resize]
+        rand = [v2.RandomCrop(resolution)] if crop == "random" else []
+        if flip:
+            rand.append(v2.RandomHorizontalFlip(p=0.5))
+        self.deterministic = v2.Compose(det)
+        self.random = v2.Compose(rand) if rand else None
+        self.normalize = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * channels, [0.5] * channels)]
+        )
+
+    def finish(self, t: torch.Tensor, seed: int | None) -> torch.Tensor:
+        """Random part + normalisation; ``seed`` makes the random draw reproducible per sample."""
+        if self.random is not None:
+            # torchvision's random transforms draw from the global RNG; fork it so the per-sample
+            # seed neither depends on nor disturbs anything else in the process.
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                t = self.random(t)
+        return self.normalize(t)
+
+    def __call__(self, t: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        return self.finish(self.deterministic(t), seed)

@@ -1,0 +1,81 @@
+"""`difflab-train`: compose the Hydra config, build data/model/callbacks/loggers/trainer, fit.
+
+    difflab-train experiment=digits trainer.max_steps=50 data.batch_size=32
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.checkpoints import check_resume_compatible, load_checkpoint, resolve_ckpt_path
+from difflab.config import CONF_DIR, print_error_and_exit, register_resolvers, rewrite_group_aliases, validate
+from difflab.errors import DifflabError
+
+log = logging.getLogger("difflab.train")
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Instantiate every entry of a dict-of-configs group (callbacks, logger); null entries are off."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train one run and return ``cfg.optimized_metric`` (for sweepers), or None if it was not logged."""
+    validate(cfg)
+    if cfg.get("seed") is not None:  # `is not None`: seed=0 is a seed
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model, run_config=OmegaConf.to_container(cfg, resolve=True))
+    if ckpt_path is not None:
+        check_resume_compatible(load_checkpoint(ckpt_path), dict(model.unet.config),
+                                dict(model.noise_scheduler.config), ckpt_path)
+        log.info("resuming from %s", ckpt_path)
+
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+    )
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
+    return float(metric) if metric is not None else None
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg)
+    except DifflabError as e:
+        print_error_and_exit(e)
+    finally:
+        if HydraConfig.initialized():
+            log.info("run dir: %s", HydraConfig.get().runtime.output_dir)
+    return None
+
+
+def main() -> None:
+    register_resolvers()
+    sys.argv = rewrite_group_aliases(sys.argv)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
