@@ -96,3 +96,33 @@ def check_resume_compatible(ckpt: dict[str, Any], unet_config: dict[str, Any],
             f"cannot resume from {path}: the config differs from the checkpoint in " + "; ".join(diffs)
             + ". Use the checkpoint's settings (see its run dir's config.yaml) or start a new run"
         )
+
+
+def load_trained_unet(path: str | os.PathLike, use_ema: bool = True) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(UNet with EMA weights, noise-scheduler config, run config) from a training checkpoint or an
+    exported diffusers pipeline directory."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
+            raise DifflabError(f"{p} is neither a checkpoint file nor an exported pipeline (no model_index.json)")
+        unet = UNet2DModel.from_pretrained(p / "unet")
+        return unet.eval(), dict(DDPMScheduler.from_pretrained(p / "scheduler").config), {}
+    ckpt = load_checkpoint(p)
+    meta = ckpt["difflab"]
+    unet = UNet2DModel.from_config(meta["unet_config"])
+    live = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
+    try:
+        unet.load_state_dict(live)
+    except RuntimeError as e:
+        raise DifflabError(f"checkpoint {p} does not match its own UNet config: {str(e).splitlines()[0]}") from e
+    if use_ema and "ema" in ckpt:
+        params = list(unet.parameters())
+        shadow = ckpt["ema"]["shadow_params"]
+        if len(shadow) != len(params) or any(a.shape != b.shape for a, b in zip(shadow, params, strict=True)):
+            raise DifflabError(f"checkpoint {p}: EMA weights do not match the UNet")
+        with torch.no_grad():
+            for dst, src in zip(params, shadow, strict=True):
+                dst.copy_(src)
+    return unet.eval(), dict(meta["scheduler_config"]), meta.get("config", {})

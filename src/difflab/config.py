@@ -37,10 +37,20 @@ def unique_suffix() -> str:
     return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
 
 
+def fid_metric_name(extractor_target: str, num_samples: int) -> str:
+    """The logged FID key for an extractor class and sample count (for monitors and sweeps)."""
+    import hydra.utils
+
+    from difflab.metrics.fid import metric_name
+
+    return metric_name(hydra.utils.get_class(extractor_target).name, int(num_samples))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("difflab_run_dir"):
         OmegaConf.register_new_resolver("difflab_run_dir", new_run_dir)
         OmegaConf.register_new_resolver("difflab_unique", unique_suffix)
+        OmegaConf.register_new_resolver("difflab_fid_name", fid_metric_name)
 
 
 # `model.unet=tiny` reads naturally but Hydra selects groups with a slash; accept both spellings.
@@ -93,6 +103,36 @@ def validate(cfg: DictConfig) -> None:
         errors.append("trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
     if errors:
         raise DifflabError("invalid config: " + "; ".join(errors))
+
+
+def load_cli_config(name: str, argv: list[str]) -> DictConfig:
+    """``conf/<name>.yaml`` merged with ``key=value`` arguments; unknown keys and missing values fail."""
+    from omegaconf.errors import ConfigKeyError
+
+    base = OmegaConf.load(Path(CONF_DIR) / f"{name}.yaml")
+    OmegaConf.set_struct(base, True)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise DifflabError(f"arguments must be key=value, got {bad[0]!r}; keys: {', '.join(base.keys())}")
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+    except ConfigKeyError as e:
+        key = str(e).split("'")[1] if "'" in str(e) else str(e)
+        raise DifflabError(f"unknown key {key!r} for difflab-{name}; keys: {', '.join(base.keys())}") from None
+    missing = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        raise DifflabError(f"difflab-{name} needs {'=... '.join(missing)}=... (see conf/{name}.yaml)")
+    return cfg
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DifflabError(f"device={name} but no CUDA device is visible; use device=cpu")
+    return name
 
 
 def print_error_and_exit(e: Exception) -> None:

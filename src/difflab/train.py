@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.checkpoints import check_resume_compatible, load_checkpoint, resolve_ckpt_path
@@ -37,16 +38,19 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
 
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model, run_config=OmegaConf.to_container(cfg, resolve=True))
+    model = hydra.utils.instantiate(cfg.model)
+    # Set after instantiation: passed to instantiate, the `_target_`s inside would be built too.
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
     if ckpt_path is not None:
         check_resume_compatible(load_checkpoint(ckpt_path), dict(model.unet.config),
                                 dict(model.noise_scheduler.config), ckpt_path)
         log.info("resuming from %s", ckpt_path)
 
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
-    )
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # logger=none: Lightning refuses an LR monitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)

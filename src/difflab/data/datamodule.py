@@ -142,6 +142,34 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         return f"{self.source.identity}|res={self.resolution}|ch={self.channels}|bg={self.background}"
 
+    def _unaugmented(self, index: int) -> torch.Tensor:
+        """Image ``index`` after the deterministic transform only, as float in [0, 1]."""
+        ds = self.train_set
+        if ds.prepared is not None:
+            img = ds.prepared[index]
+        else:
+            img = self.transform.deterministic(to_model_input(self.source[index], self.channels, self.background))
+        return img.float() / 255 if img.dtype == torch.uint8 else img.float()
+
+    def real_images(self, num: int, batch_size: int = 256) -> Iterator[torch.Tensor]:
+        """The first ``num`` training images without random augmentation, float [0, 1], in batches."""
+        self.setup()
+        num = min(num, len(self.train_set))
+        for lo in range(0, num, batch_size):
+            yield torch.stack([self._unaugmented(i) for i in range(lo, min(lo + batch_size, num))])
+
+    def labelled_images(self, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images float [0, 1], labels) for training the offline FID classifier."""
+        self.setup()
+        labels = getattr(self.source, "labels", None)
+        if labels is None:
+            raise DifflabError(
+                f"the FID 'classifier' extractor needs class labels, and {self.source.identity} has none; "
+                "use the inception extractor (weights file) or give your own nn.Module by _target_"
+            )
+        num = min(num or len(labels), len(labels))
+        return torch.cat(list(self.real_images(num, 4096))), labels[:num]
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is None:

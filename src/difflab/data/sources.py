@@ -29,11 +29,12 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class InMemorySource:
     """Images already decoded into one uint8 tensor (N, C, H, W)."""
 
-    def __init__(self, images: torch.Tensor, identity: str) -> None:
+    def __init__(self, images: torch.Tensor, identity: str, labels: torch.Tensor | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 NCHW images, got {images.dtype} {tuple(images.shape)}")
         self.images = images
         self.identity = identity
+        self.labels = labels  # class ids when the dataset has them (trains the offline FID classifier)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -50,15 +51,28 @@ def digits_source(max_items: int | None = None) -> InMemorySource:
     """scikit-learn's bundled 1,797 8x8 grey digits (0..16 intensities), for fast tests."""
     from sklearn.datasets import load_digits
 
-    pixels = load_digits().images  # (1797, 8, 8) float64 in 0..16
+    digits = load_digits()
+    pixels = digits.images  # (1797, 8, 8) float64 in 0..16
     images = torch.from_numpy(np.round(pixels * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     images = _limit(images, max_items)
-    return InMemorySource(images, identity=f"sklearn-digits:n={len(images)}")
+    labels = torch.from_numpy(digits.target)[: len(images)]
+    return InMemorySource(images, identity=f"sklearn-digits:n={len(images)}", labels=labels)
+
+
+def _read_idx(path: Path) -> bytes:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        return f.read()
+
+
+def _read_idx_labels(path: Path) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    data = _read_idx(path)
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=8).astype(np.int64))
 
 
 def _read_idx_images(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        data = f.read()
+    data = _read_idx(path)
     magic, n, rows, cols = (int.from_bytes(data[i : i + 4], "big") for i in range(0, 16, 4))
     if magic != 2051:
         raise DifflabError(f"{path} is not an IDX image file (magic {magic}, expected 2051)")
@@ -82,20 +96,23 @@ def fashion_mnist_source(
         path = Path(root) / name
         if path.is_file():
             images = _limit(_read_idx_images(path), max_items)
-            return InMemorySource(images, identity=f"fashion-mnist:{split}:n={len(images)}")
+            labels = _read_idx_labels(path.with_name(name.replace("images-idx3", "labels-idx1")))
+            labels = labels[: len(images)] if labels is not None else None
+            return InMemorySource(images, identity=f"fashion-mnist:{split}:n={len(images)}", labels=labels)
     if download_root is not None:
-        images = _torchvision_images("FashionMNIST", download_root, split == "train")
-        if images is not None:
-            images = _limit(images, max_items)
-            return InMemorySource(images, identity=f"fashion-mnist:{split}:n={len(images)}")
+        found = _torchvision_images("FashionMNIST", download_root, split == "train")
+        if found is not None:
+            images = _limit(found[0], max_items)
+            return InMemorySource(images, identity=f"fashion-mnist:{split}:n={len(images)}",
+                                  labels=found[1][: len(images)])
     raise DifflabError(
         f"Fashion-MNIST not found in {root} and could not be downloaded; install it offline with "
         "`apt-get install dataset-fashion-mnist` (or set data.source.root to a folder with the IDX .gz files)"
     )
 
 
-def _torchvision_images(name: str, root: str, train: bool) -> torch.Tensor | None:
-    """Load (downloading if the network allows) a torchvision dataset into uint8 NCHW, or None."""
+def _torchvision_images(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Load (downloading if the network allows) a torchvision dataset: (uint8 NCHW, labels), or None."""
     import torchvision
 
     cls = getattr(torchvision.datasets, name)
@@ -104,11 +121,11 @@ def _torchvision_images(name: str, root: str, train: bool) -> torch.Tensor | Non
     except Exception as e:  # network errors come in many types (URLError, socket, HTTP)
         log.warning("could not download %s into %s: %s", name, root, e)
         return None
-    data = ds.data
-    data = torch.as_tensor(np.asarray(data))
+    data = torch.as_tensor(np.asarray(ds.data))
+    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
     if data.ndim == 3:  # MNIST-like: N, H, W
-        return data.unsqueeze(1).contiguous()
-    return data.permute(0, 3, 1, 2).contiguous()  # CIFAR: N, H, W, C
+        return data.unsqueeze(1).contiguous(), labels
+    return data.permute(0, 3, 1, 2).contiguous(), labels  # CIFAR: N, H, W, C
 
 
 def torchvision_source(
@@ -120,14 +137,14 @@ def torchvision_source(
         raise DifflabError(f"data.source.name={name!r} is not valid; allowed: {', '.join(allowed)}")
     if split not in ("train", "test"):
         raise DifflabError(f"data.source.split={split!r} is not valid; allowed: train, test")
-    images = _torchvision_images(allowed[name], root, split == "train")
-    if images is None:
+    found = _torchvision_images(allowed[name], root, split == "train")
+    if found is None:
         raise DifflabError(
             f"{name} is not in {root} and could not be downloaded (no network?); copy torchvision's "
             f"{allowed[name]} files into {root} or run once where the network is reachable"
         )
-    images = _limit(images, max_items)
-    return InMemorySource(images, identity=f"{name}:{split}:n={len(images)}")
+    images = _limit(found[0], max_items)
+    return InMemorySource(images, identity=f"{name}:{split}:n={len(images)}", labels=found[1][: len(images)])
 
 
 def _open_image(path: Path) -> Image.Image:

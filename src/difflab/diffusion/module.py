@@ -34,7 +34,6 @@ class DiffusionModule(L.LightningModule):
         seed: int | None = 0,
         channels_last: bool = False,
         compile: bool = False,
-        run_config: dict | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -50,7 +49,7 @@ class DiffusionModule(L.LightningModule):
         # The base seed of the per-step noise; random when unset, and saved so a resume stays exact.
         self.noise_seed = int(seed) if seed is not None else int(torch.randint(0, 2**31, ()).item())
         self.channels_last = channels_last
-        self.run_config = run_config or {}
+        self.run_config: dict = {}  # the resolved run config, stored in checkpoints (set by train)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if compile:

@@ -38,9 +38,17 @@ def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) 
         raise DifflabError(f"unknown scheduler {name!r}; allowed: {', '.join(SAMPLERS)}")
     cls_name, extra = SAMPLERS[name]
     cls = getattr(diffusers, cls_name)
-    config = dict(train_scheduler_config)
-    if config.get("rescale_betas_zero_snr") and cls_name != "DDPMScheduler":
-        config["timestep_spacing"] = "trailing"  # zero terminal SNR needs the last timestep sampled
+    # Private keys go: diffusers drops the `_use_default_values` keys from a config, so a checkpoint's
+    # config and the same config re-read from an exported pipeline would give different samplers.
+    config = {k: v for k, v in dict(train_scheduler_config).items() if not k.startswith("_")}
+    # Few-step sampling must start at the last training timestep (pure noise): "trailing" spacing
+    # does; DDPM's default "leading" starts 10% early at 10 steps (Lin et al. 2023, table 2).
+    config["timestep_spacing"] = "trailing"
+    params = inspect.signature(cls.__init__).parameters
+    if config.get("clip_sample", False) and "clip_sample" not in params and "thresholding" in params:
+        # Multistep solvers cannot clip x0 like DDPM/DDIM; without it, few-step samples of a pixel-space
+        # model saturate into noise blobs. Dynamic thresholding (Imagen) is their equivalent.
+        extra = {"thresholding": True, "sample_max_value": config.get("clip_sample_range", 1.0), **extra}
     return cls.from_config(config, **{**extra, **overrides})
 
 

@@ -1,0 +1,87 @@
+"""FID (and KID) during training: every N steps and at the last step, from the EMA weights, on all ranks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from difflab.diffusion.sampling import build_sampler
+from difflab.metrics.fid import FIDEvaluator, real_features
+
+log = logging.getLogger(__name__)
+
+
+class FIDCallback(L.Callback):
+    """Logs ``val/fid_<extractor>_<n>`` (e.g. ``val/fid_classifier_1k``) and appends to ``results_file``.
+
+    Every rank samples ``num_samples / world_size`` images with per-image seeds, so the image set (and
+    the FID) does not depend on the number of ranks; torchmetrics sums the statistics across ranks.
+    Real features are computed once by rank 0 and cached under ``cache_dir``.
+    """
+
+    def __init__(self, extractor: nn.Module, every_n_steps: int = 1000, num_samples: int = 1000,
+                 num_real: int = 10000, scheduler: str = "dpmsolver++", steps: int = 20, seed: int = 1234,
+                 batch_size: int = 250, kid: bool = False, cache_dir: str = "data_cache/fid",
+                 results_file: str | None = None) -> None:
+        self.extractor = extractor
+        self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
+        self.scheduler_name, self.steps, self.seed, self.batch_size = scheduler, steps, seed, batch_size
+        self.kid, self.cache_dir = kid, cache_dir
+        self.results_file = Path(results_file) if results_file else None
+        self.evaluator: FIDEvaluator | None = None
+        self.last_step = -1
+        self.seconds_spent = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.evaluator is not None:
+            return
+        dm = trainer.datamodule
+        # Rank 0 trains/caches the extractor and the real features; the others then read the files.
+        if trainer.is_global_zero:
+            self.extractor.prepare(dm)
+            real_features(dm, self.extractor, self.num_real, self.cache_dir, torch.device("cpu"))
+        trainer.strategy.barrier("difflab-fid-setup")
+        if not trainer.is_global_zero:
+            self.extractor.prepare(dm, train_if_missing=False)
+        feats = real_features(dm, self.extractor, self.num_real, self.cache_dir, torch.device("cpu"))
+        self.evaluator = FIDEvaluator(self.extractor, self.num_samples, kid=self.kid)
+        self.evaluator.set_real_features(feats, rank=trainer.global_rank)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        due = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        final = 0 < trainer.max_steps <= step
+        if step > 0 and (due or final) and step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        self.last_step = trainer.global_step
+        t0 = time.perf_counter()
+        self.evaluator.to(pl_module.device)
+        sampler = build_sampler(self.scheduler_name, dict(pl_module.noise_scheduler.config))
+        was_training = pl_module.unet.training
+        pl_module.unet.eval()
+        try:
+            with pl_module.ema_unet() as unet:
+                values = self.evaluator.evaluate(unet, sampler, self.steps, self.seed, self.batch_size)
+        finally:
+            pl_module.unet.train(was_training)
+        seconds = time.perf_counter() - t0
+        self.seconds_spent += seconds
+        pl_module.log_dict(values, rank_zero_only=False)
+        pl_module.log("perf/fid_seconds", seconds)
+        if trainer.is_global_zero and self.results_file is not None:
+            record = {"step": trainer.global_step, **values, "extractor": self.extractor.identity,
+                      "num_samples": self.num_samples, "num_real": self.num_real,
+                      "sampler": self.scheduler_name, "steps": self.steps, "seconds": round(seconds, 2)}
+            self.results_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.results_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        log.info("FID at step %d: %s (%.1f s)", trainer.global_step, values, seconds)
+        return values

@@ -1,0 +1,48 @@
+"""`difflab-export`: a training checkpoint → a diffusers ``DDPMPipeline`` directory (safetensors).
+
+    difflab-export ckpt=PATH out=DIR [push_to_hub=true hub_repo_id=user/name]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from diffusers import DDPMPipeline, DDPMScheduler
+from omegaconf import DictConfig
+
+from difflab.checkpoints import load_trained_unet
+from difflab.config import load_cli_config, print_error_and_exit
+from difflab.errors import DifflabError
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write the pipeline to ``cfg.out`` (and optionally push that folder alone to the Hub)."""
+    if Path(cfg.ckpt).is_dir():
+        raise DifflabError(f"{cfg.ckpt} is a directory; difflab-export takes a training .ckpt file")
+    unet, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(sched_cfg))
+    out = Path(cfg.out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    if cfg.push_to_hub:
+        if not cfg.hub_repo_id:
+            raise DifflabError("push_to_hub=true needs hub_repo_id=<user>/<name>")
+        from huggingface_hub import create_repo, upload_folder
+
+        create_repo(cfg.hub_repo_id, private=cfg.hub_private, exist_ok=True)
+        # Only the exported folder goes up; checkpoints and logs live elsewhere and never travel.
+        upload_folder(repo_id=cfg.hub_repo_id, folder_path=str(out), commit_message="difflab export")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = load_cli_config("export", sys.argv[1:] if argv is None else argv)
+        out = export(cfg)
+        print(f"exported pipeline to {out}")
+    except DifflabError as e:
+        print_error_and_exit(e)
+
+
+if __name__ == "__main__":
+    main()

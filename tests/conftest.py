@@ -1,0 +1,56 @@
+"""Shared fixtures: compose the real Hydra configs into a temporary run dir."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from difflab.config import CONF_DIR, register_resolvers
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def compose_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), config_name: str = "train"
+                   ) -> DictConfig:
+    """The config `difflab-train <overrides>` would run with, writing everything under ``run_dir``."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.paths.log_dir = str(run_dir.parent / "logs")
+        cfg.paths.data_dir = str(run_dir.parent / "data_cache")
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    def _make(*overrides: str, run_dir: Path | None = None, config_name: str = "train") -> DictConfig:
+        return compose_config(run_dir or tmp_path / "run", overrides, config_name)
+
+    return _make
+
+
+# A digits run that finishes in seconds: no grids, no loggers, one worker-free loader.
+FAST_DIGITS = (
+    "experiment=digits",
+    "logger=none",
+    "callbacks.sample_grid=null",
+    "callbacks.progress_bar=null",
+    "trainer.enable_model_summary=false",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+)

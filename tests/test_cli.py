@@ -1,0 +1,50 @@
+"""The real command line, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_train_cli_writes_checkpoint_and_grid(tmp_path):
+    run_dir = tmp_path / "run"
+    p = run("difflab-train", "experiment=digits", "trainer.max_steps=6", "data.batch_size=32",
+            "callbacks.sample_grid.every_n_steps=3", "callbacks.sample_grid.steps=3", "trainer.log_every_n_steps=2",
+            f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    grids = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
+    assert grids == ["step_0000003.png", "step_0000006.png"]
+    grid = Image.open(run_dir / "samples" / "step_0000006.png")
+    assert grid.size == (4 * 8 + 5 * 2, 4 * 8 + 5 * 2)  # 16 images of 8 px in a 4x4 grid, 2 px padding
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["difflab"]["config"]["data"]["batch_size"] == 32
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "csv" / "metrics.csv").is_file()
+
+
+def test_default_run_dirs_never_collide(tmp_path):
+    from difflab.config import new_run_dir
+
+    dirs = {new_run_dir(str(tmp_path)) for _ in range(200)}
+    assert len(dirs) == 200  # same second, still distinct
+    ckpt = tmp_path / "runs" / "r1" / "checkpoints" / "last.ckpt"
+    assert new_run_dir(str(tmp_path), str(ckpt)) == str(tmp_path / "runs" / "r1")  # resume continues the run
+
+
+def test_bad_value_is_one_line_error(tmp_path):
+    p = run("difflab-train", "experiment=digits", "model.noise_scheduler.prediction_type=noise",
+            f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert p.returncode == 2
+    err = [line for line in p.stderr.splitlines() if line.startswith("difflab: error:")]
+    assert len(err) == 1 and "allowed: epsilon, sample, v_prediction" in err[0]
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,149 @@
+"""DataModule: shapes, range, channel conversion, alpha, 16-bit, reproducible flips, bad input messages."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflab.data.datamodule import ImageDataModule, ShardedShuffleSampler
+from difflab.data.sources import FolderSource, digits_source, fashion_mnist_source
+from difflab.data.transforms import pil_to_tensor
+from difflab.errors import DifflabError
+
+
+def folder_dm(path: Path, **kw) -> ImageDataModule:
+    kw.setdefault("resolution", 16)
+    kw.setdefault("channels", 3)
+    kw.setdefault("batch_size", 4)
+    skip = kw.pop("skip_bad_images", False)
+    return ImageDataModule(source=lambda: FolderSource(str(path), skip_bad_images=skip), **kw)
+
+
+def write_images(folder: Path, n: int, mode: str = "RGB", size=(20, 24), ext="png") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+        arr = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+        Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode).save(folder / f"img_{i}.{ext}")
+
+
+def test_digits_batches_have_shape_dtype_and_range():
+    dm = ImageDataModule(source=digits_source, resolution=8, channels=1, batch_size=32)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (32, 1, 8, 8) and batch.dtype == torch.float32
+    assert batch.min() >= -1 and batch.max() <= 1
+    assert batch.min() == -1 and batch.max() == 1  # digits have pure black and white pixels
+
+
+def test_resize_and_center_crop_from_a_non_square_folder(tmp_path):
+    write_images(tmp_path / "imgs" / "nested", 6, size=(40, 20))  # found recursively
+    batch = next(iter(folder_dm(tmp_path / "imgs", resolution=16).train_dataloader()))
+    assert batch.shape == (4, 3, 16, 16)
+    assert -1 <= batch.min() and batch.max() <= 1
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("RGB", 1), ("L", 3), ("RGBA", 1)])
+def test_channel_conversion(tmp_path, mode, channels):
+    write_images(tmp_path / "imgs", 4, mode=mode)
+    batch = next(iter(folder_dm(tmp_path / "imgs", channels=channels).train_dataloader()))
+    assert batch.shape[1] == channels
+    if mode == "L" and channels == 3:  # grey → RGB: three identical planes
+        assert torch.equal(batch[:, 0], batch[:, 1]) and torch.equal(batch[:, 1], batch[:, 2])
+
+
+def test_rgba_is_composited_on_the_background():
+    img = Image.new("RGBA", (4, 4), (10, 20, 30, 0))  # fully transparent
+    assert pil_to_tensor(img, 3).unique().tolist() == [255]  # white by default
+    assert pil_to_tensor(img, 3, background=(0, 0, 0)).unique().tolist() == [0]
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))  # half-opaque black on white → mid grey
+    assert abs(int(pil_to_tensor(half, 1)[0, 0, 0]) - 127) <= 1
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path):
+    arr = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    path = tmp_path / "deep.png"
+    Image.fromarray(arr).save(path)
+    t = pil_to_tensor(Image.open(path), 1)
+    assert t.dtype == torch.float32
+    expected = torch.tensor([0, 1000, 32768, 65535]) / 65535
+    assert torch.allclose(t[0, 0], expected, atol=1e-6)  # not clipped at 255, not wrapped
+
+
+def test_flip_is_random_but_reproducible():
+    def epoch_batches(seed: int, epoch: int) -> torch.Tensor:
+        dm = ImageDataModule(source=digits_source, resolution=8, channels=1, batch_size=64, flip=True, seed=seed)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return torch.cat(list(loader))
+
+    a, b = epoch_batches(1, 0), epoch_batches(1, 0)
+    assert torch.equal(a, b)  # same seed and epoch → identical data, flips included
+    assert not torch.equal(a, epoch_batches(1, 1))  # another epoch → another order and other flips
+    # Roughly half the images are mirrored: compare with the unflipped images in the same order.
+    dm = ImageDataModule(source=digits_source, resolution=8, channels=1, batch_size=64, seed=1)
+    plain = torch.cat(list(dm.train_dataloader()))
+    flipped = (a == plain.flip(-1)).flatten(1).all(1) & ~(a == plain).flatten(1).all(1)
+    assert 0.4 < flipped.float().mean() < 0.6
+
+
+def test_shards_are_disjoint_and_cover_the_epoch():
+    shards = [list(ShardedShuffleSampler(100, seed=3, rank=r, world_size=2, drop_last=True)) for r in (0, 1)]
+    idx = [{i for i, _ in s} for s in shards]
+    assert len(shards[0]) == len(shards[1]) == 50
+    assert not idx[0] & idx[1] and len(idx[0] | idx[1]) == 100
+
+
+def test_missing_directory_names_the_path(tmp_path):
+    with pytest.raises(DifflabError, match=r"nope.*is not a directory"):
+        FolderSource(str(tmp_path / "nope"))
+
+
+def test_empty_directory_names_path_and_extensions(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(DifflabError, match=r"no images found under .*empty.*\.png, \.jpg, \.jpeg, \.webp, \.bmp"):
+        FolderSource(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all"])
+def test_bad_image_names_the_file(tmp_path, content):
+    write_images(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(content)
+    with pytest.raises(DifflabError, match="broken.jpg"):
+        FolderSource(str(tmp_path / "imgs"))
+
+
+def test_bad_images_can_be_skipped_with_one_warning(tmp_path, caplog):
+    write_images(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "a.png").write_bytes(b"")
+    (tmp_path / "imgs" / "b.png").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        src = FolderSource(str(tmp_path / "imgs"), skip_bad_images=True)
+    assert len(src) == 3
+    warnings = [r for r in caplog.records if "skipped" in r.message]
+    assert len(warnings) == 1 and "skipped 2 unreadable" in warnings[0].getMessage()
+
+
+def test_fashion_mnist_missing_gives_how_to_fix(tmp_path):
+    with pytest.raises(DifflabError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist_source(root=str(tmp_path), download_root=None)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_reads_debian_idx_files():
+    src = fashion_mnist_source(max_items=100)
+    assert src.images.shape == (100, 1, 28, 28) and src.images.dtype == torch.uint8
+    assert len(fashion_mnist_source(split="test")) == 10_000
+
+
+def test_batch_larger_than_the_shard_is_refused():
+    dm = ImageDataModule(source=lambda: digits_source(max_items=10), resolution=8, channels=1, batch_size=32)
+    with pytest.raises(DifflabError, match="fewer than data.batch_size=32"):
+        dm.train_dataloader()

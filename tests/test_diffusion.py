@@ -1,0 +1,105 @@
+"""Diffusion math at tiny shapes, EMA, training on digits, and exact checkpoint round trips."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from difflab.checkpoints import load_checkpoint
+from difflab.diffusion.ema import build_ema, warmup_decay
+from difflab.diffusion.noise import NoiseProcess
+from difflab.train import train
+from tests.conftest import FAST_DIGITS
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_training_target_per_prediction_type(prediction_type):
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    process = NoiseProcess(sched)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 1, 4, 4, generator=g), torch.randn(6, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 250, 500, 750, 999])
+    ac = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+    xt = process.add_noise(x0, eps, t)
+    assert torch.allclose(xt, alpha * x0 + sigma * eps, atol=1e-6)
+    expected = {"epsilon": eps, "sample": x0, "v_prediction": alpha * eps - sigma * x0}[prediction_type]
+    assert torch.allclose(process.target(x0, eps, t), expected, atol=1e-6)
+    # And the scheduler's own inverse: from the target, the sampler recovers x0.
+    if prediction_type == "v_prediction":
+        assert torch.allclose(alpha * xt - sigma * expected, x0, atol=1e-5)
+
+
+def test_min_snr_weights_follow_the_paper():
+    for pt in ("epsilon", "sample", "v_prediction"):
+        sched = DDPMScheduler(prediction_type=pt)
+        t = torch.tensor([0, 100, 500, 999])
+        ac = sched.alphas_cumprod[t]
+        snr = ac / (1 - ac)
+        w = NoiseProcess(sched, min_snr_gamma=5.0).loss_weights(t)
+        expected = {"epsilon": snr.clamp(max=5) / snr, "sample": snr.clamp(max=5),
+                    "v_prediction": snr.clamp(max=5) / (snr + 1)}[pt]
+        assert torch.allclose(w, expected.float(), rtol=1e-5)
+        assert torch.equal(NoiseProcess(sched).loss_weights(t), torch.ones(4))
+    # Zero terminal SNR: the ε weight stays finite.
+    zsnr = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="epsilon")
+    assert torch.isfinite(NoiseProcess(zsnr, 5.0).loss_weights(torch.tensor([999]))).all()
+
+
+def test_ema_decay_follows_the_warmup_formula():
+    model = torch.nn.Linear(3, 3)
+    ema = build_ema(model, max_decay=0.9999, inv_gamma=1.0, power=0.75)
+    for step in (1, 2, 10, 1000, 10_000, 300_000):
+        expected = 0.0 if step == 1 else min(0.9999, 1 - (1 + (step - 1)) ** -0.75)
+        assert ema.get_decay(step) == pytest.approx(expected, abs=1e-12)
+        assert warmup_decay(step, 0.9999, 1.0, 0.75) == pytest.approx(expected, abs=1e-12)
+    assert ema.get_decay(10_001) == pytest.approx(0.999, abs=2e-4)  # the anchors' "0.999 at ~10k"
+
+
+def fit(make_cfg, tmp_path, *overrides, run="run"):
+    cfg = make_cfg(*FAST_DIGITS, *overrides, run_dir=tmp_path / run)
+    return train(cfg), cfg
+
+
+def test_loss_falls_and_ema_differs_on_digits(make_cfg, tmp_path):
+    cfg = make_cfg(*FAST_DIGITS, "trainer.max_steps=150", "trainer.log_every_n_steps=10",
+                   "logger=csv", run_dir=tmp_path / "run")
+    train(cfg)
+    import csv
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")) if r["train/loss"]]
+    losses = [float(r["train/loss"]) for r in rows]
+    assert len(losses) >= 10
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+    for q in range(4):  # quartile losses are logged, and late timesteps (noisy inputs) are easier for ε
+        assert rows[-1][f"train/loss_q{q}"]
+    assert float(rows[-1]["train/loss_q3"]) < float(rows[-1]["train/loss_q0"])
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    live = [v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")]
+    ema = ckpt["ema"]["shadow_params"]
+    assert len(live) == len(ema)
+    assert max((a - b).abs().max().item() for a, b in zip(live, ema, strict=True)) > 1e-4
+    assert ckpt["ema"]["optimization_step"] == 150 == ckpt["global_step"]
+
+
+def test_checkpoint_round_trip_restores_ema_optimizer_and_step(make_cfg, tmp_path):
+    fit(make_cfg, tmp_path, "trainer.max_steps=12")
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(path)
+    cfg = make_cfg(*FAST_DIGITS, "trainer.max_steps=12", run_dir=tmp_path / "again")
+    model = hydra.utils.instantiate(cfg.model)
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+    for a, b in zip(model.ema.shadow_params, ckpt["ema"]["shadow_params"], strict=True):
+        assert torch.equal(a, b)
+    assert model.ema.optimization_step == 12
+    # Optimizer state (Adam moments, step count) and the LR schedule are in the file, complete.
+    opt = ckpt["optimizer_states"][0]
+    assert len(opt["state"]) == len(list(model.unet.parameters()))
+    assert all(float(s["step"]) == 12 for s in opt["state"].values())
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 12
+    assert ckpt["global_step"] == 12
+    assert ckpt["difflab"]["format_version"] == 1
+    assert ckpt["difflab"]["config"]["data"]["resolution"] == 8

@@ -1,0 +1,52 @@
+"""Resume: N steps then N more equals 2N straight (same seed, CPU), to 1e-6."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difflab.checkpoints import load_checkpoint
+from difflab.errors import DifflabError
+from difflab.train import train
+from tests.conftest import FAST_DIGITS
+
+
+def weights(path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ckpt = load_checkpoint(path)
+    return [v for k, v in sorted(ckpt["state_dict"].items())], ckpt["ema"]["shadow_params"]
+
+
+# 1,797 digits / batch 64 = 28 batches an epoch: 20 steps stops mid-epoch, 40 crosses the boundary.
+ARGS = (*FAST_DIGITS, "data.flip=true", "callbacks.model_checkpoint.every_n_train_steps=20")
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def test_resume_mid_epoch_equals_uninterrupted(make_cfg, tmp_path):
+    train(make_cfg(*ARGS, "trainer.max_steps=40", run_dir=tmp_path / "straight"))
+    train(make_cfg(*ARGS, "trainer.max_steps=20", run_dir=tmp_path / "split"))
+    half = tmp_path / "split" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(half)["global_step"] == 20
+    train(make_cfg(*ARGS, "trainer.max_steps=40", f"ckpt_path={half}", run_dir=tmp_path / "split"))
+
+    straight = weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    resumed = weights(tmp_path / "split" / "checkpoints" / "last.ckpt")
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")["global_step"] == 40
+    assert max_diff(straight[0], resumed[0]) <= 1e-6  # live weights
+    assert max_diff(straight[1], resumed[1]) <= 1e-6  # EMA weights
+
+
+def test_resume_with_a_different_model_names_the_keys(make_cfg, tmp_path):
+    train(make_cfg(*FAST_DIGITS, "trainer.max_steps=2", run_dir=tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    cfg = make_cfg(*FAST_DIGITS, "model.unet.block_out_channels=[16,16]", f"ckpt_path={ckpt}",
+                   run_dir=tmp_path / "a")
+    with pytest.raises(DifflabError, match=r"model\.unet\.block_out_channels \(checkpoint \[16, 32\], config \[16, 16\]\)"):
+        train(cfg)
+
+
+def test_missing_checkpoint_is_one_clear_error(make_cfg, tmp_path):
+    with pytest.raises(DifflabError, match="does not exist"):
+        train(make_cfg(*FAST_DIGITS, f"ckpt_path={tmp_path}/nope.ckpt"))
