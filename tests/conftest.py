@@ -20,8 +20,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def compose_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), config_name: str = "train"
-                   ) -> DictConfig:
+def compose_config(
+    run_dir: Path, overrides: list[str] | tuple[str, ...] = (), config_name: str = "train"
+) -> DictConfig:
     """The config `difflab-train <overrides>` would run with, writing everything under ``run_dir``."""
     register_resolvers()
     GlobalHydra.instance().clear()

@@ -13,14 +13,24 @@ BIN = Path(sys.executable).parent
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_train_cli_writes_checkpoint_and_grid(tmp_path):
     run_dir = tmp_path / "run"
-    p = run("difflab-train", "experiment=digits", "trainer.max_steps=6", "data.batch_size=32",
-            "callbacks.sample_grid.every_n_steps=3", "callbacks.sample_grid.steps=3", "trainer.log_every_n_steps=2",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    p = run(
+        "difflab-train",
+        "experiment=digits",
+        "trainer.max_steps=6",
+        "data.batch_size=32",
+        "callbacks.sample_grid.every_n_steps=3",
+        "callbacks.sample_grid.steps=3",
+        "trainer.log_every_n_steps=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     grids = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
@@ -42,8 +52,13 @@ def test_default_run_dirs_never_collide(tmp_path):
 
 
 def test_bad_value_is_one_line_error(tmp_path):
-    p = run("difflab-train", "experiment=digits", "model.noise_scheduler.prediction_type=noise",
-            f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    p = run(
+        "difflab-train",
+        "experiment=digits",
+        "model.noise_scheduler.prediction_type=noise",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        cwd=tmp_path,
+    )
     assert p.returncode == 2
     err = [line for line in p.stderr.splitlines() if line.startswith("difflab: error:")]
     assert len(err) == 1 and "allowed: epsilon, sample, v_prediction" in err[0]

@@ -58,7 +58,10 @@ def _params(cfg: DictConfig) -> int:
 def test_parameter_counts_match_the_papers(make_cfg):
     # DDPM paper: 35.7M for CIFAR-10; the diffusers example's default: 113.7M.
     assert round(_params(make_cfg("model/unet=ddpm_cifar10", "data=cifar10")) / 1e5) == 357
-    assert round(_params(make_cfg("model/unet=diffusers_64", "data=cifar10", "data.resolution=64")) / 1e5) == 1137
+    assert (
+        round(_params(make_cfg("model/unet=diffusers_64", "data=cifar10", "data.resolution=64")) / 1e5)
+        == 1137
+    )
 
 
 @pytest.mark.parametrize("name", names("trainer"))
@@ -117,7 +120,10 @@ def test_experiment_digits_overrides_groups(make_cfg):
         ("data.channels=2", "data.channels=2 is not valid; allowed: 1, 3"),
         ("trainer.precision=8-bit", "trainer.precision='8-bit' is not valid"),
         ("callbacks.sample_grid.scheduler=magic", "callbacks.sample_grid.scheduler='magic' is not valid"),
-        ("model.lr_schedule=step", "model.lr_schedule='step' is not valid; allowed: constant, cosine, linear"),
+        (
+            "model.lr_schedule=step",
+            "model.lr_schedule='step' is not valid; allowed: constant, cosine, linear",
+        ),
         ("data.resolution=30", "data.resolution=30 must be divisible by 4"),
     ],
 )
@@ -139,4 +145,8 @@ def test_typo_in_a_key_fails_at_compose(make_cfg):
 
 
 def test_model_unet_dot_spelling_selects_the_preset():
-    assert rewrite_group_aliases(["x", "model.unet=tiny", "data=digits"]) == ["x", "model/unet=tiny", "data=digits"]
+    assert rewrite_group_aliases(["x", "model.unet=tiny", "data=digits"]) == [
+        "x",
+        "model/unet=tiny",
+        "data=digits",
+    ]

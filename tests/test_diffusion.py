@@ -39,8 +39,11 @@ def test_min_snr_weights_follow_the_paper():
         ac = sched.alphas_cumprod[t]
         snr = ac / (1 - ac)
         w = NoiseProcess(sched, min_snr_gamma=5.0).loss_weights(t)
-        expected = {"epsilon": snr.clamp(max=5) / snr, "sample": snr.clamp(max=5),
-                    "v_prediction": snr.clamp(max=5) / (snr + 1)}[pt]
+        expected = {
+            "epsilon": snr.clamp(max=5) / snr,
+            "sample": snr.clamp(max=5),
+            "v_prediction": snr.clamp(max=5) / (snr + 1),
+        }[pt]
         assert torch.allclose(w, expected.float(), rtol=1e-5)
         assert torch.equal(NoiseProcess(sched).loss_weights(t), torch.ones(4))
     # Zero terminal SNR: the ε weight stays finite.
@@ -64,11 +67,18 @@ def fit(make_cfg, tmp_path, *overrides, run="run"):
 
 
 def test_loss_falls_and_ema_differs_on_digits(make_cfg, tmp_path):
-    cfg = make_cfg(*FAST_DIGITS, "trainer.max_steps=150", "trainer.log_every_n_steps=10",
-                   "logger=csv", run_dir=tmp_path / "run")
+    cfg = make_cfg(
+        *FAST_DIGITS,
+        "trainer.max_steps=150",
+        "trainer.log_every_n_steps=10",
+        "logger=csv",
+        run_dir=tmp_path / "run",
+    )
     train(cfg)
     import csv
-    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")) if r["train/loss"]]
+
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["train/loss"]]
     losses = [float(r["train/loss"]) for r in rows]
     assert len(losses) >= 10
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3

@@ -65,7 +65,9 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def test_fid_values_against_scipy():
     g = torch.Generator().manual_seed(0)
-    real = torch.randn(500, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    real = torch.randn(500, 16, generator=g, dtype=torch.float64) @ torch.randn(
+        16, 16, generator=g, dtype=torch.float64
+    )
     assert abs(fid_from_features(real, real)) < 1e-6
     fake = real[torch.randperm(500, generator=g)][:400] + 0.5
     ours, ref = fid_from_features(real, fake), scipy_fid(real.numpy(), fake.numpy())
@@ -82,12 +84,19 @@ def test_metric_names_say_extractor_and_count():
 def test_real_statistics_are_cached_and_keyed_by_dataset(tmp_path, monkeypatch):
     calls = []
     original = fid_module.compute_real_features
-    monkeypatch.setattr(fid_module, "compute_real_features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        fid_module, "compute_real_features", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     ext = FixedFeatures()
     dm = ImageDataModule(source=digits_source, resolution=8, channels=1)
     f1 = real_features(dm, ext, 300, tmp_path, torch.device("cpu"))
-    f2 = real_features(ImageDataModule(source=digits_source, resolution=8, channels=1), ext, 300, tmp_path,
-                       torch.device("cpu"))
+    f2 = real_features(
+        ImageDataModule(source=digits_source, resolution=8, channels=1),
+        ext,
+        300,
+        tmp_path,
+        torch.device("cpu"),
+    )
     assert len(calls) == 1 and torch.equal(f1, f2) and f1.shape == (300, 16)
     smaller = ImageDataModule(source=lambda: digits_source(max_items=1000), resolution=8, channels=1)
     f3 = real_features(smaller, ext, 300, tmp_path, torch.device("cpu"))
@@ -109,7 +118,9 @@ def _fid_for(rank: int, world: int, init: str, out: str) -> None:
     feats = torch.cat([ext(b) for b in dm.real_images(400)])
     ev = FIDEvaluator(ext, num_samples=24)
     ev.set_real_features(feats, rank=rank)
-    value = ev.evaluate(tiny_unet(), build_sampler("ddim", dict(DDPMScheduler().config)), 3, seed=5, batch_size=5)
+    value = ev.evaluate(
+        tiny_unet(), build_sampler("ddim", dict(DDPMScheduler().config)), 3, seed=5, batch_size=5
+    )
     if rank == 0:
         torch.save(value, out)
     if world > 1:
@@ -126,10 +137,21 @@ def test_two_processes_give_the_one_process_fid(tmp_path):
 
 def test_training_with_fid_logs_and_keeps_best_checkpoint(make_cfg, tmp_path):
     run = tmp_path / "run"
-    cfg = make_cfg(*FAST_DIGITS, "callbacks=with_fid", "callbacks.sample_grid=null", "callbacks.progress_bar=null",
-                   "trainer.max_steps=20", "callbacks.fid.every_n_steps=10", "callbacks.fid.num_samples=64",
-                   "callbacks.fid.num_real=500", "callbacks.fid.steps=4", "callbacks.fid.kid=true",
-                   "metrics.extractor.epochs=1", "optimized_metric=val/fid_classifier_64", run_dir=run)
+    cfg = make_cfg(
+        *FAST_DIGITS,
+        "callbacks=with_fid",
+        "callbacks.sample_grid=null",
+        "callbacks.progress_bar=null",
+        "trainer.max_steps=20",
+        "callbacks.fid.every_n_steps=10",
+        "callbacks.fid.num_samples=64",
+        "callbacks.fid.num_real=500",
+        "callbacks.fid.steps=4",
+        "callbacks.fid.kid=true",
+        "metrics.extractor.epochs=1",
+        "optimized_metric=val/fid_classifier_64",
+        run_dir=run,
+    )
     value = train(cfg)
     lines = [json.loads(x) for x in (run / "fid.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [10, 20]

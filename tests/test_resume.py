@@ -41,9 +41,12 @@ def test_resume_mid_epoch_equals_uninterrupted(make_cfg, tmp_path):
 def test_resume_with_a_different_model_names_the_keys(make_cfg, tmp_path):
     train(make_cfg(*FAST_DIGITS, "trainer.max_steps=2", run_dir=tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    cfg = make_cfg(*FAST_DIGITS, "model.unet.block_out_channels=[16,16]", f"ckpt_path={ckpt}",
-                   run_dir=tmp_path / "a")
-    with pytest.raises(DifflabError, match=r"model\.unet\.block_out_channels \(checkpoint \[16, 32\], config \[16, 16\]\)"):
+    cfg = make_cfg(
+        *FAST_DIGITS, "model.unet.block_out_channels=[16,16]", f"ckpt_path={ckpt}", run_dir=tmp_path / "a"
+    )
+    with pytest.raises(
+        DifflabError, match=r"model\.unet\.block_out_channels \(checkpoint \[16, 32\], config \[16, 16\]\)"
+    ):
         train(cfg)
 
 

@@ -19,8 +19,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     leaves a truncated ``last.ckpt``; ``os.replace`` is atomic on POSIX file systems.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         if "://" in str(path):  # remote file systems: fall back to Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
@@ -41,7 +42,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle errors, wrong file type
-        raise DifflabError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}".split("\n")[0]) from e
+        raise DifflabError(
+            f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}".split("\n")[0]
+        ) from e
     if not isinstance(ckpt, dict) or "difflab" not in ckpt or "state_dict" not in ckpt:
         raise DifflabError(f"{path} is not a difflab training checkpoint (no 'difflab' metadata)")
     return ckpt
@@ -57,7 +60,7 @@ def find_last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | os.PathLike) -> str | None:
-    """``null`` → fresh start; ``last`` → newest checkpoint of this run dir (or fresh); else an existing file."""
+    """``null``: fresh start; ``last``: newest checkpoint of this run dir (or fresh); else a file."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
@@ -82,23 +85,35 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] 
     return out
 
 
-def check_resume_compatible(ckpt: dict[str, Any], unet_config: dict[str, Any],
-                            scheduler_config: dict[str, Any], path: str = "") -> None:
+def check_resume_compatible(
+    ckpt: dict[str, Any], unet_config: dict[str, Any], scheduler_config: dict[str, Any], path: str = ""
+) -> None:
     """Refuse to resume when the network or the noise schedule differs from the checkpoint's."""
     meta = ckpt["difflab"]
     diffs = [f"model.unet.{d}" for d in _differences(meta["unet_config"], unet_config)]
-    sched_keys = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
-                  "rescale_betas_zero_snr"}
-    diffs += [f"model.noise_scheduler.{d}"
-              for d in _differences(meta["scheduler_config"], scheduler_config, sched_keys)]
+    sched_keys = {
+        "num_train_timesteps",
+        "beta_schedule",
+        "beta_start",
+        "beta_end",
+        "prediction_type",
+        "rescale_betas_zero_snr",
+    }
+    diffs += [
+        f"model.noise_scheduler.{d}"
+        for d in _differences(meta["scheduler_config"], scheduler_config, sched_keys)
+    ]
     if diffs:
         raise DifflabError(
-            f"cannot resume from {path}: the config differs from the checkpoint in " + "; ".join(diffs)
+            f"cannot resume from {path}: the config differs from the checkpoint in "
+            + "; ".join(diffs)
             + ". Use the checkpoint's settings (see its run dir's config.yaml) or start a new run"
         )
 
 
-def load_trained_unet(path: str | os.PathLike, use_ema: bool = True) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def load_trained_unet(
+    path: str | os.PathLike, use_ema: bool = True
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(UNet with EMA weights, noise-scheduler config, run config) from a training checkpoint or an
     exported diffusers pipeline directory."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -106,7 +121,9 @@ def load_trained_unet(path: str | os.PathLike, use_ema: bool = True) -> tuple[An
     p = Path(path)
     if p.is_dir():
         if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
-            raise DifflabError(f"{p} is neither a checkpoint file nor an exported pipeline (no model_index.json)")
+            raise DifflabError(
+                f"{p} is neither a checkpoint file nor an exported pipeline (no model_index.json)"
+            )
         unet = UNet2DModel.from_pretrained(p / "unet")
         return unet.eval(), dict(DDPMScheduler.from_pretrained(p / "scheduler").config), {}
     ckpt = load_checkpoint(p)
@@ -116,7 +133,9 @@ def load_trained_unet(path: str | os.PathLike, use_ema: bool = True) -> tuple[An
     try:
         unet.load_state_dict(live)
     except RuntimeError as e:
-        raise DifflabError(f"checkpoint {p} does not match its own UNet config: {str(e).splitlines()[0]}") from e
+        raise DifflabError(
+            f"checkpoint {p} does not match its own UNet config: {str(e).splitlines()[0]}"
+        ) from e
     if use_ema and "ema" in ckpt:
         params = list(unet.parameters())
         shadow = ckpt["ema"]["shadow_params"]

@@ -97,8 +97,10 @@ def validate(cfg: DictConfig) -> None:
         depth = len(unet.block_out_channels) - 1
         res = cfg.data.resolution
         if res % (2**depth):
-            errors.append(f"data.resolution={res} must be divisible by {2**depth} for a UNet with "
-                          f"{depth + 1} blocks (model.unet.block_out_channels)")
+            errors.append(
+                f"data.resolution={res} must be divisible by {2**depth} for a UNet with "
+                f"{depth + 1} blocks (model.unet.block_out_channels)"
+            )
     if cfg.trainer.get("precision") in ("16-mixed", "16-true") and cfg.trainer.get("accelerator") == "cpu":
         errors.append("trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
     if errors:
@@ -118,7 +120,9 @@ def load_cli_config(name: str, argv: list[str]) -> DictConfig:
         cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
     except ConfigKeyError as e:
         key = str(e).split("'")[1] if "'" in str(e) else str(e)
-        raise DifflabError(f"unknown key {key!r} for difflab-{name}; keys: {', '.join(base.keys())}") from None
+        raise DifflabError(
+            f"unknown key {key!r} for difflab-{name}; keys: {', '.join(base.keys())}"
+        ) from None
     missing = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
     if missing:
         raise DifflabError(f"difflab-{name} needs {'=... '.join(missing)}=... (see conf/{name}.yaml)")

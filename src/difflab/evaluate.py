@@ -1,6 +1,6 @@
 """`difflab-eval`: FID/KID of a checkpoint for samplers x steps; a JSON/CSV table and a FID-vs-steps plot.
 
-    difflab-eval ckpt=PATH samplers=[dpmsolver++,ddim] steps=[10,20,50] num_samples=1000
+difflab-eval ckpt=PATH samplers=[dpmsolver++,ddim] steps=[10,20,50] num_samples=1000
 """
 
 from __future__ import annotations
@@ -57,8 +57,15 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         for steps in cfg.steps:
             t0 = time.perf_counter()
             values = evaluator.evaluate(unet, build_sampler(name, sched_cfg), steps, cfg.seed, cfg.batch_size)
-            row = {"sampler": name, "steps": steps, **values, "seconds": round(time.perf_counter() - t0, 2),
-                   "extractor": extractor.identity, "num_samples": cfg.num_samples, "num_real": len(feats)}
+            row = {
+                "sampler": name,
+                "steps": steps,
+                **values,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "extractor": extractor.identity,
+                "num_samples": cfg.num_samples,
+                "num_real": len(feats),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     write_results(rows, Path(cfg.out), evaluator.names()["fid"])

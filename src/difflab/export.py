@@ -1,6 +1,6 @@
 """`difflab-export`: a training checkpoint → a diffusers ``DDPMPipeline`` directory (safetensors).
 
-    difflab-export ckpt=PATH out=DIR [push_to_hub=true hub_repo_id=user/name]
+difflab-export ckpt=PATH out=DIR [push_to_hub=true hub_repo_id=user/name]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`difflab-sample`: images from a checkpoint or exported pipeline with any diffusers scheduler.
 
-    difflab-sample ckpt=PATH num_images=N out=DIR scheduler=NAME steps=S seed=K batch_size=B
+difflab-sample ckpt=PATH num_images=N out=DIR scheduler=NAME steps=S seed=K batch_size=B
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def sample(cfg: DictConfig) -> list[Path]:
     paths, images = [], []
     width = len(str(cfg.num_images - 1))
     with tqdm(total=cfg.num_images, desc=f"{cfg.scheduler} x{cfg.steps}", unit="img") as bar:
-        for idx, batch in sample_images(unet, sampler, cfg.num_images, cfg.seed, cfg.steps, cfg.batch_size,
-                                        device=device):
+        for idx, batch in sample_images(
+            unet, sampler, cfg.num_images, cfg.seed, cfg.steps, cfg.batch_size, device=device
+        ):
             for i, img in zip(idx, batch.cpu(), strict=True):
                 path = out / f"{i:0{width}d}.png"
                 save_image(img, path)
@@ -43,7 +44,9 @@ def sample(cfg: DictConfig) -> list[Path]:
             bar.update(len(idx))
     if cfg.grid:
         grid = torch.cat(images)
-        save_image(make_grid(grid, nrow=max(1, int(len(grid) ** 0.5)), padding=2, pad_value=1.0), out / "grid.png")
+        save_image(
+            make_grid(grid, nrow=max(1, int(len(grid) ** 0.5)), padding=2, pad_value=1.0), out / "grid.png"
+        )
     return paths
 
 

@@ -1,6 +1,6 @@
 """`difflab-train`: compose the Hydra config, build data/model/callbacks/loggers/trainer, fit.
 
-    difflab-train experiment=digits trainer.max_steps=50 data.batch_size=32
+difflab-train experiment=digits trainer.max_steps=50 data.batch_size=32
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate every entry of a dict-of-configs group (callbacks, logger); null entries are off."""
     if not group:
         return []
-    return [hydra.utils.instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+    return [
+        hydra.utils.instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c
+    ]
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -42,8 +44,9 @@ def train(cfg: DictConfig) -> float | None:
     # Set after instantiation: passed to instantiate, the `_target_`s inside would be built too.
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     if ckpt_path is not None:
-        check_resume_compatible(load_checkpoint(ckpt_path), dict(model.unet.config),
-                                dict(model.noise_scheduler.config), ckpt_path)
+        check_resume_compatible(
+            load_checkpoint(ckpt_path), dict(model.unet.config), dict(model.noise_scheduler.config), ckpt_path
+        )
         log.info("resuming from %s", ckpt_path)
 
     loggers = instantiate_group(cfg.get("logger"))

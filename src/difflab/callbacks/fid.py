@@ -25,10 +25,20 @@ class FIDCallback(L.Callback):
     Real features are computed once by rank 0 and cached under ``cache_dir``.
     """
 
-    def __init__(self, extractor: nn.Module, every_n_steps: int = 1000, num_samples: int = 1000,
-                 num_real: int = 10000, scheduler: str = "dpmsolver++", steps: int = 20, seed: int = 1234,
-                 batch_size: int = 250, kid: bool = False, cache_dir: str = "data_cache/fid",
-                 results_file: str | None = None) -> None:
+    def __init__(
+        self,
+        extractor: nn.Module,
+        every_n_steps: int = 1000,
+        num_samples: int = 1000,
+        num_real: int = 10000,
+        scheduler: str = "dpmsolver++",
+        steps: int = 20,
+        seed: int = 1234,
+        batch_size: int = 250,
+        kid: bool = False,
+        cache_dir: str = "data_cache/fid",
+        results_file: str | None = None,
+    ) -> None:
         self.extractor = extractor
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
         self.scheduler_name, self.steps, self.seed, self.batch_size = scheduler, steps, seed, batch_size
@@ -77,9 +87,16 @@ class FIDCallback(L.Callback):
         pl_module.log_dict(values, rank_zero_only=False)
         pl_module.log("perf/fid_seconds", seconds)
         if trainer.is_global_zero and self.results_file is not None:
-            record = {"step": trainer.global_step, **values, "extractor": self.extractor.identity,
-                      "num_samples": self.num_samples, "num_real": self.num_real,
-                      "sampler": self.scheduler_name, "steps": self.steps, "seconds": round(seconds, 2)}
+            record = {
+                "step": trainer.global_step,
+                **values,
+                "extractor": self.extractor.identity,
+                "num_samples": self.num_samples,
+                "num_real": self.num_real,
+                "sampler": self.scheduler_name,
+                "steps": self.steps,
+                "seconds": round(seconds, 2),
+            }
             self.results_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.results_file, "a") as f:
                 f.write(json.dumps(record) + "\n")

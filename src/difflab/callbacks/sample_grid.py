@@ -22,9 +22,18 @@ class SampleGridCallback(L.Callback):
     ranks simply wait for it at their next gradient all-reduce instead of at an explicit barrier.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int = 500, num_images: int = 64, scheduler: str = "dpmsolver++",
-                 steps: int = 20, seed: int = 0, nrow: int | None = None, batch_size: int = 64,
-                 on_train_end: bool = True) -> None:
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_steps: int = 500,
+        num_images: int = 64,
+        scheduler: str = "dpmsolver++",
+        steps: int = 20,
+        seed: int = 0,
+        nrow: int | None = None,
+        batch_size: int = 64,
+        on_train_end: bool = True,
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps, self.num_images = every_n_steps, num_images
         self.scheduler_name, self.steps, self.seed = scheduler, steps, seed
@@ -51,8 +60,14 @@ class SampleGridCallback(L.Callback):
         pl_module.unet.eval()
         try:
             with pl_module.ema_unet() as unet:
-                images = torch.cat([img for _, img in sample_images(
-                    unet, sampler, self.num_images, self.seed, self.steps, self.batch_size)])
+                images = torch.cat(
+                    [
+                        img
+                        for _, img in sample_images(
+                            unet, sampler, self.num_images, self.seed, self.steps, self.batch_size
+                        )
+                    ]
+                )
         finally:
             pl_module.unet.train(was_training)
         grid = make_grid(images, nrow=self.nrow, padding=2, pad_value=1.0)

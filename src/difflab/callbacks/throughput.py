@@ -8,7 +8,7 @@ import lightning as L
 
 
 class ThroughputCallback(L.Callback):
-    """Logs ``perf/images_per_sec`` averaged over each logging interval, ``perf/global_batch`` and ``train/kimg``.
+    """Logs ``perf/images_per_sec`` (mean over each logging window), ``perf/global_batch``, ``train/kimg``.
 
     Lightning's ThroughputMonitor wants a FLOP count and synchronises the device; a wall-clock rate
     over a window of N steps needs neither (the queue of launched kernels is bounded).

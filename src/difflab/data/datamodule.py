@@ -26,8 +26,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ImageDataset(Dataset):
     """Transforms a source's images; keys are ``index`` or ``(index, epoch)`` from the sampler."""
 
-    def __init__(self, source: Any, transform: ImageTransform, channels: int, background: Sequence[int],
-                 seed: int) -> None:
+    def __init__(
+        self, source: Any, transform: ImageTransform, channels: int, background: Sequence[int], seed: int
+    ) -> None:
         self.source = source
         self.transform = transform
         self.channels = channels
@@ -37,8 +38,10 @@ class ImageDataset(Dataset):
         images = getattr(source, "images", None)
         if images is not None:
             # Small in-memory datasets: do channel conversion, Resize and CenterCrop once, not per epoch.
-            out = [transform.deterministic(to_model_input(chunk, channels, self.background))
-                   for chunk in images.split(4096)]
+            out = [
+                transform.deterministic(to_model_input(chunk, channels, self.background))
+                for chunk in images.split(4096)
+            ]
             self.prepared = torch.cat(out).contiguous()
 
     def __len__(self) -> int:
@@ -51,8 +54,10 @@ class ImageDataset(Dataset):
         else:
             raw = to_model_input(self.source[index], self.channels, self.background)
             if raw.shape[0] != self.channels:
-                raise DifflabError(f"image {index} has {raw.shape[0]} channels after conversion, "
-                                   f"expected data.channels={self.channels}")
+                raise DifflabError(
+                    f"image {index} has {raw.shape[0]} channels after conversion, "
+                    f"expected data.channels={self.channels}"
+                )
             img = self.transform.deterministic(raw)
         return self.transform.finish(img, sample_seed(self.seed, epoch, index))
 
@@ -65,8 +70,15 @@ class ShardedShuffleSampler(Sampler[tuple[int, int]]):
     order is a pure function of (seed, epoch), so a stateful loader's fast-forward on resume is exact.
     """
 
-    def __init__(self, num_items: int, seed: int, shuffle: bool = True, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
@@ -148,7 +160,9 @@ class ImageDataModule(L.LightningDataModule):
         if ds.prepared is not None:
             img = ds.prepared[index]
         else:
-            img = self.transform.deterministic(to_model_input(self.source[index], self.channels, self.background))
+            img = self.transform.deterministic(
+                to_model_input(self.source[index], self.channels, self.background)
+            )
         return img.float() / 255 if img.dtype == torch.uint8 else img.float()
 
     def real_images(self, num: int, batch_size: int = 256) -> Iterator[torch.Tensor]:
@@ -179,7 +193,9 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         self.setup()
         rank, world = self._rank_world()
-        sampler = ShardedShuffleSampler(len(self.train_set), self.seed, self.shuffle, self.drop_last, rank, world)
+        sampler = ShardedShuffleSampler(
+            len(self.train_set), self.seed, self.shuffle, self.drop_last, rank, world
+        )
         if len(sampler) < self.batch_size and self.drop_last:
             raise DifflabError(
                 f"each device gets {len(sampler)} images, fewer than data.batch_size={self.batch_size} "

@@ -103,8 +103,9 @@ def fashion_mnist_source(
         found = _torchvision_images("FashionMNIST", download_root, split == "train")
         if found is not None:
             images = _limit(found[0], max_items)
-            return InMemorySource(images, identity=f"fashion-mnist:{split}:n={len(images)}",
-                                  labels=found[1][: len(images)])
+            return InMemorySource(
+                images, identity=f"fashion-mnist:{split}:n={len(images)}", labels=found[1][: len(images)]
+            )
     raise DifflabError(
         f"Fashion-MNIST not found in {root} and could not be downloaded; install it offline with "
         "`apt-get install dataset-fashion-mnist` (or set data.source.root to a folder with the IDX .gz files)"
@@ -174,7 +175,9 @@ class FolderSource:
         root = Path(path).expanduser()
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         if not root.is_dir():
-            raise DifflabError(f"data.source.path={str(root)!r} is not a directory; point it at a folder of images")
+            raise DifflabError(
+                f"data.source.path={str(root)!r} is not a directory; point it at a folder of images"
+            )
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
         if not files:
             raise DifflabError(
@@ -195,7 +198,9 @@ class FolderSource:
         if bad:
             log.warning(
                 "skipped %d unreadable image(s) under %s (first: %s); data.skip_bad_images=true",
-                len(bad), root, bad[0],
+                len(bad),
+                root,
+                bad[0],
             )
         if not good:
             raise DifflabError(f"every image under {root} is unreadable ({len(bad)} files)")

@@ -24,7 +24,9 @@ def _composite_alpha(img: Image.Image, background: Sequence[int]) -> Image.Image
     return Image.alpha_composite(bg, rgba).convert("RGB")
 
 
-def pil_to_tensor(img: Image.Image, channels: int, background: Sequence[int] = (255, 255, 255)) -> torch.Tensor:
+def pil_to_tensor(
+    img: Image.Image, channels: int, background: Sequence[int] = (255, 255, 255)
+) -> torch.Tensor:
     """Decode a PIL image into CHW with ``channels`` channels.
 
     8-bit images give uint8; 16/32-bit integer images give float32 in [0, 1] scaled by their own bit

@@ -13,8 +13,15 @@ import torch
 from diffusers.training_utils import EMAModel
 
 
-def build_ema(model: torch.nn.Module, max_decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 0.75,
-              update_after_step: int = 0, min_decay: float = 0.0, foreach: bool = True) -> EMAModel:
+def build_ema(
+    model: torch.nn.Module,
+    max_decay: float = 0.9999,
+    inv_gamma: float = 1.0,
+    power: float = 0.75,
+    update_after_step: int = 0,
+    min_decay: float = 0.0,
+    foreach: bool = True,
+) -> EMAModel:
     return EMAModel(
         model.parameters(),
         decay=max_decay,
@@ -27,7 +34,9 @@ def build_ema(model: torch.nn.Module, max_decay: float = 0.9999, inv_gamma: floa
     )
 
 
-def warmup_decay(step: int, max_decay: float, inv_gamma: float, power: float, update_after_step: int = 0) -> float:
+def warmup_decay(
+    step: int, max_decay: float, inv_gamma: float, power: float, update_after_step: int = 0
+) -> float:
     """The decay EMAModel applies at optimisation step ``step`` (1-based), written out independently."""
     k = max(0, step - update_after_step - 1)
     if k == 0:

@@ -37,15 +37,20 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
-            raise DifflabError(f"model.lr_schedule={lr_schedule!r} is not valid; allowed: {', '.join(LR_SCHEDULES)}")
+            raise DifflabError(
+                f"model.lr_schedule={lr_schedule!r} is not valid; allowed: {', '.join(LR_SCHEDULES)}"
+            )
         self.unet = unet
         self.noise_scheduler = noise_scheduler
         self.process = NoiseProcess(noise_scheduler, min_snr_gamma)
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         ema = dict(ema or {})
-        self.ema = build_ema(unet, **{k: v for k, v in ema.items() if k != "enabled"}) if ema.get(
-            "enabled", True) else None
+        self.ema = (
+            build_ema(unet, **{k: v for k, v in ema.items() if k != "enabled"})
+            if ema.get("enabled", True)
+            else None
+        )
         # The base seed of the per-step noise; random when unset, and saved so a resume stays exact.
         self.noise_seed = int(seed) if seed is not None else int(torch.randint(0, 2**31, ()).item())
         self.channels_last = channels_last
@@ -111,8 +116,12 @@ class DiffusionModule(L.LightningModule):
         # estimated_stepping_batches counts real optimizer steps: max_steps, or epochs x batches
         # divided by accumulation and sharded over devices, which is what the schedule must span.
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = get_scheduler(LR_SCHEDULES[self.lr_schedule], optimizer,
-                                  num_warmup_steps=self.warmup_steps, num_training_steps=max(total, 1))
+        scheduler = get_scheduler(
+            LR_SCHEDULES[self.lr_schedule],
+            optimizer,
+            num_warmup_steps=self.warmup_steps,
+            num_training_steps=max(total, 1),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------------- checkpoints

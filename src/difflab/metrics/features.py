@@ -46,12 +46,14 @@ class InceptionFeatures(nn.Module):
                 self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
             except Exception as e:
                 raise DifflabError(
-                    f"FID Inception weights not found at {path} and not downloadable ({e.__class__.__name__}); "
-                    f"download {INCEPTION_URL} to {default_inception_path()} or set the extractor's weights_path"
+                    f"FID Inception weights not found at {path} and not downloadable "
+                    f"({e.__class__.__name__}); download {INCEPTION_URL} to {default_inception_path()} "
+                    "or set the extractor's weights_path"
                 ) from e
         else:
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                   feature_extractor_weights_path=str(path))
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+            )
         self.identity = "tf-inception-v3-2015-12-05:pool3"
         self.eval().requires_grad_(False)
 
@@ -73,10 +75,19 @@ class SmallClassifier(nn.Module):
         super().__init__()
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(channels, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * w, num_features), nn.SiLU(),
+            nn.Conv2d(channels, w, 3, padding=1),
+            nn.GroupNorm(8, w),
+            nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 4 * w),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * w, num_features),
+            nn.SiLU(),
         )
         self.head = nn.Linear(num_features, num_classes)
 
@@ -95,8 +106,16 @@ class ClassifierFeatures(nn.Module):
 
     name = "classifier"
 
-    def __init__(self, cache_dir: str, path: str | None = None, epochs: int = 3, width: int = 32,
-                 num_features: int = 128, max_train_images: int | None = 60000, seed: int = 0) -> None:
+    def __init__(
+        self,
+        cache_dir: str,
+        path: str | None = None,
+        epochs: int = 3,
+        width: int = 32,
+        num_features: int = 128,
+        max_train_images: int | None = 60000,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.cache_dir, self.path = Path(cache_dir), Path(path) if path else None
         self.epochs, self.width, self.max_train_images, self.seed = epochs, width, max_train_images, seed
@@ -137,8 +156,9 @@ class ClassifierFeatures(nn.Module):
             raise RuntimeError("ClassifierFeatures.prepare(datamodule) must run before extracting features")
         return self.net.body(images * 2 - 1).double()
 
-    def fit(self, images: torch.Tensor, labels: torch.Tensor, path: Path, batch_size: int = 128,
-            lr: float = 2e-3) -> float:
+    def fit(
+        self, images: torch.Tensor, labels: torch.Tensor, path: Path, batch_size: int = 128, lr: float = 2e-3
+    ) -> float:
         """Train on float images in [0, 1] and integer labels, save to ``path``; returns train accuracy."""
         g = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
@@ -156,8 +176,15 @@ class ClassifierFeatures(nn.Module):
                 correct += (logits.argmax(1) == labels[idx]).sum().item()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save({"state_dict": net.state_dict(), "channels": images.shape[1],
-                    "num_classes": int(labels.max()) + 1, "train_accuracy": correct / n}, tmp)
+        torch.save(
+            {
+                "state_dict": net.state_dict(),
+                "channels": images.shape[1],
+                "num_classes": int(labels.max()) + 1,
+                "train_accuracy": correct / n,
+            },
+            tmp,
+        )
         os.replace(tmp, path)
         log.info("trained FID classifier on %d images: train accuracy %.3f, saved %s", n, correct / n, path)
         return correct / n

@@ -37,7 +37,9 @@ def metric_name(extractor_name: str, num_samples: int, kind: str = "fid") -> str
 
 
 @torch.no_grad()
-def extract_features(extractor: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+def extract_features(
+    extractor: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
+) -> torch.Tensor:
     feats = [extractor(b.to(device)).double().cpu() for b in batches]
     return torch.cat(feats)
 
@@ -70,8 +72,14 @@ class RealFeatureCache:
         self.path(key).with_suffix(".json").write_text(json.dumps(meta, indent=1))
 
 
-def real_features(datamodule: object, extractor: nn.Module, num_real: int, cache_dir: str | os.PathLike,
-                  device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def real_features(
+    datamodule: object,
+    extractor: nn.Module,
+    num_real: int,
+    cache_dir: str | os.PathLike,
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """Features of the first ``num_real`` training images (no random augmentation), cached."""
     cache = RealFeatureCache(cache_dir)
     key = cache.key(datamodule.identity, extractor.identity, num_real)
@@ -79,12 +87,15 @@ def real_features(datamodule: object, extractor: nn.Module, num_real: int, cache
     if feats is not None:
         return feats
     feats = compute_real_features(datamodule, extractor, num_real, device, batch_size)
-    cache.save(key, feats, {"data": datamodule.identity, "extractor": extractor.identity, "num_real": len(feats)})
+    cache.save(
+        key, feats, {"data": datamodule.identity, "extractor": extractor.identity, "num_real": len(feats)}
+    )
     return feats
 
 
-def compute_real_features(datamodule: object, extractor: nn.Module, num_real: int, device: torch.device,
-                          batch_size: int = 256) -> torch.Tensor:
+def compute_real_features(
+    datamodule: object, extractor: nn.Module, num_real: int, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
     log.info("computing FID real features: %d images with %s", num_real, extractor.identity)
     return extract_features(extractor, datamodule.real_images(num_real, batch_size), device)
 
@@ -92,16 +103,21 @@ def compute_real_features(datamodule: object, extractor: nn.Module, num_real: in
 class FIDEvaluator:
     """Generates ``num_samples`` images split over ranks, and measures FID (and KID) against real features."""
 
-    def __init__(self, extractor: nn.Module, num_samples: int = 1000, kid: bool = False,
-                 kid_subset_size: int = 1000) -> None:
+    def __init__(
+        self, extractor: nn.Module, num_samples: int = 1000, kid: bool = False, kid_subset_size: int = 1000
+    ) -> None:
         if num_samples < 2:
             raise DifflabError(f"FID needs num_samples >= 2, got {num_samples}")
         self.extractor = extractor
         self.num_samples = num_samples
         self.fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
-        self.kid = (KernelInceptionDistance(feature=extractor, reset_real_features=False,
-                                            subset_size=min(kid_subset_size, num_samples))
-                    if kid else None)
+        self.kid = (
+            KernelInceptionDistance(
+                feature=extractor, reset_real_features=False, subset_size=min(kid_subset_size, num_samples)
+            )
+            if kid
+            else None
+        )
         self._real_loaded = False
 
     def names(self) -> dict[str, str]:
@@ -133,8 +149,9 @@ class FIDEvaluator:
         return range(lo, hi)
 
     @torch.no_grad()
-    def evaluate(self, unet: nn.Module, sampler: object, steps: int, seed: int, batch_size: int = 250
-                 ) -> dict[str, float]:
+    def evaluate(
+        self, unet: nn.Module, sampler: object, steps: int, seed: int, batch_size: int = 250
+    ) -> dict[str, float]:
         """Every rank calls this; each samples its share; the returned values are the same on all ranks."""
         if not self._real_loaded:
             raise RuntimeError("set_real_features() first")
@@ -145,7 +162,9 @@ class FIDEvaluator:
         if self.kid is not None:
             self.kid.reset()
         if len(share):
-            for _, images in sample_images(unet, sampler, len(share), seed, steps, batch_size, start=share.start):
+            for _, images in sample_images(
+                unet, sampler, len(share), seed, steps, batch_size, start=share.start
+            ):
                 self.fid.update(images, real=False)
                 if self.kid is not None:
                     self.kid.update(images, real=False)
