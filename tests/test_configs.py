@@ -27,7 +27,7 @@ def test_train_config_composes_with_defaults(make_cfg):
     cfg = make_cfg()
     assert cfg.data.source._target_.endswith("fashion_mnist_source")
     assert cfg.model.unet.block_out_channels == [32, 64, 128]
-    assert cfg.seed == 42 and cfg.ckpt_path is None
+    assert cfg.seed == 42 and cfg.ckpt_path == "last"
 
 
 @pytest.mark.parametrize("name", names("data"))

@@ -113,3 +113,21 @@ def test_checkpoint_round_trip_restores_ema_optimizer_and_step(make_cfg, tmp_pat
     assert ckpt["global_step"] == 12
     assert ckpt["difflab"]["format_version"] == 1
     assert ckpt["difflab"]["config"]["data"]["resolution"] == 8
+
+
+def test_lr_schedule_spans_the_real_optimizer_steps_under_accumulation(make_cfg, tmp_path):
+    # 1,797 digits / 64 = 28 batches an epoch; 2 epochs with accumulation 2 = 28 optimizer steps.
+    fit(
+        make_cfg,
+        tmp_path,
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+        "trainer.accumulate_grad_batches=2",
+        "model.lr_schedule=cosine",
+        "model.warmup_steps=4",
+    )
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    sched = ckpt["lr_schedulers"][0]
+    assert ckpt["global_step"] == 28 and sched["last_epoch"] == 28
+    assert sched["_last_lr"][0] == pytest.approx(0.0, abs=1e-9)  # cosine reached its end exactly at the end
+    assert ckpt["ema"]["optimization_step"] == 28  # one EMA update per optimizer step, not per micro-batch

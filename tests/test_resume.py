@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 
@@ -17,7 +19,19 @@ def weights(path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 # 1,797 digits / batch 64 = 28 batches an epoch: 20 steps stops mid-epoch, 40 crosses the boundary.
-ARGS = (*FAST_DIGITS, "data.flip=true", "callbacks.model_checkpoint.every_n_train_steps=20")
+ARGS = (
+    *FAST_DIGITS,
+    "data.flip=true",
+    "callbacks.model_checkpoint.every_n_train_steps=20",
+    "logger=csv",
+    "trainer.log_every_n_steps=5",
+)
+
+
+def logged(run) -> list[tuple[int, str]]:
+    """(step, loss) rows of the run's CSV log."""
+    with open(run / "csv" / "metrics.csv") as f:
+        return [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -36,6 +50,10 @@ def test_resume_mid_epoch_equals_uninterrupted(make_cfg, tmp_path):
     assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")["global_step"] == 40
     assert max_diff(straight[0], resumed[0]) <= 1e-6  # live weights
     assert max_diff(straight[1], resumed[1]) <= 1e-6  # EMA weights
+    # The resumed log continues the same file with the same step numbers (and the same losses).
+    a, b = logged(tmp_path / "straight"), logged(tmp_path / "split")
+    assert [s for s, _ in a] == [s for s, _ in b] == [4, 9, 14, 19, 24, 29, 34, 39]
+    assert all(abs(float(x) - float(y)) <= 1e-5 for (_, x), (_, y) in zip(a, b, strict=True))
 
 
 def test_resume_with_a_different_model_names_the_keys(make_cfg, tmp_path):

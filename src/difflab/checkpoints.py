@@ -51,11 +51,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def find_last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """``last.ckpt`` of a run directory, else its newest ``*.ckpt``, else None."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if (ckpt_dir / "last.ckpt").is_file():
-        return ckpt_dir / "last.ckpt"
-    found = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The newest checkpoint of a run dir (``checkpoints/*.ckpt`` or Lightning's SLURM ``hpc_ckpt_*``)."""
+    run_dir = Path(run_dir)
+    found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    # last.ckpt wins a tie: it is written right after the step checkpoint of the same step.
+    found.sort(key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"))
     return found[-1] if found else None
 
 

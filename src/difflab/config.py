@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import sys
@@ -26,6 +27,9 @@ def new_run_dir(log_dir: str, ckpt_path: str | None = None) -> str:
         p = Path(ckpt_path).expanduser().resolve()
         if p.parent.name == "checkpoints":
             return str(p.parent.parent)
+    if os.environ.get("SLURM_JOB_ID") and not os.environ.get("SLURM_ARRAY_TASK_ID"):
+        # A requeued SLURM job keeps its job id: same run dir, so ckpt_path=last resumes it.
+        return str(Path(log_dir) / "runs" / f"slurm_{os.environ['SLURM_JOB_ID']}")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     while True:
         run = Path(log_dir) / "runs" / f"{stamp}_{secrets.token_hex(3)}"
@@ -33,8 +37,15 @@ def new_run_dir(log_dir: str, ckpt_path: str | None = None) -> str:
             return str(run)
 
 
+@functools.cache
 def unique_suffix() -> str:
+    """`<time>_<random>`, fixed for the process: Hydra resolves a sweep dir more than once."""
     return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+
+
+@functools.cache
+def _run_dir_once(log_dir: str, ckpt_path: str | None) -> str:
+    return new_run_dir(log_dir, ckpt_path)  # resolved more than once per process: same answer
 
 
 def fid_metric_name(extractor_target: str, num_samples: int) -> str:
@@ -46,11 +57,18 @@ def fid_metric_name(extractor_target: str, num_samples: int) -> str:
     return metric_name(hydra.utils.get_class(extractor_target).name, int(num_samples))
 
 
+def make_dir(path: str) -> str:
+    """Create ``path`` (for files opened before any job runs, such as the Optuna SQLite study)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("difflab_run_dir"):
-        OmegaConf.register_new_resolver("difflab_run_dir", new_run_dir)
+        OmegaConf.register_new_resolver("difflab_run_dir", _run_dir_once)
         OmegaConf.register_new_resolver("difflab_unique", unique_suffix)
         OmegaConf.register_new_resolver("difflab_fid_name", fid_metric_name)
+        OmegaConf.register_new_resolver("difflab_mkdir", make_dir)
 
 
 # `model.unet=tiny` reads naturally but Hydra selects groups with a slash; accept both spellings.
@@ -71,6 +89,28 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple, errors: list[str]) -> Non
     value = OmegaConf.select(cfg, key, default=None)
     if value is not None and value not in allowed:
         errors.append(f"{key}={value!r} is not valid; allowed: {', '.join(map(str, allowed))}")
+
+
+def _precision_errors(cfg: DictConfig) -> list[str]:
+    """Precision the hardware cannot run, caught before any data is loaded."""
+    import torch
+
+    precision = str(cfg.trainer.get("precision"))
+    accelerator = cfg.trainer.get("accelerator")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if precision.startswith("16") and not on_gpu:
+        return [
+            f"trainer.precision={precision} needs a GPU (accelerator={accelerator}); "
+            "on CPU use bf16-mixed or 32-true"
+        ]
+    if (
+        precision.startswith("bf16")
+        and on_gpu
+        and torch.cuda.is_available()
+        and not torch.cuda.is_bf16_supported()
+    ):
+        return [f"trainer.precision={precision}: this GPU has no bf16; use 16-mixed or 32-true"]
+    return []
 
 
 def validate(cfg: DictConfig) -> None:
@@ -101,8 +141,7 @@ def validate(cfg: DictConfig) -> None:
                 f"data.resolution={res} must be divisible by {2**depth} for a UNet with "
                 f"{depth + 1} blocks (model.unet.block_out_channels)"
             )
-    if cfg.trainer.get("precision") in ("16-mixed", "16-true") and cfg.trainer.get("accelerator") == "cpu":
-        errors.append("trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
+    errors += _precision_errors(cfg)
     if errors:
         raise DifflabError("invalid config: " + "; ".join(errors))
 

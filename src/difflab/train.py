@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from difflab.checkpoints import check_resume_compatible, load_checkpoint, resolve_ckpt_path
 from difflab.config import CONF_DIR, print_error_and_exit, register_resolvers, rewrite_group_aliases, validate
 from difflab.errors import DifflabError
+from difflab.loggers import finish_loggers
 
 log = logging.getLogger("difflab.train")
 
@@ -60,7 +61,10 @@ def train(cfg: DictConfig) -> float | None:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer.loggers)
 
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
     return float(metric) if metric is not None else None

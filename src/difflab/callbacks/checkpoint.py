@@ -17,6 +17,13 @@ class RunCheckpoint(ModelCheckpoint):
         if final and self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
             self.save_now(trainer)
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        max_epochs = trainer.max_epochs or 0
+        last_epoch = trainer.max_steps in (-1, None) and 0 < max_epochs <= trainer.current_epoch + 1
+        if last_epoch and self._last_global_step_saved != trainer.global_step:
+            self.save_now(trainer)
+
     def save_now(self, trainer: L.Trainer) -> None:
         monitor_candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, monitor_candidates)

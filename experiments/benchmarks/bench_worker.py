@@ -1,0 +1,316 @@
+"""One benchmark measurement in a fresh process; prints one JSON line. Driven by run_benchmarks.py.
+
+Modes:
+  difflab  -- a real difflab-train run (datamodule, Lightning, EMA, logging, callbacks at default cadence)
+  bare     -- a hand-written PyTorch loop with the same UNet, batch, AdamW and EMA update
+  sample   -- difflab's sampler vs diffusers DDPMPipeline on the same model
+  startup  -- seconds from process start to the first optimizer step of `difflab-train`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+T0 = time.time()
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compose(overrides: list[str], run_dir: Path):
+    from tests.conftest import compose_config
+
+    return compose_config(run_dir, overrides)
+
+
+def real_batches(cfg, device="cpu"):
+    """The prepared (decoded, resized) training images as one tensor in [-1, 1]."""
+    import hydra
+
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup()
+    prepared = dm.train_set.prepared
+    return prepared.float().div(127.5).sub(1) if prepared.dtype == torch.uint8 else prepared * 2 - 1
+
+
+class StepTimer:
+    """Lightning callback: wall time of optimizer steps after a warm-up."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times = warmup, []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.times.append(time.perf_counter())
+
+
+def run_difflab(args) -> dict:
+    import lightning as L
+
+    from difflab.train import train
+
+    overrides = [
+        f"model/unet={args.preset}",
+        f"data={args.data}",
+        f"data.batch_size={args.batch}",
+        f"trainer.max_steps={args.warmup + args.steps}",
+        f"trainer.precision={args.precision}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "callbacks.progress_bar=null",
+        "trainer.enable_model_summary=false",
+    ]
+    if args.resolution:
+        overrides += [f"data.resolution={args.resolution}", f"data.channels={args.channels}"]
+    cfg = compose(overrides, Path(args.tmp) / "run")
+    if args.synthetic:
+        from omegaconf import OmegaConf, open_dict
+
+        with open_dict(cfg):
+            cfg.data.source = OmegaConf.create(
+                {
+                    "_target_": "experiments.benchmarks.bench_worker.synthetic_source",
+                    "_partial_": True,
+                    "n": args.batch * (args.warmup + args.steps + 2),
+                    "size": cfg.data.resolution,
+                    "channels": cfg.data.channels,
+                }
+            )
+    timer = StepTimer(args.warmup)
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, trainer, *a) -> None:
+            timer.on_train_batch_end(trainer)
+
+    import difflab.train as dt
+
+    original = dt.instantiate_group
+
+    def with_timer(group):
+        out = original(group)
+        return [*out, Timer()] if group is cfg.get("callbacks") else out
+
+    dt.instantiate_group = with_timer
+    train(cfg)
+    t = timer.times
+    dt_s = t[-1] - t[args.warmup - 1]
+    return {"images_per_sec": args.batch * (len(t) - args.warmup) / dt_s, "max_rss_mb": max_rss_mb()}
+
+
+def synthetic_source(n: int, size: int, channels: int):
+    from difflab.data.sources import InMemorySource
+
+    g = torch.Generator().manual_seed(0)
+    return InMemorySource(
+        torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8),
+        identity=f"synthetic:{n}:{size}:{channels}",
+    )
+
+
+def run_bare(args) -> dict:
+    """What a user would write by hand. naive: fp32, per-tensor AdamW and EMA; matched: difflab's precision
+    and foreach kernels."""
+    import hydra
+    from diffusers import DDPMScheduler
+
+    overrides = [f"model/unet={args.preset}", f"data={args.data}"]
+    if args.resolution:
+        overrides += [f"data.resolution={args.resolution}", f"data.channels={args.channels}"]
+    cfg = compose(overrides, Path(args.tmp) / "bare")
+    torch.manual_seed(0)
+    unet = hydra.utils.instantiate(cfg.model.unet).train()
+    res, ch = cfg.data.resolution, cfg.data.channels
+    if args.synthetic:
+        data = torch.rand(args.batch * 8, ch, res, res) * 2 - 1
+    else:
+        data = real_batches(cfg)
+    naive = args.variant == "naive"
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, foreach=not naive)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    sched = DDPMScheduler()
+    use_bf16 = (not naive) and args.precision == "bf16-mixed"
+    times = []
+    params = list(unet.parameters())
+    for step in range(args.warmup + args.steps):
+        idx = torch.randint(0, len(data), (args.batch,))
+        x0 = data[idx]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (args.batch,))
+        xt = sched.add_noise(x0, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            pred = unet(xt, t).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=not naive)
+        opt.step()
+        decay = min(0.9999, 1 - (1 + step) ** -0.75)
+        with torch.no_grad():
+            if naive:
+                for e, p in zip(ema, params, strict=True):
+                    e.sub_((1 - decay) * (e - p))
+            else:
+                torch._foreach_lerp_(ema, params, 1 - decay)
+        times.append(time.perf_counter())
+    dt_s = times[-1] - times[args.warmup - 1]
+    return {"images_per_sec": args.batch * args.steps / dt_s, "max_rss_mb": max_rss_mb()}
+
+
+def run_flops(args) -> dict:
+    """FLOPs of one training step (forward + backward) per image, by torch's FlopCounterMode."""
+    import hydra
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = compose(
+        [f"model/unet={args.preset}", f"data={args.data}"]
+        + (
+            [f"data.resolution={args.resolution}", f"data.channels={args.channels}"]
+            if args.resolution
+            else []
+        ),
+        Path(args.tmp) / "flops",
+    )
+    unet = hydra.utils.instantiate(cfg.model.unet)
+    x = torch.randn(4, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    with FlopCounterMode(display=False) as fc:
+        unet(x, torch.randint(0, 1000, (4,))).sample.square().mean().backward()
+    return {"train_flops_per_image": fc.get_total_flops() / 4}
+
+
+def run_matmul(args) -> dict:
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        t0 = time.perf_counter()
+        n = 10
+        for _ in range(n):
+            a @ b
+        out[f"matmul_{name}_gflops"] = 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def run_sample(args) -> dict:
+    from diffusers import DDPMPipeline
+
+    from difflab.checkpoints import load_trained_unet
+    from difflab.diffusion.sampling import build_sampler, image_generators, sample_images
+
+    unet, sched_cfg, _ = load_trained_unet(args.ckpt)
+    n, steps = args.batch, args.steps
+    if args.variant == "difflab":
+        sampler = build_sampler("dpmsolver++", sched_cfg)
+        t0 = time.perf_counter()
+        for _ in sample_images(unet, sampler, n, 0, steps, n):
+            pass
+    else:
+        pipe = DDPMPipeline(unet=unet, scheduler=build_sampler("dpmsolver++", sched_cfg))
+        pipe.set_progress_bar_config(disable=True)
+        t0 = time.perf_counter()
+        pipe(
+            batch_size=n, generator=image_generators(0, range(n)), num_inference_steps=steps, output_type="pt"
+        )
+    return {"images_per_sec": n / (time.perf_counter() - t0)}
+
+
+def run_fid(args) -> dict:
+    import hydra
+
+    from difflab.checkpoints import load_trained_unet
+    from difflab.diffusion.sampling import build_sampler
+    from difflab.metrics.features import ClassifierFeatures
+    from difflab.metrics.fid import FIDEvaluator, real_features
+
+    cfg = compose([f"data={args.data}"], Path(args.tmp) / "fid")
+    dm = hydra.utils.instantiate(cfg.data)
+    ext = ClassifierFeatures(cache_dir=str(Path(args.tmp) / "fidcache"))
+    ext.prepare(dm)
+    feats = real_features(dm, ext, 10000, str(Path(args.tmp) / "fidcache"), torch.device("cpu"))
+    unet, sched_cfg, _ = load_trained_unet(args.ckpt)
+    ev = FIDEvaluator(ext, num_samples=1000)
+    ev.set_real_features(feats)
+    t0 = time.perf_counter()
+    value = ev.evaluate(unet.eval(), build_sampler("dpmsolver++", sched_cfg), 20, seed=1234, batch_size=250)
+    return {"fid_seconds": time.perf_counter() - t0, **value}
+
+
+def run_startup(args) -> dict:
+    import subprocess
+
+    exe = Path(sys.executable).parent / "difflab-train"
+    t0 = time.time()
+    p = subprocess.run(
+        [
+            str(exe),
+            "trainer.max_steps=1",
+            "callbacks.sample_grid=null",
+            "logger=none",
+            f"hydra.run.dir={Path(args.tmp) / 'startup'}",
+            "+callbacks.first_step._target_=experiments.benchmarks.bench_worker.FirstStepClock",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    stamp = [line for line in p.stdout.splitlines() if line.startswith("FIRST_STEP_AT=")]
+    if not stamp:
+        raise RuntimeError(p.stderr[-2000:])
+    return {"startup_seconds": float(stamp[0].split("=")[1]) - t0}
+
+
+class FirstStepClock:
+    """Prints the wall-clock time of the first completed optimizer step."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class _Clock(L.Callback):
+            def on_train_batch_end(self, trainer, *a) -> None:
+                if trainer.global_step == 1:
+                    print(f"FIRST_STEP_AT={time.time()}", flush=True)
+
+        return _Clock()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode")
+    ap.add_argument("--variant", default="naive")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--data", default="fashion_mnist")
+    ap.add_argument("--resolution", type=int, default=0)
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--ckpt", default="")
+    ap.add_argument("--tmp", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    fn = {
+        "difflab": run_difflab,
+        "bare": run_bare,
+        "flops": run_flops,
+        "matmul": run_matmul,
+        "sample": run_sample,
+        "fid": run_fid,
+        "startup": run_startup,
+    }[args.mode]
+    print("RESULT " + json.dumps(fn(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
