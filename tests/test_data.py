@@ -16,6 +16,11 @@ from difflab.data.transforms import pil_to_tensor
 from difflab.errors import DifflabError
 
 
+def first_batch(dm: ImageDataModule) -> torch.Tensor:
+    """The first training batch as the model sees it (normalised after the device transfer)."""
+    return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+
+
 def folder_dm(path: Path, **kw) -> ImageDataModule:
     kw.setdefault("resolution", 16)
     kw.setdefault("channels", 3)
@@ -35,7 +40,7 @@ def write_images(folder: Path, n: int, mode: str = "RGB", size=(20, 24), ext="pn
 
 def test_digits_batches_have_shape_dtype_and_range():
     dm = ImageDataModule(source=digits_source, resolution=8, channels=1, batch_size=32)
-    batch = next(iter(dm.train_dataloader()))
+    batch = first_batch(dm)
     assert batch.shape == (32, 1, 8, 8) and batch.dtype == torch.float32
     assert batch.min() >= -1 and batch.max() <= 1
     assert batch.min() == -1 and batch.max() == 1  # digits have pure black and white pixels
@@ -43,7 +48,7 @@ def test_digits_batches_have_shape_dtype_and_range():
 
 def test_resize_and_center_crop_from_a_non_square_folder(tmp_path):
     write_images(tmp_path / "imgs" / "nested", 6, size=(40, 20))  # found recursively
-    batch = next(iter(folder_dm(tmp_path / "imgs", resolution=16).train_dataloader()))
+    batch = first_batch(folder_dm(tmp_path / "imgs", resolution=16))
     assert batch.shape == (4, 3, 16, 16)
     assert batch.min() >= -1 and batch.max() <= 1
 
@@ -51,7 +56,7 @@ def test_resize_and_center_crop_from_a_non_square_folder(tmp_path):
 @pytest.mark.parametrize(("mode", "channels"), [("RGB", 1), ("L", 3), ("RGBA", 1)])
 def test_channel_conversion(tmp_path, mode, channels):
     write_images(tmp_path / "imgs", 4, mode=mode)
-    batch = next(iter(folder_dm(tmp_path / "imgs", channels=channels).train_dataloader()))
+    batch = first_batch(folder_dm(tmp_path / "imgs", channels=channels))
     assert batch.shape[1] == channels
     if mode == "L" and channels == 3:  # grey → RGB: three identical planes
         assert torch.equal(batch[:, 0], batch[:, 1]) and torch.equal(batch[:, 1], batch[:, 2])
@@ -92,6 +97,15 @@ def test_flip_is_random_but_reproducible():
     plain = torch.cat(list(dm.train_dataloader()))
     flipped = (a == plain.flip(-1)).flatten(1).all(1) & ~(a == plain).flatten(1).all(1)
     assert 0.4 < flipped.float().mean() < 0.6
+
+
+def test_batched_fetch_equals_per_image_fetch():
+    dm = ImageDataModule(source=digits_source, resolution=8, channels=1, flip=True, seed=3)
+    dm.setup()
+    keys = [(i, 2) for i in range(0, 500, 7)]
+    batched = dm.train_set.__getitems__(keys)
+    assert batched.dtype == torch.uint8  # normalised later, on the device
+    assert torch.equal(batched, torch.stack([dm.train_set[k] for k in keys]))
 
 
 def test_shards_are_disjoint_and_cover_the_epoch():

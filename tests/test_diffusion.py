@@ -85,6 +85,8 @@ def test_loss_falls_and_ema_differs_on_digits(make_cfg, tmp_path):
     assert last < 0.6 * first, (first, last)
     for q in range(4):  # quartile losses are logged, and late timesteps (noisy inputs) are easier for ε
         assert rows[-1][f"train/loss_q{q}"]
+    assert float(rows[-1]["perf/images_per_sec"]) > 0 and float(rows[-1]["train/kimg"]) > 0
+    assert rows[-1]["train/ema_decay"] and [int(r["step"]) for r in rows][:3] == [9, 19, 29]
     assert float(rows[-1]["train/loss_q3"]) < float(rows[-1]["train/loss_q0"])
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     live = [v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")]

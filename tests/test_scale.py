@@ -54,7 +54,7 @@ def test_ddp_cpu_two_ranks(make_cfg, tmp_path):
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
     assert r0["world_size"] == 2
     # Disjoint shards within each epoch (28 images/step globally: 1,797 // 64 = 28 steps an epoch).
-    epoch0 = [set(sum(r["seen"][:28], [])) for r in (r0, r1)]
+    epoch0 = [{h for batch in r["seen"][:28] for h in batch} for r in (r0, r1)]
     assert len(epoch0[0]) > 850 and len(epoch0[0] & epoch0[1]) <= 2  # (digits holds a few duplicate images)
     # EMA weights identical on every rank.
     for a, b in zip(r0["ema"], r1["ema"], strict=True):

@@ -129,10 +129,7 @@ def run_bare(args) -> dict:
     torch.manual_seed(0)
     unet = hydra.utils.instantiate(cfg.model.unet).train()
     res, ch = cfg.data.resolution, cfg.data.channels
-    if args.synthetic:
-        data = torch.rand(args.batch * 8, ch, res, res) * 2 - 1
-    else:
-        data = real_batches(cfg)
+    data = torch.rand(args.batch * 8, ch, res, res) * 2 - 1 if args.synthetic else real_batches(cfg)
     naive = args.variant == "naive"
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, foreach=not naive)
     ema = [p.detach().clone() for p in unet.parameters()]

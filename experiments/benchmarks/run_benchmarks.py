@@ -55,9 +55,10 @@ def med_spread(xs: list[float]) -> str:
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -165,7 +166,8 @@ def write_results(out, matmul, rows, samp_d, samp_p, fid, fid_share, train_s, st
         "# difflab benchmarks",
         "",
         f"Machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"Python {platform.python_version()}. Command: `.venv/bin/python experiments/benchmarks/run_benchmarks.py"
+        f"Python {platform.python_version()}. Command: "
+        "`.venv/bin/python experiments/benchmarks/run_benchmarks.py"
         f"{' --quick' if opts.quick else ''}` ({total_s / 60:.1f} min). Medians with (min-max) over "
         f"{1 if opts.quick else opts.repeats} alternating repeats; each figure from a fresh process.",
         "",
@@ -178,7 +180,8 @@ def write_results(out, matmul, rows, samp_d, samp_p, fid, fid_share, train_s, st
         "`matched`: the same loop with difflab's precision and foreach kernels. difflab: a real "
         "`difflab-train` run (datamodule, Lightning, EMA, logging and callbacks at default cadence).",
         "",
-        "| preset | precision | data | batch | difflab img/s | ÷ naive | ÷ matched | GFLOP/s | % of matmul peak "
+        "| preset | precision | data | batch | difflab img/s | ÷ naive | ÷ matched | GFLOP/s "
+        "| % of matmul peak "
         "| RSS MB | RSS ÷ naive |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -201,7 +204,8 @@ def write_results(out, matmul, rows, samp_d, samp_p, fid, fid_share, train_s, st
         f"| sampling ratio difflab ÷ pipeline | {med_spread(ratio)} |",
         f"| one FID evaluation (1,000 samples, DPM-Solver++ 20 steps, classifier features) | "
         f"{fid['fid_seconds']:.1f} s |",
-        f"| training time between FID evaluations at the default cadence (1,000 steps x 32) | {train_s:.0f} s |",
+        f"| training time between FID evaluations at the default cadence (1,000 steps x 32) "
+        f"| {train_s:.0f} s |",
         f"| FID share of training wall time | {fid_share * 100:.1f}% |",
         f"| start-up: process start → first optimizer step of `difflab-train` | {med_spread(startup)} s |",
     ]

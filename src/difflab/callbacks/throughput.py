@@ -36,7 +36,8 @@ class ThroughputCallback(L.Callback):
             now = time.perf_counter()
             self._rate = gb * (step - self._step0) / (now - self._t0)
             self._t0, self._step0 = now, step
-        # Logged every step (host floats, free) so Lightning's own log cadence always finds a value.
+        if not trainer._logger_connector.should_update_logs:
+            return  # Lightning only hands metrics to loggers on log steps; skip the Python cost otherwise
         values = {"perf/global_batch": float(gb), "train/kimg": step * gb / 1000}
         if self._rate is not None:
             values["perf/images_per_sec"] = self._rate

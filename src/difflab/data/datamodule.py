@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from difflab.data.transforms import ImageTransform, to_model_input
+from difflab.data.transforms import ImageTransform, flip_decision, normalize_batch, to_model_input
 from difflab.errors import DifflabError
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class ImageDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        """One image, augmented, not yet normalised (uint8, or float in [0, 1] for 16-bit sources)."""
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         if self.prepared is not None:
             img = self.prepared[index]
@@ -59,7 +60,24 @@ class ImageDataset(Dataset):
                     f"expected data.channels={self.channels}"
                 )
             img = self.transform.deterministic(raw)
-        return self.transform.finish(img, sample_seed(self.seed, epoch, index))
+        return self.transform.augment(img, sample_seed(self.seed, epoch, index))
+
+    def __getitems__(self, keys: list) -> torch.Tensor | list[torch.Tensor]:
+        """A whole batch at once (the DataLoader uses this when present): one gather from the prepared
+        tensor and vectorised flips, instead of a Python call per image. Same images as __getitem__."""
+        if self.prepared is None or self.transform.random_crop is not None:
+            return [self[k] for k in keys]
+        pairs = [k if isinstance(k, tuple) else (k, 0) for k in keys]
+        batch = self.prepared[torch.tensor([i for i, _ in pairs])]
+        if self.transform.flip:
+            flips = torch.tensor([flip_decision(sample_seed(self.seed, e, i)) for i, e in pairs])
+            batch[flips] = batch[flips].flip(-1)
+        return batch
+
+
+def collate_images(data: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """A batch from __getitems__ passes through; a list of images is stacked."""
+    return data if isinstance(data, torch.Tensor) else torch.stack(data)
 
 
 class ShardedShuffleSampler(Sampler[tuple[int, int]]):
@@ -209,4 +227,9 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=self.drop_last,
+            collate_fn=collate_images,
         )
+
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        """Normalise on the device: uint8 crossed the loader and the host-to-device copy."""
+        return normalize_batch(batch)
