@@ -165,3 +165,55 @@ def test_training_with_fid_logs_and_keeps_best_checkpoint(make_cfg, tmp_path):
     # A second run reuses the cached classifier and real features.
     cache = sorted(p.name for p in (tmp_path / "data_cache" / "fid").iterdir())
     assert any(n.startswith("classifier_") for n in cache) and any(n.startswith("fid_real_") for n in cache)
+
+
+def test_inception_weights_missing_is_one_clear_error(tmp_path):
+    from difflab.errors import DifflabError
+    from difflab.metrics.features import InceptionFeatures
+
+    with pytest.raises(
+        DifflabError, match=r"FID Inception weights not found at .*nope\.pth.*download https://"
+    ):
+        InceptionFeatures(weights_path=str(tmp_path / "nope.pth"))
+
+
+def test_eval_command_writes_table_and_plot(tmp_path):
+    import csv
+
+    from difflab.config import load_cli_config
+    from difflab.evaluate import evaluate
+    from tests.conftest import compose_config
+
+    run = tmp_path / "run"
+    train(compose_config(run, [*FAST_DIGITS, "trainer.max_steps=20"]))
+    out = tmp_path / "eval"
+    cfg = load_cli_config(
+        "eval",
+        [
+            f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+            "samplers=[ddim,dpmsolver++]",
+            "steps=[2,4]",
+            "num_samples=40",
+            "num_real=300",
+            "batch_size=20",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"out={out}",
+        ],
+    )
+    rows = evaluate(cfg)
+    assert [(r["sampler"], r["steps"]) for r in rows] == [
+        ("ddim", 2),
+        ("ddim", 4),
+        ("dpmsolver++", 2),
+        ("dpmsolver++", 4),
+    ]
+    assert all(r["val/fid_classifier_40"] > 0 and r["extractor"].startswith("classifier:") for r in rows)
+    assert json.loads((out / "results.json").read_text()) == rows
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert (out / "fid_vs_steps.png").stat().st_size > 1000
+    bad = load_cli_config("eval", [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "samplers=[warp]"])
+    from difflab.errors import DifflabError
+
+    with pytest.raises(DifflabError, match="unknown scheduler 'warp'"):
+        evaluate(bad)

@@ -252,6 +252,7 @@ def run_startup(args) -> dict:
             "trainer.max_steps=1",
             "callbacks.sample_grid=null",
             "logger=none",
+            "callbacks.progress_bar=null",
             f"hydra.run.dir={Path(args.tmp) / 'startup'}",
             "+callbacks.first_step._target_=experiments.benchmarks.bench_worker.FirstStepClock",
         ],
@@ -260,10 +261,12 @@ def run_startup(args) -> dict:
         cwd=REPO,
         env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
     )
-    stamp = [line for line in p.stdout.splitlines() if line.startswith("FIRST_STEP_AT=")]
+    import re
+
+    stamp = re.search(r"FIRST_STEP_AT=([0-9.]+)", p.stdout)
     if not stamp:
         raise RuntimeError(p.stderr[-2000:])
-    return {"startup_seconds": float(stamp[0].split("=")[1]) - t0}
+    return {"startup_seconds": float(stamp.group(1)) - t0}
 
 
 class FirstStepClock:
