@@ -7,6 +7,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -176,6 +177,14 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DifflabError(f"device={name} but no CUDA device is visible; use device=cpu")
     return name
+
+
+def run_command(name: str, command: Callable[[DictConfig], str], argv: list[str] | None = None) -> None:
+    """Entry point of a key=value command: config from conf/<name>.yaml + argv, one-line errors."""
+    try:
+        print(command(load_cli_config(name, sys.argv[1:] if argv is None else argv)))
+    except DifflabError as e:
+        print_error_and_exit(e)
 
 
 def print_error_and_exit(e: Exception) -> None:

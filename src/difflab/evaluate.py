@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.checkpoints import load_trained_unet
-from difflab.config import load_cli_config, print_error_and_exit, resolve_device
+from difflab.config import resolve_device, run_command
 from difflab.diffusion.sampling import SAMPLERS, build_sampler
 from difflab.errors import DifflabError
 from difflab.metrics.features import ClassifierFeatures, InceptionFeatures
@@ -99,12 +98,10 @@ def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = load_cli_config("eval", sys.argv[1:] if argv is None else argv)
-        evaluate(cfg)
-        print(f"wrote {cfg.out}/results.json, results.csv, fid_vs_steps.png")
-    except DifflabError as e:
-        print_error_and_exit(e)
+    def command(cfg: DictConfig) -> str:
+        return f"{len(evaluate(cfg))} rows: {cfg.out}/results.json, results.csv, fid_vs_steps.png"
+
+    run_command("eval", command, argv)
 
 
 if __name__ == "__main__":

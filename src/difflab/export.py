@@ -5,14 +5,13 @@ difflab-export ckpt=PATH out=DIR [push_to_hub=true hub_repo_id=user/name]
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from diffusers import DDPMPipeline, DDPMScheduler
 from omegaconf import DictConfig
 
 from difflab.checkpoints import load_trained_unet
-from difflab.config import load_cli_config, print_error_and_exit
+from difflab.config import run_command
 from difflab.errors import DifflabError
 
 
@@ -36,12 +35,7 @@ def export(cfg: DictConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = load_cli_config("export", sys.argv[1:] if argv is None else argv)
-        out = export(cfg)
-        print(f"exported pipeline to {out}")
-    except DifflabError as e:
-        print_error_and_exit(e)
+    run_command("export", lambda cfg: f"exported pipeline to {export(cfg)}", argv)
 
 
 if __name__ == "__main__":

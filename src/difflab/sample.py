@@ -5,7 +5,6 @@ difflab-sample ckpt=PATH num_images=N out=DIR scheduler=NAME steps=S seed=K batc
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from difflab.checkpoints import load_trained_unet
-from difflab.config import load_cli_config, print_error_and_exit, resolve_device
+from difflab.config import resolve_device, run_command
 from difflab.diffusion.sampling import build_sampler, sample_images
 from difflab.errors import DifflabError
 
@@ -51,12 +50,7 @@ def sample(cfg: DictConfig) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = load_cli_config("sample", sys.argv[1:] if argv is None else argv)
-        paths = sample(cfg)
-        print(f"wrote {len(paths)} images to {cfg.out}")
-    except DifflabError as e:
-        print_error_and_exit(e)
+    run_command("sample", lambda cfg: f"wrote {len(sample(cfg))} images to {cfg.out}", argv)
 
 
 if __name__ == "__main__":
