@@ -167,3 +167,28 @@ def test_batch_larger_than_the_shard_is_refused():
     dm = ImageDataModule(source=lambda: digits_source(max_items=10), resolution=8, channels=1, batch_size=32)
     with pytest.raises(DifflabError, match=r"fewer than data\.batch_size=32"):
         dm.train_dataloader()
+
+
+def test_hf_source_from_a_saved_dataset(tmp_path):
+    import datasets
+
+    from difflab.data.sources import HFSource
+
+    imgs = [Image.fromarray(np.full((12, 10, 3), 40 * i, dtype=np.uint8)) for i in range(5)]
+    ds = datasets.Dataset.from_dict({"picture": imgs, "label": list(range(5))}).cast_column(
+        "picture", datasets.Image()
+    )
+    ds.save_to_disk(str(tmp_path / "saved"))
+    dm = ImageDataModule(
+        source=lambda: HFSource(str(tmp_path / "saved"), image_column="picture"),
+        resolution=8,
+        channels=1,
+        batch_size=5,
+        shuffle=False,
+    )
+    batch = first_batch(dm)
+    assert batch.shape == (5, 1, 8, 8)
+    assert torch.allclose(batch[:, 0, 0, 0], torch.tensor([40.0 * i for i in range(5)]) / 127.5 - 1)
+    assert dm.identity.startswith("hf:")
+    with pytest.raises(DifflabError, match=r"image_column='image' not in dataset .*columns: picture, label"):
+        HFSource(str(tmp_path / "saved"))
