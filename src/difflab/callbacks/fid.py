@@ -61,7 +61,7 @@ class FIDCallback(L.Callback):
             self.extractor.prepare(dm, train_if_missing=False)
         feats = real_features(dm, self.extractor, self.num_real, self.cache_dir, torch.device("cpu"))
         self.evaluator = FIDEvaluator(self.extractor, self.num_samples, kid=self.kid)
-        self.evaluator.set_real_features(feats, rank=trainer.global_rank)
+        self.evaluator.set_real_features(feats, rank=trainer.global_rank, world_size=trainer.world_size)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step

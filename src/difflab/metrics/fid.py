@@ -2,7 +2,7 @@
 
 torchmetrics holds the statistics and syncs them across ranks in ``compute()``. Real features are
 computed once per (dataset identity, transform, extractor, number of images), cached on disk, and
-loaded into rank 0's metric only, so the cross-rank sum counts them exactly once.
+split into disjoint slices over the ranks, so the cross-rank sync counts each exactly once.
 """
 
 from __future__ import annotations
@@ -126,16 +126,17 @@ class FIDEvaluator:
             out["kid"] = metric_name(self.extractor.name, self.num_samples, "kid")
         return out
 
-    def set_real_features(self, feats: torch.Tensor, rank: int = 0) -> None:
-        """Load real features into the metrics, on rank 0 only (the cross-rank sync adds them once)."""
-        feats = feats.double()
+    def set_real_features(self, feats: torch.Tensor, rank: int = 0, world_size: int = 1) -> None:
+        """Give each rank a disjoint slice of the real features: the cross-rank sync (sums for FID, a
+        gather for KID) then sees every real feature exactly once, on any number of ranks."""
+        feats = feats.double()[rank::world_size]
         with torch.no_grad():
-            if rank == 0:
-                self.fid.real_features_sum.copy_(feats.sum(0))
-                self.fid.real_features_cov_sum.copy_(feats.t().mm(feats))
-                self.fid.real_features_num_samples.fill_(len(feats))
-                if self.kid is not None:
-                    self.kid.real_features.append(feats)
+            self.fid.real_features_sum.copy_(feats.sum(0))
+            self.fid.real_features_cov_sum.copy_(feats.t().mm(feats))
+            self.fid.real_features_num_samples.fill_(len(feats))
+            if self.kid is not None:
+                self.kid.real_features.clear()
+                self.kid.real_features.append(feats)
         self._real_loaded = True
 
     def to(self, device: torch.device) -> FIDEvaluator:
