@@ -43,7 +43,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     # Set after instantiation: passed to instantiate, the `_target_`s inside would be built too.
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    model.run_config = resolved
     if ckpt_path is not None:
         check_resume_compatible(
             load_checkpoint(ckpt_path), dict(model.unet.config), dict(model.noise_scheduler.config), ckpt_path
@@ -59,7 +60,7 @@ def train(cfg: DictConfig) -> float | None:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(resolved)
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -55,11 +55,11 @@ class FIDCallback(L.Callback):
         # Rank 0 trains/caches the extractor and the real features; the others then read the files.
         if trainer.is_global_zero:
             self.extractor.prepare(dm)
-            real_features(dm, self.extractor, self.num_real, self.cache_dir, torch.device("cpu"))
+            feats = real_features(dm, self.extractor, self.num_real, self.cache_dir, torch.device("cpu"))
         trainer.strategy.barrier("difflab-fid-setup")
         if not trainer.is_global_zero:
             self.extractor.prepare(dm, train_if_missing=False)
-        feats = real_features(dm, self.extractor, self.num_real, self.cache_dir, torch.device("cpu"))
+            feats = real_features(dm, self.extractor, self.num_real, self.cache_dir, torch.device("cpu"))
         self.evaluator = FIDEvaluator(self.extractor, self.num_samples, kid=self.kid)
         self.evaluator.set_real_features(feats, rank=trainer.global_rank, world_size=trainer.world_size)
 

@@ -47,20 +47,22 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def base_image(self, index: int) -> torch.Tensor:
+        """Image ``index`` after conversion and the deterministic transform, before augmentation."""
+        if self.prepared is not None:
+            return self.prepared[index]
+        raw = to_model_input(self.source[index], self.channels, self.background)
+        if raw.shape[0] != self.channels:
+            raise DifflabError(
+                f"image {index} has {raw.shape[0]} channels after conversion, "
+                f"expected data.channels={self.channels}"
+            )
+        return self.transform.deterministic(raw)
+
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         """One image, augmented, not yet normalised (uint8, or float in [0, 1] for 16-bit sources)."""
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        if self.prepared is not None:
-            img = self.prepared[index]
-        else:
-            raw = to_model_input(self.source[index], self.channels, self.background)
-            if raw.shape[0] != self.channels:
-                raise DifflabError(
-                    f"image {index} has {raw.shape[0]} channels after conversion, "
-                    f"expected data.channels={self.channels}"
-                )
-            img = self.transform.deterministic(raw)
-        return self.transform.augment(img, sample_seed(self.seed, epoch, index))
+        return self.transform.augment(self.base_image(index), sample_seed(self.seed, epoch, index))
 
     def __getitems__(self, keys: list) -> torch.Tensor | list[torch.Tensor]:
         """A whole batch at once (the DataLoader uses this when present): one gather from the prepared
@@ -174,13 +176,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _unaugmented(self, index: int) -> torch.Tensor:
         """Image ``index`` after the deterministic transform only, as float in [0, 1]."""
-        ds = self.train_set
-        if ds.prepared is not None:
-            img = ds.prepared[index]
-        else:
-            img = self.transform.deterministic(
-                to_model_input(self.source[index], self.channels, self.background)
-            )
+        img = self.train_set.base_image(index)
         return img.float() / 255 if img.dtype == torch.uint8 else img.float()
 
     def real_images(self, num: int, batch_size: int = 256) -> Iterator[torch.Tensor]:

@@ -106,7 +106,3 @@ class ImageTransform:
         if self.flip and flip_decision(seed):
             t = F.horizontal_flip(t)
         return t
-
-    def __call__(self, t: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """Deterministic + random part + normalisation of one image (for tests and one-off use)."""
-        return normalize_batch(self.augment(self.deterministic(t), seed))
