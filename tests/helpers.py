@@ -28,3 +28,13 @@ class DumpRankState(L.Callback):
             },
             self.path / f"rank{trainer.global_rank}.pt",
         )
+
+
+class RecordStepLosses(L.Callback):
+    """Keeps the loss of every training batch (micro-batch), in order, for tests of logged means."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))

@@ -91,6 +91,7 @@ def test_loss_falls_and_ema_differs_on_digits(make_cfg, tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     live = [v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")]
     ema = ckpt["ema"]["shadow_params"]
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["fused"] is True  # the fp32 default
     assert len(live) == len(ema)
     assert max((a - b).abs().max().item() for a, b in zip(live, ema, strict=True)) > 1e-4
     assert ckpt["ema"]["optimization_step"] == 150 == ckpt["global_step"]
@@ -133,3 +134,62 @@ def test_lr_schedule_spans_the_real_optimizer_steps_under_accumulation(make_cfg,
     assert ckpt["global_step"] == 28 and sched["last_epoch"] == 28
     assert sched["_last_lr"][0] == pytest.approx(0.0, abs=1e-9)  # cosine reached its end exactly at the end
     assert ckpt["ema"]["optimization_step"] == 28  # one EMA update per optimizer step, not per micro-batch
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_logged_loss_is_the_mean_over_each_logging_window(make_cfg, tmp_path, accumulate):
+    import csv
+
+    from difflab.train import instantiate_group
+
+    cfg = make_cfg(
+        *FAST_DIGITS,
+        "trainer.max_steps=12",
+        "trainer.log_every_n_steps=5",
+        f"trainer.accumulate_grad_batches={accumulate}",
+        "logger=csv",
+        "+callbacks.record._target_=tests.helpers.RecordStepLosses",
+        run_dir=tmp_path / "run",
+    )
+    recorder = {}
+    import difflab.train as dt
+
+    def keep(group):  # find the recorder among the instantiated callbacks
+        out = instantiate_group(group)
+        recorder.update({type(c).__name__: c for c in out})
+        return out
+
+    dt.instantiate_group, original = keep, dt.instantiate_group
+    try:
+        returned = train(cfg)  # cfg.optimized_metric = train/loss, what sweepers read
+    finally:
+        dt.instantiate_group = original
+    per_batch = recorder["RecordStepLosses"].losses
+    assert len(per_batch) == 12 * accumulate
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        rows = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    # Windows close at steps 4 and 9 (every 5, written to the log) and at the final step 11: that
+    # partial window is what the run returns to sweepers.
+    assert sorted(rows) == [4, 9]
+    rows[11] = returned
+    k = accumulate
+    for step, lo, hi in ((4, 0, 5), (9, 5, 10), (11, 10, 12)):
+        window = per_batch[lo * k : hi * k]  # Lightning hands callbacks the loss divided by k
+        assert rows[step] == pytest.approx(k * sum(window) / len(window), rel=1e-5)
+
+
+def test_channels_last_weights_and_ema_share_the_layout(make_cfg, tmp_path):
+    cfg = make_cfg(*FAST_DIGITS, run_dir=tmp_path / "run")
+    model = hydra.utils.instantiate(cfg.model)
+    assert cfg.model.channels_last is True  # the default: measured faster (experiments/benchmarks)
+    convs = [p for p in model.unet.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(
+        e.stride() == p.stride() for e, p in zip(model.ema.shadow_params, model.unet.parameters(), strict=True)
+    )
+    # The layout changes speed only: the same weights give the same output in either layout.
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    nchw = hydra.utils.instantiate(cfg.model.unet)
+    nchw.load_state_dict(model.unet.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model.unet(x, t).sample, nchw(x, t).sample, atol=1e-5)

@@ -86,6 +86,9 @@ def test_bf16_mixed_on_cpu_trains(make_cfg, tmp_path):
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())  # mixed: fp32 master weights
     assert ckpt["global_step"] == 5
+    # Lightning cannot clip a fused optimizer's gradients under mixed precision: foreach is used.
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert not group["fused"] and group["foreach"] is True
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "ddp_cpu"])  # the template's users report DDP + multirun breaks

@@ -71,7 +71,7 @@ def run_difflab(args) -> dict:
     ]
     if args.resolution:
         overrides += [f"data.resolution={args.resolution}", f"data.channels={args.channels}"]
-    cfg = compose(overrides, Path(args.tmp) / "run")
+    cfg = compose(overrides + args.override, Path(args.tmp) / "run")
     if args.synthetic:
         from omegaconf import OmegaConf, open_dict
 
@@ -131,7 +131,19 @@ def run_bare(args) -> dict:
     res, ch = cfg.data.resolution, cfg.data.channels
     data = torch.rand(args.batch * 8, ch, res, res) * 2 - 1 if args.synthetic else real_batches(cfg)
     naive = args.variant == "naive"
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, foreach=not naive)
+    # matched: the memory format and optimizer kernels difflab's config uses, so the ratio isolates
+    # what the framework itself costs.
+    channels_last = (not naive) and bool(cfg.model.channels_last)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if naive:
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, foreach=False)
+    elif args.precision == "bf16-mixed":  # as difflab: Lightning cannot clip fused optimizers under AMP
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, foreach=True)
+    else:
+        opt = torch.optim.AdamW(
+            unet.parameters(), lr=1e-3, fused=cfg.model.optimizer.fused, foreach=cfg.model.optimizer.foreach
+        )
     ema = [p.detach().clone() for p in unet.parameters()]
     sched = DDPMScheduler()
     use_bf16 = (not naive) and args.precision == "bf16-mixed"
@@ -140,6 +152,8 @@ def run_bare(args) -> dict:
     for step in range(args.warmup + args.steps):
         idx = torch.randint(0, len(data), (args.batch,))
         x0 = data[idx]
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (args.batch,))
         xt = sched.add_noise(x0, noise, t)
@@ -298,6 +312,7 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true")
     ap.add_argument("--ckpt", default="")
     ap.add_argument("--tmp", required=True)
+    ap.add_argument("--override", action="append", default=[], help="extra difflab-train override")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     fn = {
