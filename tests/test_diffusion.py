@@ -185,7 +185,8 @@ def test_channels_last_weights_and_ema_share_the_layout(make_cfg, tmp_path):
     convs = [p for p in model.unet.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert all(
-        e.stride() == p.stride() for e, p in zip(model.ema.shadow_params, model.unet.parameters(), strict=True)
+        e.stride() == p.stride()
+        for e, p in zip(model.ema.shadow_params, model.unet.parameters(), strict=True)
     )
     # The layout changes speed only: the same weights give the same output in either layout.
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
@@ -193,3 +194,25 @@ def test_channels_last_weights_and_ema_share_the_layout(make_cfg, tmp_path):
     nchw.load_state_dict(model.unet.state_dict())
     with torch.no_grad():
         assert torch.allclose(model.unet(x, t).sample, nchw(x, t).sample, atol=1e-5)
+
+
+def test_one_pass_ema_matches_diffusers_update():
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(4, 4))
+    net[1].bias.requires_grad_(False)  # frozen parameters are copied, not averaged
+    kw = dict(decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, foreach=True)
+    ours, theirs = build_ema(net, max_decay=0.999), EMAModel(net.parameters(), **kw)
+    assert type(ours).__name__ == "LerpEMAModel"
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ours.step(net.parameters())
+        theirs.step(net.parameters())
+    assert ours.optimization_step == theirs.optimization_step == 5
+    assert ours.cur_decay_value == theirs.cur_decay_value > 0
+    for a, b in zip(ours.shadow_params, theirs.shadow_params, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.equal(ours.shadow_params[-1], net[1].bias)
