@@ -69,7 +69,6 @@ def run_difflab(args) -> dict:
         f"trainer.precision={args.precision}",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
-        "callbacks.progress_bar=null",
         "trainer.enable_model_summary=false",
     ]
     if args.resolution:

@@ -81,8 +81,8 @@ def main() -> None:
 
     matmul = worker("matmul")
     configs = [  # (preset, data, resolution, channels, batch, steps, warmup)
-        ("tiny", "digits", 0, 1, 64, 40, 5),
-        ("small", "fashion_mnist", 0, 1, 32, 30, 5),
+        ("tiny", "digits", 0, 1, 64, 150, 10),
+        ("small", "fashion_mnist", 0, 1, 32, 40, 5),
         ("ddpm_cifar10", "fashion_mnist", 32, 3, 16, 4, 2),
     ]
     if opts.quick:
