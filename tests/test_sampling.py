@@ -87,6 +87,12 @@ def test_sample_command_writes_pngs_and_grid_batch_independent(trained_ckpt, tmp
         a = np.asarray(Image.open(tmp_path / "a" / f"{i}.png")).astype(int)
         b = np.asarray(Image.open(tmp_path / "b" / f"{i}.png")).astype(int)
         assert a.shape == (8, 8, 3) and np.abs(a - b).max() <= 1
+    # channels_last (the default) is a speed setting only: NCHW weights give the same images.
+    sample(sample_cfg(ckpt=trained_ckpt, num_images=5, out=tmp_path / "c", steps=5, channels_last="false"))
+    for i in range(5):
+        a = np.asarray(Image.open(tmp_path / "a" / f"{i}.png")).astype(int)
+        c = np.asarray(Image.open(tmp_path / "c" / f"{i}.png")).astype(int)
+        assert np.abs(a - c).max() <= 1
 
 
 def test_sample_command_bad_input(trained_ckpt, tmp_path):

@@ -229,6 +229,7 @@ def run_sample(args) -> dict:
     unet, sched_cfg, _ = load_trained_unet(args.ckpt)
     n, steps = args.batch, args.steps
     if args.variant == "difflab":
+        unet.to(memory_format=torch.channels_last)  # as difflab-sample does (channels_last: true)
         sampler = build_sampler("dpmsolver++", sched_cfg)
         t0 = time.perf_counter()
         for _ in sample_images(unet, sampler, n, 0, steps, n):

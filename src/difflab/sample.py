@@ -25,6 +25,8 @@ def sample(cfg: DictConfig) -> list[Path]:
     device = resolve_device(cfg.device)
     unet, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema)
     unet.to(device)
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
     sampler = build_sampler(cfg.scheduler, sched_cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
