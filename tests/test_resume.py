@@ -56,6 +56,20 @@ def test_resume_mid_epoch_equals_uninterrupted(make_cfg, tmp_path):
     assert all(abs(float(x) - float(y)) <= 1e-5 for (_, x), (_, y) in zip(a, b, strict=True))
 
 
+def test_resume_inside_a_logging_window_logs_the_same_means(make_cfg, tmp_path):
+    # Windows of 7 steps close at steps 6 and 13; the split at 10 leaves 3 steps of the second window
+    # in the checkpoint, which the resumed run must count into the mean it logs at step 13.
+    args = (*ARGS, "trainer.log_every_n_steps=7", "callbacks.model_checkpoint.every_n_train_steps=10")
+    train(make_cfg(*args, "trainer.max_steps=14", run_dir=tmp_path / "straight"))
+    train(make_cfg(*args, "trainer.max_steps=10", run_dir=tmp_path / "split"))
+    half = tmp_path / "split" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(half)["difflab"]["log_window"]["steps"] == 3
+    train(make_cfg(*args, "trainer.max_steps=14", f"ckpt_path={half}", run_dir=tmp_path / "split"))
+    a, b = logged(tmp_path / "straight"), logged(tmp_path / "split")
+    assert [s for s, _ in a] == [s for s, _ in b] == [6, 13]
+    assert all(abs(float(x) - float(y)) <= 1e-5 for (_, x), (_, y) in zip(a, b, strict=True))
+
+
 def test_resume_with_a_different_model_names_the_keys(make_cfg, tmp_path):
     train(make_cfg(*FAST_DIGITS, "trainer.max_steps=2", run_dir=tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"

@@ -105,30 +105,28 @@ class DiffusionModule(L.LightningModule):
         self._q_sum.index_add_(0, q, per_sample.detach().float())
         self._q_count.index_add_(0, q, torch.ones_like(per_sample, dtype=torch.float32))
         self._window_steps += 1
-        if self._closes_log_window():
+        if self._trainer is None:
             self._log_window()
+        elif not self.trainer.fit_loop.epoch_loop._should_accumulate():  # last micro-batch of a step
+            to_loggers = self.trainer._logger_connector.should_update_logs  # every log_every_n_steps
+            # The final step logs its partial window too, so sweepers always read a train/loss; that
+            # value reaches no logger, so the window stays open (and saved) for a run that extends it.
+            if to_loggers or self.global_step >= self._last_step:
+                self._log_window(reset=to_loggers)
         return loss
 
-    def _log_window(self) -> None:
-        """Log the means over the steps since the last log point and start a new window."""
+    def _log_window(self, reset: bool = True) -> None:
+        """Log the means over the steps since the last log point; ``reset`` starts a new window."""
         self.log("train/loss", self._loss_sum / max(self._window_steps, 1), prog_bar=True)
         means = self._q_sum / self._q_count.clamp(min=1)
         self.log_dict({f"train/loss_q{i}": means[i] for i in range(4)})
         if self.ema is not None:
             self.log("train/ema_decay", float(self.ema.cur_decay_value or 0.0))
-        self._loss_sum.zero_()
-        self._q_sum.zero_()
-        self._q_count.zero_()
-        self._window_steps = 0
-
-    def _closes_log_window(self) -> bool:
-        """True on the last micro-batch of a step whose metrics Lightning passes to the loggers
-        (every log_every_n_steps) and of the final step (so sweepers always read a train/loss)."""
-        if self._trainer is None:
-            return True
-        if self.trainer.fit_loop.epoch_loop._should_accumulate():
-            return False
-        return self.trainer._logger_connector.should_update_logs or self.global_step >= self._last_step
+        if reset:
+            self._loss_sum.zero_()
+            self._q_sum.zero_()
+            self._q_count.zero_()
+            self._window_steps = 0
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
