@@ -216,3 +216,54 @@ def test_one_pass_ema_matches_diffusers_update():
     for a, b in zip(ours.shadow_params, theirs.shadow_params, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     assert torch.equal(ours.shadow_params[-1], net[1].bias)
+
+
+def test_difflab_unet_reads_dtype_like_diffusers_and_saves_as_diffusers(tmp_path):
+    import diffusers
+
+    from difflab.diffusion.unet import UNet2DModel
+
+    kw = dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    torch.manual_seed(0)
+    ours = UNet2DModel(**kw)
+    stock = diffusers.UNet2DModel(**kw)
+    stock.load_state_dict(ours.state_dict())
+    assert ours.dtype == stock.dtype == torch.float32
+    assert ours.to(torch.bfloat16).dtype == stock.to(torch.bfloat16).dtype == torch.bfloat16
+    ours.float(), stock.float()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 900])
+    with torch.no_grad():
+        assert torch.equal(ours(x, t).sample, stock(x, t).sample)
+    # Saved weights and config load back as diffusers' own class, unchanged.
+    ours.save_pretrained(tmp_path / "unet")
+    again = diffusers.UNet2DModel.from_pretrained(tmp_path / "unet")
+    assert type(again) is diffusers.UNet2DModel
+
+    def plain(config):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+    assert plain(again.config) == plain(ours.config)
+    assert (tmp_path / "unet" / "config.json").read_text().count('"_class_name": "UNet2DModel"') == 1
+    with torch.no_grad():
+        assert torch.equal(again(x, t).sample, stock(x, t).sample)
+
+
+def test_ema_follows_the_live_parameters_the_optimizer_updates(make_cfg, tmp_path):
+    # With decay 0 the EMA must equal the final trained weights: the module's cached parameter list
+    # is the optimizer's own Parameter objects, not a stale copy.
+    fit(make_cfg, tmp_path, "trainer.max_steps=6", "model.ema.max_decay=0.0")
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    live = [v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")]
+    first = hydra.utils.instantiate(make_cfg(*FAST_DIGITS, run_dir=tmp_path / "init").model.unet)
+    assert any(not torch.equal(a, b) for a, b in zip(live, first.state_dict().values(), strict=True))
+    for a, b in zip(live, ckpt["ema"]["shadow_params"], strict=True):
+        assert torch.equal(a, b)

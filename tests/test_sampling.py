@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +120,8 @@ def test_export_round_trip_matches_difflab_sample(trained_ckpt, tmp_path):
     )
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(out.rglob("*.ckpt"))
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DModel"]  # diffusers' own class, not difflab's subclass
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.scheduler = build_sampler("dpmsolver++", pipe.scheduler.config)  # what difflab-sample uses
     gens = image_generators(7, range(4))

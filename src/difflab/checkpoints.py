@@ -116,7 +116,9 @@ def load_trained_unet(
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(UNet with EMA weights, noise-scheduler config, run config) from a training checkpoint or an
     exported diffusers pipeline directory."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
+
+    from difflab.diffusion.unet import UNet2DModel
 
     p = Path(path)
     if p.is_dir():

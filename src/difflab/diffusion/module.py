@@ -72,11 +72,15 @@ class DiffusionModule(L.LightningModule):
         self.register_buffer("_q_count", torch.zeros(4), persistent=False)
         self._window_steps = 0
         self._last_step = -1
+        self._ema_params: list[torch.nn.Parameter] = []
 
     # ----------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
+        # The same Parameter objects the optimizer holds (moving devices and loading weights update
+        # them in place). unet.parameters() walks every submodule: 0.14 ms a step for the tiny UNet.
+        self._ema_params = list(self.unet.parameters())
 
     def on_train_start(self) -> None:
         self._last_step = int(self.trainer.estimated_stepping_batches) - 1
@@ -132,7 +136,7 @@ class DiffusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # One EMA update per real optimizer step (not per micro-batch under gradient accumulation).
         if self.ema is not None:
-            self.ema.step(self.unet.parameters())
+            self.ema.step(self._ema_params or self.unet.parameters())
 
     def configure_optimizers(self) -> dict:
         optimizer = self._optimizer_for_precision()(params=self.unet.parameters())
