@@ -184,6 +184,7 @@ LEVERS = [
     ("channels_last off (NCHW)", ["model.channels_last=false"], True),
     ("foreach AdamW instead of fused", ["model.optimizer.fused=null", "model.optimizer.foreach=true"], True),
     ("per-tensor AdamW", ["model.optimizer.fused=null", "model.optimizer.foreach=false"], True),
+    ("2 loader workers instead of 0", ["data.num_workers=2"], True),  # they share the 2 cores
     ("torch.compile on (model.compile=true)", ["model.compile=true"], False),  # minutes: one repeat
 ]
 
