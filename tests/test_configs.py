@@ -125,6 +125,7 @@ def test_experiment_digits_overrides_groups(make_cfg):
             "model.lr_schedule='step' is not valid; allowed: constant, cosine, linear",
         ),
         ("data.resolution=30", "data.resolution=30 must be divisible by 4"),
+        ("model.channels_last=yes", "model.channels_last='yes' is not valid; allowed: true, false, auto"),
     ],
 )
 def test_invalid_values_name_the_key_and_allowed_values(make_cfg, override, message):

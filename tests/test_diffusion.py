@@ -178,13 +178,28 @@ def test_logged_loss_is_the_mean_over_each_logging_window(make_cfg, tmp_path, ac
         assert rows[step] == pytest.approx(k * sum(window) / len(window), rel=1e-5)
 
 
-def test_channels_last_weights_and_ema_share_the_layout(make_cfg, tmp_path):
-    cfg = make_cfg(*FAST_DIGITS, run_dir=tmp_path / "run")
+@pytest.mark.parametrize(
+    ("setting", "precision", "expect_nhwc"),
+    [
+        ("auto", "32-true", True),
+        ("auto", "bf16-mixed", False),
+        ("true", "bf16-mixed", True),
+        ("false", "32-true", False),
+    ],
+)
+def test_channels_last_follows_setting_and_precision(make_cfg, tmp_path, setting, precision, expect_nhwc):
+    import lightning as L
+
+    cfg = make_cfg(*FAST_DIGITS, f"model.channels_last={setting}", run_dir=tmp_path / "run")
     model = hydra.utils.instantiate(cfg.model)
-    assert cfg.model.channels_last is True  # the default: measured faster (experiments/benchmarks)
+    model.trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False)
+    model.setup("fit")  # "auto" is decided here: NHWC, except bf16/16-mixed on CPU (measured slower)
     convs = [p for p in model.unet.parameters() if p.dim() == 4]
-    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
-    assert all(
+    fmt = torch.channels_last if expect_nhwc else torch.contiguous_format
+    assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)
+    assert any(p.is_contiguous() != expect_nhwc for p in convs)  # not only layout-ambiguous shapes
+    assert model.channels_last is expect_nhwc
+    assert all(  # the EMA shadows follow the weights' layout
         e.stride() == p.stride()
         for e, p in zip(model.ema.shadow_params, model.unet.parameters(), strict=True)
     )

@@ -144,7 +144,8 @@ def run_bare(args) -> dict:
     data = torch.rand(args.batch * 8, ch, res, res) * 2 - 1 if args.synthetic else real_batches(cfg)
     # matched: the memory format and optimizer kernels difflab's config uses, so the ratio isolates
     # what the framework itself costs.
-    channels_last = (not naive) and bool(cfg.model.channels_last)
+    setting = cfg.model.channels_last  # "auto": NHWC except under bf16 on CPU, as the module decides
+    channels_last = (not naive) and (setting is True or (setting == "auto" and args.precision == "32-true"))
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if naive:

@@ -77,6 +77,11 @@ def main() -> None:
     ap.add_argument(
         "--rows-from", help="reuse the training rows printed (JSON lines) by an earlier run's log"
     )
+    ap.add_argument(
+        "--remeasure",
+        choices=("32-true", "bf16-mixed"),
+        help="with --rows-from: measure this precision's training rows again and reuse the others",
+    )
     opts = ap.parse_args()
     repeats = 1 if opts.quick else opts.repeats
     t_start = time.time()
@@ -90,13 +95,18 @@ def main() -> None:
     if opts.quick:
         configs = configs[:2]
     rows = []
+    precisions = ("32-true", "bf16-mixed")
     if opts.rows_from:
         with open(opts.rows_from) as f:
             rows = [json.loads(line) for line in f if line.startswith('{"preset"')]
-        configs = []
+        if opts.remeasure:
+            rows = [r for r in rows if r["precision"] != opts.remeasure]
+            precisions = (opts.remeasure,)
+        else:
+            configs = []
     for preset, data, res, ch, batch, steps, warmup in configs:
         flops = worker("flops", preset=preset, data=data, resolution=res or None, channels=ch)
-        for precision in ("32-true", "bf16-mixed"):
+        for precision in precisions:
             for synthetic in (True, False):
                 if preset == "ddpm_cifar10" and not synthetic:
                     continue  # same network cost; the real-data path is covered by the smaller presets
@@ -146,6 +156,10 @@ def main() -> None:
                 )
                 print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
 
+    order = [c[0] for c in configs] or [r["preset"] for r in rows]
+    rows.sort(
+        key=lambda r: (order.index(r["preset"]), r["precision"] != "32-true")
+    )  # stable: data order kept
     levers = measure_levers(repeats)
     ckpt = make_demo_checkpoint()
     samp_d, samp_p = [], []
@@ -179,13 +193,21 @@ def main() -> None:
     )
 
 
-# Each default speed lever, turned off one at a time on the default job's model and data (fp32).
+# Each default speed lever, turned off one at a time on the default job's model and data:
+# (what, overrides, repeated, precision of both runs).
 LEVERS = [
-    ("channels_last off (NCHW)", ["model.channels_last=false"], True),
-    ("foreach AdamW instead of fused", ["model.optimizer.fused=null", "model.optimizer.foreach=true"], True),
-    ("per-tensor AdamW", ["model.optimizer.fused=null", "model.optimizer.foreach=false"], True),
-    ("2 loader workers instead of 0", ["data.num_workers=2"], True),  # they share the 2 cores
-    ("torch.compile on (model.compile=true)", ["model.compile=true"], False),  # minutes: one repeat
+    ("channels_last off (NCHW)", ["model.channels_last=false"], True, "32-true"),
+    # auto picks NCHW under bf16 on CPU; this row checks that choice against forcing NHWC.
+    ("channels_last forced on under bf16-mixed", ["model.channels_last=true"], True, "bf16-mixed"),
+    (
+        "foreach AdamW instead of fused",
+        ["model.optimizer.fused=null", "model.optimizer.foreach=true"],
+        True,
+        "32-true",
+    ),
+    ("per-tensor AdamW", ["model.optimizer.fused=null", "model.optimizer.foreach=false"], True, "32-true"),
+    ("2 loader workers instead of 0", ["data.num_workers=2"], True, "32-true"),  # they share the 2 cores
+    ("torch.compile on (model.compile=true)", ["model.compile=true"], False, "32-true"),  # minutes: once
 ]
 
 
@@ -193,14 +215,22 @@ def measure_levers(repeats: int) -> list[dict]:
     """difflab default ÷ difflab with one lever changed, alternating; >1 means the default wins."""
     common = dict(preset="small", data="fashion_mnist", batch=32, steps=30, warmup=5)
     out = []
-    for name, overrides, repeat in LEVERS:
+    for name, overrides, repeat, precision in LEVERS:
         ratios, firsts = [], []
         for _ in range(repeats if repeat else 1):
-            d = worker("difflab", **common)
-            v = worker("difflab", override=overrides, **common)
+            d = worker("difflab", precision=precision, **common)
+            v = worker("difflab", precision=precision, override=overrides, **common)
             ratios.append(d["images_per_sec"] / v["images_per_sec"])
             firsts.append(v["first_step_s"])
-        out.append({"lever": name, "overrides": overrides, "ratio": ratios, "first_step_s": firsts})
+        out.append(
+            {
+                "lever": name,
+                "overrides": overrides,
+                "precision": precision,
+                "ratio": ratios,
+                "first_step_s": firsts,
+            }
+        )
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -240,8 +270,13 @@ def write_results(
         "",
         *(
             [
-                f"Training rows reused from an earlier full run's log (`--rows-from {opts.rows_from}`); "
-                "the other figures were measured by this invocation.",
+                f"Training rows reused from an earlier full run's log (`--rows-from {opts.rows_from}`"
+                + (
+                    f" `--remeasure {opts.remeasure}`), except the {opts.remeasure} rows; those and "
+                    if opts.remeasure
+                    else "); "
+                )
+                + "the other figures were measured by this invocation.",
                 "",
             ]
             if opts.rows_from
@@ -275,17 +310,17 @@ def write_results(
         "",
         "## Speed levers (kept only where they win)",
         "",
-        "`small` preset, Fashion-MNIST 28 px, batch 32, fp32: the default ÷ the same run with one lever "
-        "changed (> 1: the default is faster). First step: seconds from train start to the first optimizer "
-        "step of the changed run (compilation included).",
+        "`small` preset, Fashion-MNIST 28 px, batch 32: the default ÷ the same run with one lever "
+        "changed, both at the row's precision (> 1: the default is faster). First step: seconds from train "
+        "start to the first optimizer step of the changed run (compilation included).",
         "",
-        "| changed | overrides | default ÷ changed | changed run's first step (s) |",
-        "| --- | --- | --- | --- |",
+        "| changed | overrides | precision | default ÷ changed | changed run's first step (s) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for lv in levers:
         L.append(
-            f"| {lv['lever']} | `{' '.join(lv['overrides'])}` | {med_spread(lv['ratio'])} "
-            f"| {med_spread(lv['first_step_s'])} |"
+            f"| {lv['lever']} | `{' '.join(lv['overrides'])}` | {lv.get('precision', '32-true')} "
+            f"| {med_spread(lv['ratio'])} | {med_spread(lv['first_step_s'])} |"
         )
     ratio = [a / b for a, b in zip(samp_d, samp_p, strict=True)]
     L += [

@@ -127,6 +127,9 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "model.noise_scheduler.prediction_type", PREDICTION_TYPES, errors)
     _choice(cfg, "model.noise_scheduler.beta_schedule", BETA_SCHEDULES, errors)
     _choice(cfg, "model.lr_schedule", tuple(LR_SCHEDULES), errors)
+    layout = OmegaConf.select(cfg, "model.channels_last", default=None)
+    if layout is not None and layout not in (True, False, "auto"):
+        errors.append(f"model.channels_last={layout!r} is not valid; allowed: true, false, auto")
     _choice(cfg, "trainer.precision", PRECISIONS, errors)
     for name, cb in (cfg.get("callbacks") or {}).items():
         if isinstance(cb, DictConfig) and "scheduler" in cb:
