@@ -256,13 +256,13 @@ def make_demo_checkpoint() -> str:
 def write_results(
     out, matmul, rows, samp_d, samp_p, fid, fid_share, train_s, startup, total_s, opts, every, levers
 ):
+    command = " ".join([".venv/bin/python experiments/benchmarks/run_benchmarks.py", *sys.argv[1:]])
     L = [
         "# difflab benchmarks",
         "",
         f"Machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"Python {platform.python_version()}. Command: "
-        "`.venv/bin/python experiments/benchmarks/run_benchmarks.py"
-        f"{' --quick' if opts.quick else ''}` ({total_s / 60:.1f} min). Medians with (min-max) over "
+        f"Python {platform.python_version()}. Command: `{command}` ({total_s / 60:.1f} min). "
+        "Medians with (min-max) over "
         f"{1 if opts.quick else opts.repeats} alternating repeats; each figure from a fresh process.",
         "",
         f"Matmul peak (2048², measured): fp32 {matmul['matmul_fp32_gflops']:.0f} GFLOP/s, "
