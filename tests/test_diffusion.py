@@ -237,21 +237,11 @@ def test_difflab_unet_reads_dtype_like_diffusers_and_saves_as_diffusers(tmp_path
     import diffusers
 
     from difflab.diffusion.unet import UNet2DModel
+    from tests.test_sampling import tiny_unet
 
-    kw = dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    torch.manual_seed(0)
-    ours = UNet2DModel(**kw)
-    stock = diffusers.UNet2DModel(**kw)
-    stock.load_state_dict(ours.state_dict())
+    stock = tiny_unet()  # diffusers' own class
+    ours = UNet2DModel.from_config(stock.config).eval()
+    ours.load_state_dict(stock.state_dict())
     assert ours.dtype == stock.dtype == torch.float32
     assert ours.to(torch.bfloat16).dtype == stock.to(torch.bfloat16).dtype == torch.bfloat16
     ours.float(), stock.float()
