@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,13 @@ REPO = HERE.parents[1]
 
 
 def worker(mode: str, **kw) -> dict:
-    args = [sys.executable, str(HERE / "bench_worker.py"), mode, "--tmp", tempfile.mkdtemp(prefix="bench_")]
+    # Each run's scratch (run dir, checkpoints, caches: up to ~1 GB) goes when it ends; ~150 runs add up.
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        return _run_worker(mode, tmp, kw)
+
+
+def _run_worker(mode: str, tmp: str, kw: dict) -> dict:
+    args = [sys.executable, str(HERE / "bench_worker.py"), mode, "--tmp", tmp]
     for k, v in kw.items():
         if isinstance(v, list | tuple):
             for item in v:
@@ -167,6 +174,7 @@ def main() -> None:
         samp_d.append(worker("sample", variant="difflab", ckpt=ckpt, batch=64, steps=20)["images_per_sec"])
         samp_p.append(worker("sample", variant="pipeline", ckpt=ckpt, batch=64, steps=20)["images_per_sec"])
     fid = worker("fid", ckpt=ckpt, data="fashion_mnist")
+    shutil.rmtree(Path(ckpt).parents[1], ignore_errors=True)  # the demo run dir
     startup = [worker("startup")["startup_seconds"] for _ in range(repeats)]
     default_row = next(
         r for r in rows if r["preset"] == "small" and r["precision"] == "32-true" and r["data"] != "synthetic"
