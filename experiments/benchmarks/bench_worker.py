@@ -131,6 +131,8 @@ def run_bare(args) -> dict:
     import hydra
     from diffusers import DDPMScheduler
 
+    from difflab.diffusion.module import uses_channels_last
+
     overrides = [f"model/unet={args.preset}", f"data={args.data}"]
     if args.resolution:
         overrides += [f"data.resolution={args.resolution}", f"data.channels={args.channels}"]
@@ -144,8 +146,7 @@ def run_bare(args) -> dict:
     data = torch.rand(args.batch * 8, ch, res, res) * 2 - 1 if args.synthetic else real_batches(cfg)
     # matched: the memory format and optimizer kernels difflab's config uses, so the ratio isolates
     # what the framework itself costs.
-    setting = cfg.model.channels_last  # "auto": NHWC except under bf16 on CPU, as the module decides
-    channels_last = (not naive) and (setting is True or (setting == "auto" and args.precision == "32-true"))
+    channels_last = (not naive) and uses_channels_last(cfg.model.channels_last, args.precision, "cpu")
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if naive:
@@ -229,10 +230,9 @@ def run_sample(args) -> dict:
     from difflab.checkpoints import load_trained_unet
     from difflab.diffusion.sampling import build_sampler, image_generators, sample_images
 
-    unet, sched_cfg, _ = load_trained_unet(args.ckpt)
     n, steps = args.batch, args.steps
-    if args.variant == "difflab":
-        unet.to(memory_format=torch.channels_last)  # as difflab-sample does (channels_last: true)
+    if args.variant == "difflab":  # as difflab-sample loads it (channels_last: true)
+        unet, sched_cfg, _ = load_trained_unet(args.ckpt, channels_last=True)
         sampler = build_sampler("dpmsolver++", sched_cfg)
         t0 = time.perf_counter()
         for _ in sample_images(unet, sampler, n, 0, steps, n):
@@ -240,9 +240,8 @@ def run_sample(args) -> dict:
     else:  # what a user runs: diffusers' own UNet class, the pipeline's own loop
         from diffusers import UNet2DModel
 
-        stock = UNet2DModel.from_config(unet.config)
-        stock.load_state_dict(unet.state_dict())
-        pipe = DDPMPipeline(unet=stock.eval(), scheduler=build_sampler("dpmsolver++", sched_cfg))
+        unet, sched_cfg, _ = load_trained_unet(args.ckpt, unet_class=UNet2DModel)
+        pipe = DDPMPipeline(unet=unet, scheduler=build_sampler("dpmsolver++", sched_cfg))
         pipe.set_progress_bar_config(disable=True)
         t0 = time.perf_counter()
         pipe(

@@ -140,8 +140,8 @@ def main() -> None:
                 r_same = [a["images_per_sec"] / b["images_per_sec"] for a, b in zip(d, same, strict=True)]
                 r_match = [a["images_per_sec"] / b["images_per_sec"] for a, b in zip(d, matched, strict=True)]
                 peak = matmul["matmul_bf16_gflops" if precision == "bf16-mixed" else "matmul_fp32_gflops"]
-                achieved = [x * flops["train_flops_per_image"] / 1e9 for x in ips]
                 per_image = flops["train_flops_per_image"] / 1e9
+                achieved = [x * per_image for x in ips]
                 achieved_matched = [x["images_per_sec"] * per_image for x in matched]
                 mem = [a["max_rss_mb"] / b["max_rss_mb"] for a, b in zip(d, naive, strict=True)]
                 rows.append(

@@ -112,25 +112,40 @@ def check_resume_compatible(
 
 
 def load_trained_unet(
-    path: str | os.PathLike, use_ema: bool = True
+    path: str | os.PathLike,
+    use_ema: bool = True,
+    channels_last: bool = False,
+    unet_class: type | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(UNet with EMA weights, noise-scheduler config, run config) from a training checkpoint or an
-    exported diffusers pipeline directory."""
+    exported diffusers pipeline directory. ``unet_class`` defaults to difflab's ``UNet2DModel``;
+    ``channels_last`` gives NHWC weights (faster convolutions, same outputs)."""
     from diffusers import DDPMScheduler
 
     from difflab.diffusion.unet import UNet2DModel
 
+    unet_class = unet_class or UNet2DModel
     p = Path(path)
     if p.is_dir():
         if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
             raise DifflabError(
                 f"{p} is neither a checkpoint file nor an exported pipeline (no model_index.json)"
             )
-        unet = UNet2DModel.from_pretrained(p / "unet")
-        return unet.eval(), dict(DDPMScheduler.from_pretrained(p / "scheduler").config), {}
+        unet = unet_class.from_pretrained(p / "unet")
+        sched_cfg, run_cfg = dict(DDPMScheduler.from_pretrained(p / "scheduler").config), {}
+    else:
+        unet, sched_cfg, run_cfg = _unet_from_checkpoint(p, use_ema, unet_class)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    return unet.eval(), sched_cfg, run_cfg
+
+
+def _unet_from_checkpoint(
+    p: Path, use_ema: bool, unet_class: type
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     ckpt = load_checkpoint(p)
     meta = ckpt["difflab"]
-    unet = UNet2DModel.from_config(meta["unet_config"])
+    unet = unet_class.from_config(meta["unet_config"])
     live = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
     try:
         unet.load_state_dict(live)
@@ -146,4 +161,4 @@ def load_trained_unet(
         with torch.no_grad():
             for dst, src in zip(params, shadow, strict=True):
                 dst.copy_(src)
-    return unet.eval(), dict(meta["scheduler_config"]), meta.get("config", {})
+    return unet, dict(meta["scheduler_config"]), meta.get("config", {})

@@ -117,7 +117,7 @@ def _precision_errors(cfg: DictConfig) -> list[str]:
 def validate(cfg: DictConfig) -> None:
     """Fail at start-up, naming the key and the allowed values, instead of deep inside a step."""
     from difflab.data.transforms import CROPS
-    from difflab.diffusion.module import LR_SCHEDULES
+    from difflab.diffusion.module import CHANNELS_LAST, LR_SCHEDULES
     from difflab.diffusion.noise import PREDICTION_TYPES
     from difflab.diffusion.sampling import SAMPLERS
 
@@ -128,7 +128,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "model.noise_scheduler.beta_schedule", BETA_SCHEDULES, errors)
     _choice(cfg, "model.lr_schedule", tuple(LR_SCHEDULES), errors)
     layout = OmegaConf.select(cfg, "model.channels_last", default=None)
-    if layout is not None and layout not in (True, False, "auto"):
+    if layout is not None and layout not in CHANNELS_LAST:
         errors.append(f"model.channels_last={layout!r} is not valid; allowed: true, false, auto")
     _choice(cfg, "trainer.precision", PRECISIONS, errors)
     for name, cb in (cfg.get("callbacks") or {}).items():

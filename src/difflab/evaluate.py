@@ -40,9 +40,9 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     if cfg.num_samples < 2:
         raise DifflabError(f"num_samples={cfg.num_samples} must be at least 2 for FID")
     device = resolve_device(cfg.device)
-    unet, sched_cfg, run_cfg = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema)
-    if cfg.channels_last:
-        unet.to(memory_format=torch.channels_last)
+    unet, sched_cfg, run_cfg = load_trained_unet(
+        cfg.ckpt, use_ema=cfg.use_ema, channels_last=cfg.channels_last
+    )
     if "data" not in run_cfg:
         raise DifflabError(f"{cfg.ckpt} carries no data config; evaluate a training .ckpt, not an export")
     datamodule = hydra.utils.instantiate(OmegaConf.create(run_cfg["data"]))

@@ -19,11 +19,9 @@ def export(cfg: DictConfig) -> Path:
     """Write the pipeline to ``cfg.out`` (and optionally push that folder alone to the Hub)."""
     if Path(cfg.ckpt).is_dir():
         raise DifflabError(f"{cfg.ckpt} is a directory; difflab-export takes a training .ckpt file")
-    trained, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema)
     # model_index.json names each component's class: write diffusers' own UNet2DModel (difflab's
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
-    unet = UNet2DModel.from_config(trained.config)
-    unet.load_state_dict(trained.state_dict())
+    unet, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema, unet_class=UNet2DModel)
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(sched_cfg))
     out = Path(cfg.out)
     pipe.save_pretrained(out, safe_serialization=True)

@@ -23,10 +23,8 @@ def sample(cfg: DictConfig) -> list[Path]:
     if cfg.num_images < 1:
         raise DifflabError(f"num_images={cfg.num_images} must be at least 1")
     device = resolve_device(cfg.device)
-    unet, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema)
+    unet, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema, channels_last=cfg.channels_last)
     unet.to(device)
-    if cfg.channels_last:
-        unet.to(memory_format=torch.channels_last)
     sampler = build_sampler(cfg.scheduler, sched_cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

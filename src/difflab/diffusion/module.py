@@ -18,8 +18,18 @@ from difflab.diffusion.noise import NoiseProcess
 from difflab.errors import DifflabError
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+CHANNELS_LAST = (True, False, "auto")
 CHECKPOINT_FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
+
+
+def uses_channels_last(setting: bool | str, precision: str, device_type: str) -> bool:
+    """Whether training runs NHWC: ``setting`` true/false, or "auto": NHWC convolutions win in fp32
+    (+8% `small` on CPU) and on CUDA; on CPU under bf16/fp16 autocast oneDNN's NHWC kernels measured
+    15-18% slower than NCHW (experiments/benchmarks/RESULTS.md)."""
+    if setting != "auto":
+        return bool(setting)
+    return device_type != "cpu" or not str(precision).startswith(("bf16", "16"))
 
 
 class DiffusionModule(L.LightningModule):
@@ -48,22 +58,20 @@ class DiffusionModule(L.LightningModule):
         self.process = NoiseProcess(noise_scheduler, min_snr_gamma)
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
-        if channels_last not in (True, False, "auto"):
+        if channels_last not in CHANNELS_LAST:
             raise DifflabError(
                 f"model.channels_last={channels_last!r} is not valid; allowed: true, false, auto"
             )
         self.channels_last_setting = channels_last
-        self.channels_last = channels_last is True  # "auto" is decided in setup(), once precision is known
-        if self.channels_last:
-            # Before the EMA copies the weights: its shadow tensors keep the parameters' layout, so
-            # the foreach EMA update runs over identically strided tensors.
-            self.unet.to(memory_format=torch.channels_last)
+        self.channels_last = False  # set by _to_channels_last(): now if true, in setup() if "auto"
         ema = dict(ema or {})
         self.ema = (
             build_ema(unet, **{k: v for k, v in ema.items() if k != "enabled"})
             if ema.get("enabled", True)
             else None
         )
+        if channels_last is True:
+            self._to_channels_last()
         # The base seed of the per-step noise; random when unset, and saved so a resume stays exact.
         self.noise_seed = int(seed) if seed is not None else int(torch.randint(0, 2**31, ()).item())
         self.run_config: dict = {}  # the resolved run config, stored in checkpoints (set by train)
@@ -81,16 +89,16 @@ class DiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
-        if self.channels_last_setting != "auto" or self.channels_last:
-            return
-        # NHWC convolutions win in fp32 (+8% `small` on CPU) and on CUDA; on CPU under bf16/fp16 autocast,
-        # oneDNN's NHWC kernels measured 15-18% slower than NCHW (experiments/benchmarks/RESULTS.md).
-        half = str(self.trainer.precision).startswith(("bf16", "16"))
-        if self.trainer.strategy.root_device.type == "cpu" and half:
-            return
+        device_type = self.trainer.strategy.root_device.type
+        if not self.channels_last and uses_channels_last(
+            self.channels_last_setting, self.trainer.precision, device_type
+        ):
+            self._to_channels_last()
+
+    def _to_channels_last(self) -> None:
         self.channels_last = True
         self.unet.to(memory_format=torch.channels_last)
-        if self.ema is not None:  # the shadows follow, so the EMA update keeps running over alike strides
+        if self.ema is not None:  # the shadows follow, so the foreach EMA update runs over alike strides
             self.ema.shadow_params = [  # Tensor.to, as Module.to converts the weights: same strides
                 s.to(memory_format=torch.channels_last) if s.dim() == 4 else s for s in self.ema.shadow_params
             ]
