@@ -38,3 +38,62 @@ class RecordStepLosses(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+
+
+class KillAt(L.Callback):
+    """SIGKILLs the run's whole process group at a chosen moment, as a crash or ``kill -9`` would.
+
+    ``moment``: ``step`` (optimizer step ``step`` done, before its checkpoint is written),
+    ``after_save`` (the checkpoint of step ``step`` is on disk, the next step has not begun),
+    ``during_save`` (halfway through writing the checkpoint of step ``step``).
+    """
+
+    def __init__(self, step: int, moment: str = "step") -> None:
+        assert moment in ("step", "after_save", "during_save"), moment
+        self.step, self.moment = step, moment
+
+    @staticmethod
+    def _kill() -> None:
+        import os
+        import signal
+
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.moment != "during_save":
+            return
+        import difflab.checkpoints as ckpts
+
+        real_save, step = torch.save, self.step
+
+        def half_then_die(obj, f, *args, **kwargs):  # only checkpoint writes go through this name
+            if trainer.global_step == step:
+                import io
+
+                buf = io.BytesIO()
+                real_save(obj, buf, *args, **kwargs)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                KillAt._kill()
+            return real_save(obj, f, *args, **kwargs)
+
+        ckpts.torch = _TorchWithSave(half_then_die)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.moment == "step" and trainer.global_step == self.step:
+            self._kill()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.moment == "after_save" and trainer.global_step == self.step:
+            self._kill()
+
+
+class _TorchWithSave:
+    """``torch`` with ``save`` replaced (patches the name in one module only)."""
+
+    def __init__(self, save) -> None:
+        self.save = save
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)

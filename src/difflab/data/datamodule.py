@@ -86,8 +86,12 @@ class ShardedShuffleSampler(Sampler[tuple[int, int]]):
     """Shuffles with (seed, epoch) and gives each rank a disjoint shard, yielding (index, epoch).
 
     Written here rather than using DistributedSampler because the epoch must reach the dataset
-    (per-sample augmentation seeds) and the same class must serve 1 and N ranks identically; the
-    order is a pure function of (seed, epoch), so a stateful loader's fast-forward on resume is exact.
+    (per-sample augmentation seeds) and the same class must serve 1 and N ranks identically.
+
+    It is Stateful (``state_dict``: epoch and position) because of the order Lightning resumes in:
+    the fit loop creates the loader's iterator (and a worker loader already draws its first indices)
+    *before* it calls ``set_epoch``, so a sampler that only learned its epoch from ``set_epoch`` would
+    replay epoch 0's order in any epoch after the first. Its own saved epoch cannot be stale.
     """
 
     def __init__(
@@ -102,26 +106,46 @@ class ShardedShuffleSampler(Sampler[tuple[int, int]]):
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
+        self.yielded = 0  # indices handed out so far in this epoch (what the checkpoint records)
+        self._resume_at = 0  # where the next iterator starts: > 0 only right after load_state_dict
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:  # a new epoch starts at its beginning; the same one keeps a restored position
+            self.epoch, self._resume_at = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, yielded = int(state["epoch"]), int(state["yielded"])
+        if yielded >= len(self):  # saved after the last index of an epoch: what follows is the next one
+            epoch, yielded = epoch + 1, 0
+        self.epoch, self._resume_at = epoch, yielded
 
     def __len__(self) -> int:
         if self.drop_last:
             return self.num_items // self.world_size
         return -(-self.num_items // self.world_size)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``: a pure function of (seed, epoch, rank, world size)."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(self.num_items, generator=g)
         else:
             order = torch.arange(self.num_items)
         total = len(self) * self.world_size
         if total > self.num_items:  # pad so every rank gets the same number of items
             order = torch.cat([order, order[: total - self.num_items]])
-        for i in order[self.rank : total : self.world_size].tolist():
-            yield i, self.epoch
+        return order[self.rank : total : self.world_size].tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, start = self.epoch, self._resume_at
+        self._resume_at = 0
+        self.yielded = start
+        for i in self.order(epoch)[start:]:
+            self.yielded += 1
+            yield i, epoch
 
 
 class ImageDataModule(L.LightningDataModule):

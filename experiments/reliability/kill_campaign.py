@@ -1,0 +1,165 @@
+"""Kill -9 campaign: a run killed at many moments and rerun with the same command must end where an
+uninterrupted run ends (weights, optimizer state, EMA), to 1e-6 on CPU.
+
+    .venv/bin/python experiments/reliability/kill_campaign.py              # default cases, ~5 min
+    .venv/bin/python experiments/reliability/kill_campaign.py --random 10 --seed 1 data.flip=true
+
+Each case runs `difflab-train` in its own process group with a test callback (tests/helpers.py
+`KillAt`) that SIGKILLs the group at the chosen moment, then reruns the *same* command line, which
+resumes from the run dir's newest readable checkpoint (ckpt_path=last). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = [str(Path(sys.executable).with_name("difflab-train"))]
+# Digits: 1,797 images / batch 64 = 28 steps an epoch; 112 steps = 4 epochs; a checkpoint every 7
+# steps puts checkpoints exactly on every epoch boundary (28, 56, 84) as well as inside epochs.
+BASE = [
+    "experiment=digits",
+    "seed=7",
+    "trainer.max_steps=112",
+    "model.warmup_steps=10",
+    "callbacks.model_checkpoint.every_n_train_steps=7",
+    "callbacks.sample_grid=null",
+    "callbacks.progress_bar=null",
+    "logger=none",
+    "trainer.enable_model_summary=false",
+]
+# (step, moment): kill inside an epoch, at an epoch boundary, right after a checkpoint, during a write.
+DEFAULT_CASES = [
+    (10, "step"),  # inside epoch 0, 3 steps after the checkpoint of step 7
+    (28, "step"),  # exactly the end of epoch 0, before its checkpoint is written
+    (28, "after_save"),  # epoch boundary, right after the checkpoint
+    (35, "during_save"),  # halfway through writing the checkpoint of step 35 (epoch 1)
+    (45, "step"),  # inside epoch 1
+    (56, "after_save"),  # end of epoch 1
+    (70, "during_save"),  # epoch 2, during a write
+    (93, "step"),  # inside epoch 3
+    (105, "after_save"),  # epoch 3, just after a checkpoint
+]
+
+
+def state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def max_abs_diff(a: dict, b: dict) -> dict[str, float]:
+    """Largest |a-b| over the live weights, the optimizer state and the EMA weights."""
+
+    def flat(x) -> list[torch.Tensor]:
+        if isinstance(x, torch.Tensor):
+            return [x.float()]
+        if isinstance(x, dict):
+            return [t for k in sorted(x, key=str) for t in flat(x[k])]
+        if isinstance(x, list | tuple):
+            return [t for v in x for t in flat(v)]
+        return []
+
+    def diff(x, y) -> float:
+        xs, ys = flat(x), flat(y)
+        assert len(xs) == len(ys)
+        return max(((u - v).abs().max().item() for u, v in zip(xs, ys, strict=True) if u.numel()), default=0)
+
+    return {
+        "weights": diff(a["state_dict"], b["state_dict"]),
+        "optimizer": diff(a["optimizer_states"], b["optimizer_states"]),
+        "ema": diff(a.get("ema", {}), b.get("ema", {})),
+        "global_step": int(b["global_step"]) - int(a["global_step"]),
+    }
+
+
+def where(step: int, per_epoch: int = 28) -> str:
+    return f"end of epoch {step // per_epoch - 1}" if step % per_epoch == 0 else f"epoch {step // per_epoch}"
+
+
+def run(args: list[str], kill: tuple[int, str] | None = None, env: dict | None = None) -> int:
+    cmd = [*TRAIN, *args]
+    if kill:
+        cmd += [
+            "+callbacks.kill._target_=tests.helpers.KillAt",
+            f"+callbacks.kill.step={kill[0]}",
+            f"+callbacks.kill.moment={kill[1]}",
+        ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, start_new_session=True)
+    if proc.returncode not in (0, -9) and kill is None:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return proc.returncode
+
+
+def newest_checkpoint_step(run_dir: Path) -> str:
+    """The checkpoint the rerun resumes from: its file and step."""
+    from difflab.checkpoints import find_last_checkpoint
+
+    found = find_last_checkpoint(run_dir)
+    if found is None:
+        return "(none: fresh start)"
+    step = torch.load(found, map_location="cpu", weights_only=True)["global_step"]
+    return f"{found.name} (step {step})"
+
+
+def kill_and_resume(work: Path, name: str, args: list[str], kill: tuple[int, str]) -> tuple[str, dict]:
+    run_dir = work / name
+    cmd = [*args, f"hydra.run.dir={run_dir}"]
+    rc = run(cmd, kill)
+    resumed_from = newest_checkpoint_step(run_dir)
+    if rc != -9:
+        raise RuntimeError(f"case {name}: the run was not killed (exit {rc})")
+    run(cmd)
+    return resumed_from, state(run_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--random", type=int, default=0, help="add this many random (step, moment) cases")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random cases")
+    parser.add_argument("--cases", default="", help="only these cases, e.g. 28:step,35:during_save")
+    parser.add_argument("overrides", nargs="*", help="extra difflab-train overrides for every run")
+    opts = parser.parse_args()
+    args = [*BASE, *opts.overrides]
+    max_steps = int(next(a for a in reversed(args) if a.startswith("trainer.max_steps=")).split("=")[1])
+    rng = random.Random(opts.seed)
+    cases = list(DEFAULT_CASES)
+    if opts.cases:
+        cases = [(int(c.split(":")[0]), c.split(":")[1]) for c in opts.cases.split(",")]
+    moments = ("step", "after_save", "during_save")
+    for _ in range(opts.random):
+        cases.append((rng.randrange(1, max_steps), rng.choice(moments)))
+
+    work = Path(tempfile.mkdtemp(prefix="difflab_kill_"))
+    try:
+        run([*args, f"hydra.run.dir={work / 'straight'}"])
+        reference = state(work / "straight")
+        print(f"command: difflab-train {' '.join(args)}\n")
+        print("| kill at step | moment | resumed from | weights | optimizer | EMA |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        worst = 0.0
+        for step, moment in cases:
+            resumed_from, final = kill_and_resume(work, f"kill_{step}_{moment}", args, (step, moment))
+            d = max_abs_diff(reference, final)
+            assert d["global_step"] == 0, d
+            worst = max(worst, d["weights"], d["optimizer"], d["ema"])
+            print(
+                f"| {step} ({where(step)}) | {moment} | {resumed_from} | {d['weights']:.1e} | "
+                f"{d['optimizer']:.1e} | {d['ema']:.1e} |",
+                flush=True,
+            )
+        print(f"\nworst max abs diff: {worst:.1e} ({'PASS' if worst <= 1e-6 else 'FAIL'}: limit 1e-6)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
