@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 class DumpRankState(L.Callback):
@@ -97,3 +103,44 @@ class _TorchWithSave:
 
     def __getattr__(self, name: str):
         return getattr(torch, name)
+
+
+def difflab_cli(
+    command: str, *args: str, cwd, timeout: int = 600, new_group: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``difflab-<command> args`` as a user would (its own process group with ``new_group``, so a
+    KillAt callback kills it and its DDP workers, never pytest)."""
+    env = {**os.environ, "WANDB_MODE": "", "WANDB_API_KEY": "", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [str(BIN / f"difflab-{command}"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        start_new_session=new_group,
+    )
+
+
+def max_abs_diff(a: dict, b: dict) -> dict[str, float]:
+    """Largest |a-b| between two checkpoints' live weights, optimizer states and EMA weights."""
+
+    def flat(x) -> list[torch.Tensor]:
+        if isinstance(x, torch.Tensor):
+            return [x.float()]
+        if isinstance(x, dict):
+            return [t for k in sorted(x, key=str) for t in flat(x[k])]
+        if isinstance(x, list | tuple):
+            return [t for v in x for t in flat(v)]
+        return []
+
+    def diff(x, y) -> float:
+        xs, ys = flat(x), flat(y)
+        assert len(xs) == len(ys) and xs, "checkpoints hold different tensors"
+        return max((u - v).abs().max().item() if u.numel() else 0.0 for u, v in zip(xs, ys, strict=True))
+
+    return {
+        "weights": diff(a["state_dict"], b["state_dict"]),
+        "optimizer": diff(a["optimizer_states"], b["optimizer_states"]),
+        "ema": diff(a["ema"], b["ema"]),
+    }

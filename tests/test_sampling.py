@@ -106,7 +106,9 @@ def test_sample_command_bad_input(trained_ckpt, tmp_path):
         sample(sample_cfg(ckpt=tmp_path / "missing.ckpt", out=tmp_path))
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(DifflabError, match="cannot read checkpoint"):
+    with pytest.raises(
+        DifflabError, match="is not a difflab checkpoint: it is not a PyTorch checkpoint file"
+    ):
         sample(sample_cfg(ckpt=junk, out=tmp_path))
     with pytest.raises(DifflabError, match="unknown key 'num_imgs'"):
         sample_cfg(ckpt=trained_ckpt, num_imgs=3)

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from difflab.errors import DifflabError
 
+log = logging.getLogger(__name__)
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes ``path.tmp`` then renames it over ``path``: a crash mid-save never corrupts a checkpoint.
 
     Lightning's TorchCheckpointIO streams straight into the final file, so a kill during the write
-    leaves a truncated ``last.ckpt``; ``os.replace`` is atomic on POSIX file systems.
+    leaves a truncated ``last.ckpt``, and a full disk surfaces as a bare ``OSError`` that leaves the
+    partial file behind; ``os.replace`` is atomic on POSIX file systems. Loading is weights-only.
     """
 
     def save_checkpoint(
@@ -24,51 +31,147 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if "://" in str(path):  # remote file systems: fall back to Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return read_checkpoint_file(path)  # also Lightning's own files (ddp_spawn's .temp.ckpt)
+
+
+class _KeepsWriteErrors:
+    """A file whose ``OSError`` on write is kept: torch.save rethrows it as a RuntimeError with no errno,
+    and a full disk must be told apart from a bug."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
+    """``write(f)`` into ``.<name>.tmp`` beside ``path``, fsync, rename over ``path``. Any failure removes
+    the temporary file; a full disk ends in one DifflabError naming the earlier file still intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    out = None
+    try:
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            out = _KeepsWriteErrors(f)
+            write(out)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = out.error if out is not None and out.error is not None else e
+        if not isinstance(cause, OSError) or cause.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        intact = path if path.exists() else newest_checkpoint_file(path.parent)
+        kept = f"the previous checkpoint {intact} is intact" if intact else "no earlier checkpoint exists"
+        raise DifflabError(f"no space left on device writing {path}; {kept}; free space and rerun") from None
+
+
+# A PyTorch checkpoint is a zip archive; anything else cannot be one (checked before unpickling).
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a difflab checkpoint on CPU with ``weights_only=True`` (no arbitrary code from the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DifflabError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle errors, wrong file type
-        raise DifflabError(
-            f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}".split("\n")[0]
-        ) from e
+    """Load a difflab checkpoint on CPU with ``weights_only=True`` (no arbitrary code from the file).
+    Every way a file can fail to be one ends in one DifflabError naming the file and the reason."""
+    ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "difflab" not in ckpt or "state_dict" not in ckpt:
         raise DifflabError(f"{path} is not a difflab training checkpoint (no 'difflab' metadata)")
     return ckpt
 
 
-def find_last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint of a run dir (``checkpoints/*.ckpt`` or Lightning's SLURM ``hpc_ckpt_*``)."""
+def read_checkpoint_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with one-line DifflabErrors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DifflabError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC:
+        what = "an empty file" if not head else "not a PyTorch checkpoint file"
+        raise DifflabError(f"{path} is not a difflab checkpoint: it is {what}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. running code from the file: never.
+        raise DifflabError(
+            f"{path} is not a difflab checkpoint: it holds Python objects a checkpoint never contains "
+            "(refusing to unpickle them)"
+        ) from None
+    except Exception:  # truncated or damaged archive: zip, stream and EOF errors with opaque messages
+        raise DifflabError(f"{path} is truncated or corrupt: it cannot be read as a checkpoint") from None
+    return ckpt
+
+
+def checkpoint_files(run_dir: str | os.PathLike) -> list[Path]:
+    """A run dir's checkpoints (``checkpoints/*.ckpt`` or Lightning's SLURM ``hpc_ckpt_*``), newest first."""
     run_dir = Path(run_dir)
     found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     # last.ckpt wins a tie: it is written right after the step checkpoint of the same step.
-    found.sort(key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"))
-    return found[-1] if found else None
+    found.sort(key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+    return found
 
 
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | os.PathLike) -> str | None:
-    """``null``: fresh start; ``last``: newest checkpoint of this run dir (or fresh); else a file."""
+def newest_checkpoint_file(ckpt_dir: Path) -> Path | None:
+    files = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return files[0] if files else None
+
+
+def find_last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest *readable* checkpoint of a run dir (see ``newest_readable``)."""
+    found = newest_readable(run_dir)
+    return found[0] if found else None
+
+
+def newest_readable(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """(path, contents) of the newest checkpoint of a run dir that loads. A newer one that is corrupt
+    or truncated (a crash outside difflab's atomic writer, a bad copy) is skipped with one warning
+    naming both files; if every one is unreadable, that is an error, never a silent fresh start."""
+    bad: list[str] = []
+    for path in checkpoint_files(run_dir):
+        try:
+            ckpt = load_checkpoint(path)
+        except DifflabError as e:
+            bad.append(str(e))
+            continue
+        if bad:
+            log.warning("%s; resuming from %s instead", "; ".join(bad), path)
+        return path, ckpt
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DifflabError(
+            f"no readable checkpoint in {Path(run_dir)}: {bad[0]}{more}; "
+            "move them away to start afresh, or give ckpt_path=<file>"
+        )
+    return None
+
+
+def resume_checkpoint(ckpt_path: str | None, run_dir: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:
+    """What to resume from, loaded: ``null``: nothing; ``last``: the run dir's newest readable checkpoint
+    (nothing if it has none); else that file, which must be a readable difflab checkpoint."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        found = find_last_checkpoint(run_dir)
-        return str(found) if found else None
+        found = newest_readable(run_dir)
+        return (str(found[0]), found[1]) if found else None
     if not Path(ckpt_path).is_file():
         raise DifflabError(f"ckpt_path={ckpt_path} does not exist; give a .ckpt file or ckpt_path=last")
-    return str(ckpt_path)
+    return str(ckpt_path), load_checkpoint(ckpt_path)
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None) -> list[str]:

@@ -64,12 +64,21 @@ def make_dir(path: str) -> str:
     return path
 
 
+def _study_seed(seed: int | None, storage: str, study_name: str) -> int | None:
+    from difflab.sweeps import study_seed
+
+    return study_seed(seed, storage, study_name)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("difflab_run_dir"):
         OmegaConf.register_new_resolver("difflab_run_dir", _run_dir_once)
         OmegaConf.register_new_resolver("difflab_unique", unique_suffix)
         OmegaConf.register_new_resolver("difflab_fid_name", fid_metric_name)
         OmegaConf.register_new_resolver("difflab_mkdir", make_dir)
+        # The launch dir (hydra.job.chdir is false, so it stays the cwd); usable before HydraConfig is set.
+        OmegaConf.register_new_resolver("difflab_cwd", os.getcwd)
+        OmegaConf.register_new_resolver("difflab_study_seed", _study_seed)
 
 
 # `model.unet=tiny` reads naturally but Hydra selects groups with a slash; accept both spellings.
@@ -99,6 +108,8 @@ def _precision_errors(cfg: DictConfig) -> list[str]:
     precision = str(cfg.trainer.get("precision"))
     accelerator = cfg.trainer.get("accelerator")
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return [f"trainer.accelerator={accelerator} but no CUDA GPU is visible; use trainer=cpu or ddp_cpu"]
     if precision.startswith("16") and not on_gpu:
         return [
             f"trainer.precision={precision} needs a GPU (accelerator={accelerator}); "

@@ -19,11 +19,18 @@ def export(cfg: DictConfig) -> Path:
     """Write the pipeline to ``cfg.out`` (and optionally push that folder alone to the Hub)."""
     if Path(cfg.ckpt).is_dir():
         raise DifflabError(f"{cfg.ckpt} is a directory; difflab-export takes a training .ckpt file")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DifflabError(f"out={out} is an existing file; give a directory for the pipeline")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise DifflabError(
+            f"out={out} is a non-empty directory that holds no exported pipeline; "
+            "give a new or empty directory (an earlier export there is replaced)"
+        )
     # model_index.json names each component's class: write diffusers' own UNet2DModel (difflab's
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
     unet, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema, unet_class=UNet2DModel)
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(sched_cfg))
-    out = Path(cfg.out)
     pipe.save_pretrained(out, safe_serialization=True)
     if cfg.push_to_hub:
         if not cfg.hub_repo_id:

@@ -12,10 +12,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.checkpoints import check_resume_compatible, load_checkpoint, resolve_ckpt_path
+from difflab.checkpoints import check_resume_compatible, resume_checkpoint
 from difflab.config import CONF_DIR, print_error_and_exit, register_resolvers, rewrite_group_aliases, validate
 from difflab.errors import DifflabError
 from difflab.loggers import finish_loggers
@@ -23,13 +24,25 @@ from difflab.loggers import finish_loggers
 log = logging.getLogger("difflab.train")
 
 
+def instantiate(config: DictConfig, **kwargs: object) -> object:
+    """``hydra.utils.instantiate``, with a DifflabError from a constructor passed on as itself: Hydra
+    wraps it in "Error in call to target ..." lines, and the user should read one line."""
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, DifflabError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate every entry of a dict-of-configs group (callbacks, logger); null entries are off."""
     if not group:
         return []
-    return [
-        hydra.utils.instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c
-    ]
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -38,24 +51,26 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("seed") is not None:  # `is not None`: seed=0 is a seed
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    resume = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
+    ckpt_path = resume[0] if resume else None
 
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
     # Set after instantiation: passed to instantiate, the `_target_`s inside would be built too.
     resolved = OmegaConf.to_container(cfg, resolve=True)
     model.run_config = resolved
-    if ckpt_path is not None:
+    if resume is not None:
         check_resume_compatible(
-            load_checkpoint(ckpt_path), dict(model.unet.config), dict(model.noise_scheduler.config), ckpt_path
+            resume[1], dict(model.unet.config), dict(model.noise_scheduler.config), ckpt_path
         )
         log.info("resuming from %s", ckpt_path)
+        resume = None  # release the loaded copy before Lightning loads the file again
 
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # logger=none: Lightning refuses an LR monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -144,8 +145,34 @@ class DiffusionModule(L.LightningModule):
             # The final step logs its partial window too, so sweepers always read a train/loss; that
             # value reaches no logger, so the window stays open (and saved) for a run that extends it.
             if to_loggers or self.global_step >= self._last_step:
+                # The window's loss reaches the host here anyway (loggers, sweepers): the one place a
+                # divergence check costs no extra sync. A NaN step poisons the window's sum.
+                self._stop_if_diverged(self._loss_sum.isfinite(), "the loss", self.global_step + 1)
                 self._log_window(reset=to_loggers)
         return loss
+
+    def _stop_if_diverged(self, finite: torch.Tensor, what: str, last_step: int) -> None:
+        """Stop the run (one line, non-zero exit) unless ``finite`` (a bool tensor) is all true. Steps
+        are counted from 1: the loss window covers optimizer steps ``last_step - window + 1 .. last_step``."""
+        if bool(finite.all()):  # the one host sync
+            return
+        if what == "the loss":
+            first = last_step - self._window_steps + 1
+            where = f"steps {first}-{last_step}" if first < last_step else f"step {last_step}"
+        else:
+            where = f"step {last_step}"
+        ckpt = self.trainer.checkpoint_callback if self._trainer is not None else None
+        kept = list(Path(ckpt.dirpath).glob("*.ckpt")) if ckpt is not None and ckpt.dirpath else []
+        keep = f"the checkpoints in {ckpt.dirpath} predate it" if kept else "no checkpoint was written"
+        hints = [f"lower model.optimizer.lr (now {self.optimizer_factory.keywords.get('lr', '?')})"]
+        hints.append("raise model.warmup_steps")
+        if self._trainer is not None and not self.trainer.gradient_clip_val:
+            hints.append("set trainer.gradient_clip_val=1.0")
+        if self._trainer is not None and "16" in str(self.trainer.precision):
+            hints.append("try trainer.precision=32-true")
+        raise DifflabError(
+            f"training diverged: {what} became NaN/Inf at {where} ({keep}); {', '.join(hints)}"
+        )
 
     def _log_window(self, reset: bool = True) -> None:
         """Log the means over the steps since the last log point; ``reset`` starts a new window."""
@@ -198,6 +225,13 @@ class DiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Raising here stops the write: a diverged model never replaces a good checkpoint. One host
+        # sync per checkpoint (per-tensor isfinite: a norm would overflow on large finite weights).
+        tensors = [p.detach() for p in self.unet.parameters()]
+        tensors += list(self.ema.shadow_params) if self.ema is not None else []
+        finite = torch.stack([t.isfinite().all() for t in tensors])
+        self._stop_if_diverged(finite, "the weights or EMA", self.global_step)
+        self._stop_if_diverged(self._loss_sum.isfinite(), "the loss", self.global_step)
         checkpoint["difflab"] = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "unet_config": dict(self.unet.config),

@@ -22,7 +22,11 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "solver_order": 2}),
+    # First-order-style DPM-Solver cannot end at sigma 0 (diffusers refuses "zero" for it).
+    "dpmsolver": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver", "solver_order": 2, "final_sigmas_type": "sigma_min"},
+    ),
     "sde-dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
@@ -44,6 +48,9 @@ def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) 
     # Few-step sampling must start at the last training timestep (pure noise): "trailing" spacing
     # does; DDPM's default "leading" starts 10% early at 10 steps (Lin et al. 2023, table 2).
     config["timestep_spacing"] = "trailing"
+    # The exact betas the network was trained with (DDPMScheduler computes every beta_schedule; most
+    # samplers lack "sigmoid"). Zero-terminal-SNR rescaling, if set, is idempotent on these.
+    config["trained_betas"] = diffusers.DDPMScheduler.from_config(config).betas.tolist()
     params = inspect.signature(cls.__init__).parameters
     if config.get("clip_sample", False) and "clip_sample" not in params and "thresholding" in params:
         # Multistep solvers cannot clip x0 like DDPM/DDIM; without it, few-step samples of a pixel-space
