@@ -99,15 +99,32 @@ CASES = [
 ]
 
 
+def _base(case: str) -> list[str]:
+    """ONE_STEP, less what would override the choice under test."""
+    group = case.rsplit("/", 1)[0]
+    drop = set()
+    if group == "data":
+        drop.add("experiment=digits")  # the experiment's data choice would win over data=NAME
+    if group == "trainer":
+        drop |= {"trainer.accelerator=cpu", "trainer.devices=1"}
+    if case == "callbacks/none":
+        drop |= {a for a in ONE_STEP if a.startswith("callbacks.")}
+    base = [a for a in ONE_STEP if a not in drop]
+    if group == "data":
+        base += ["model/unet=tiny", "data.channels=1", "data.batch_size=4"]
+    return base
+
+
 def _run_or_refused(make_cfg, tmp_path, case: str, overrides: list[str]) -> None:
-    cfg = make_cfg(*ONE_STEP, *overrides, run_dir=tmp_path / "run")
+    cfg = make_cfg(*_base(case), *overrides, run_dir=tmp_path / "run")
     expected = REFUSED_HERE.get(case)
-    if expected and "gpu" in case and __import__("torch").cuda.is_available():
+    if expected and "trainer/" in case and __import__("torch").cuda.is_available():
         expected = None
     if expected is None:
         train(cfg)
-        assert (tmp_path / "run" / "samples" / "step_0000001.png").is_file(), "no sample grid"
-        assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+        grids = case != "callbacks/none"
+        assert (tmp_path / "run" / "samples" / "step_0000001.png").is_file() == grids
+        assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file() == grids
         return
     with pytest.raises(DifflabError, match=expected) as e:
         train(cfg)
@@ -121,11 +138,7 @@ def test_every_group_choice_runs_or_is_refused_at_startup(make_cfg, tmp_path, ca
     fashion = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
     if case == "data/fashion_mnist" and not fashion.is_file():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (make data installs it)")
-    overrides = [f"{group}={name}", *NEEDS.get(case, lambda tmp: [])(tmp_path)]
-    if group == "data":
-        # FAST picks the digits experiment, whose data choice wins over a plain data=: drop it.
-        overrides = ["experiment=null", *overrides, "data.batch_size=4", "model/unet=tiny", "data.channels=1"]
-    _run_or_refused(make_cfg, tmp_path, case, overrides)
+    _run_or_refused(make_cfg, tmp_path, case, [f"{group}={name}", *NEEDS.get(case, lambda tmp: [])(tmp_path)])
 
 
 VALUES = [
@@ -153,6 +166,22 @@ def test_every_allowed_value_runs_to_a_sample_grid(make_cfg, tmp_path, override)
     assert (tmp_path / "run" / "samples" / "step_0000001.png").is_file()
 
 
+REFUSED_COMBOS = [
+    (("model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.scheduler=euler_a"), "euler_a"),
+    (("model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.scheduler=pndm"), "pndm"),
+    (("model.noise_scheduler.rescale_betas_zero_snr=true", "callbacks.sample_grid.scheduler=heun"), "heun"),
+    (("model.noise_scheduler.rescale_betas_zero_snr=true", "callbacks.sample_grid.scheduler=pndm"), "pndm"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "sampler"), REFUSED_COMBOS)
+def test_sampler_and_schedule_combinations_that_cannot_sample_are_refused(make_cfg, overrides, sampler):
+    with pytest.raises(
+        DifflabError, match=f"callbacks.sample_grid.scheduler={sampler}: the {sampler} sampler"
+    ):
+        validate(make_cfg(*ONE_STEP, *overrides))
+
+
 def test_every_beta_schedule_samples_with_every_sampler():
     # The grid test above covers one sampler per schedule; this covers the whole product cheaply.
     import torch
@@ -171,8 +200,23 @@ def test_every_beta_schedule_samples_with_every_sampler():
         norm_num_groups=4,
         layers_per_block=1,
     )
+    from difflab.diffusion.sampling import sampler_problem
+
     for schedule in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"):
-        train_cfg = dict(DDPMScheduler(beta_schedule=schedule).config)
-        for name in SAMPLERS:
-            images = sample_batch(unet, build_sampler(name, train_cfg), range(2), seed=0, steps=3)
-            assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all(), (schedule, name)
+        for prediction in PREDICTION_TYPES:
+            for zero_snr in (False, True):
+                train_cfg = dict(
+                    DDPMScheduler(
+                        beta_schedule=schedule, prediction_type=prediction, rescale_betas_zero_snr=zero_snr
+                    ).config
+                )
+                for name in SAMPLERS:
+                    if sampler_problem(name, train_cfg):  # refused at start-up (test above)
+                        with pytest.raises(DifflabError):
+                            build_sampler(name, train_cfg)
+                        continue
+                    for steps in (3, 10):
+                        images = sample_batch(
+                            unet, build_sampler(name, train_cfg), range(2), seed=0, steps=steps
+                        )
+                        assert torch.isfinite(images).all(), (schedule, prediction, zero_snr, name, steps)

@@ -130,7 +130,7 @@ def validate(cfg: DictConfig) -> None:
     from difflab.data.transforms import CROPS
     from difflab.diffusion.module import CHANNELS_LAST, LR_SCHEDULES
     from difflab.diffusion.noise import PREDICTION_TYPES
-    from difflab.diffusion.sampling import SAMPLERS
+    from difflab.diffusion.sampling import SAMPLERS, sampler_problem
 
     errors: list[str] = []
     _choice(cfg, "data.channels", (1, 3), errors)
@@ -142,9 +142,13 @@ def validate(cfg: DictConfig) -> None:
     if layout is not None and layout not in CHANNELS_LAST:
         errors.append(f"model.channels_last={layout!r} is not valid; allowed: true, false, auto")
     _choice(cfg, "trainer.precision", PRECISIONS, errors)
+    sched = OmegaConf.to_container(cfg.model.get("noise_scheduler") or DictConfig({}), resolve=True)
     for name, cb in (cfg.get("callbacks") or {}).items():
         if isinstance(cb, DictConfig) and "scheduler" in cb:
             _choice(cfg, f"callbacks.{name}.scheduler", tuple(SAMPLERS), errors)
+            problem = sampler_problem(cb.scheduler, sched) if cb.scheduler in SAMPLERS else None
+            if problem:
+                errors.append(f"callbacks.{name}.scheduler={cb.scheduler}: {problem}")
     unet = cfg.model.get("unet")
     if not isinstance(unet, DictConfig):
         errors.append(f"model.unet={unet!r} is not a UNet preset; choose one with model/unet=NAME")

@@ -36,12 +36,60 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
 }
 
 
+def sampler_problem(name: str, train_scheduler_config: dict) -> str | None:
+    """Why sampler ``name`` cannot sample a model trained under this noise schedule, or None. Measured
+    over every sampler x prediction type x zero-terminal-SNR (tests/test_every_choice.py): diffusers'
+    PNDM and Euler-ancestral have no x0 ("sample") parameterisation, and Heun and PNDM divide by
+    the zero terminal ᾱ of a rescaled schedule (NaN images)."""
+    prediction = train_scheduler_config.get("prediction_type", "epsilon")
+    if name in ("euler_a", "pndm") and prediction == "sample":
+        return f"the {name} sampler cannot sample a model with prediction_type=sample"
+    if name in ("heun", "pndm") and train_scheduler_config.get("rescale_betas_zero_snr"):
+        return f"the {name} sampler cannot sample a zero-terminal-SNR schedule (rescale_betas_zero_snr=true)"
+    return None
+
+
+class EulerAncestralDiscreteScheduler(diffusers.EulerAncestralDiscreteScheduler):
+    """diffusers' Euler-ancestral sampler with its noise split computed so it cannot be NaN.
+
+    diffusers computes σ_up = sqrt(σ_to²(σ_from² − σ_to²)/σ_from²) and σ_down = sqrt(σ_to² − σ_up²);
+    in float32 σ_up² can round above σ_to², and σ_down becomes the root of a negative number: NaN
+    images (e.g. squaredcos_cap_v2 at 3 steps, zero-terminal-SNR at ≥ 286 steps). Here, with
+    r = σ_to/σ_from: σ_down = σ_to·r and σ_up = σ_to·sqrt(1 − r²), the same values in exact math.
+    """
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):  # noqa: ANN001
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        x = sample.to(torch.float32)
+        if self.config.prediction_type == "epsilon":
+            x0 = x - sigma * model_output
+        elif self.config.prediction_type == "v_prediction":
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+        else:
+            raise DifflabError(f"the euler_a sampler cannot sample prediction_type={self.config.prediction_type}")
+        r = (sigma_to / sigma).clamp(max=1.0)
+        sigma_down, sigma_up = sigma_to * r, sigma_to * (1 - r**2).clamp(min=0).sqrt()
+        x = x + (x - x0) / sigma * (sigma_down - sigma)
+        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator)
+        x = (x + noise * sigma_up).to(model_output.dtype)
+        self._step_index += 1
+        out = diffusers.schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput(
+            prev_sample=x, pred_original_sample=x0
+        )
+        return out if return_dict else (x,)
+
+
 def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) -> diffusers.SchedulerMixin:
     """A diffusers scheduler named ``name`` configured like the training noise schedule."""
     if name not in SAMPLERS:
         raise DifflabError(f"unknown scheduler {name!r}; allowed: {', '.join(SAMPLERS)}")
+    problem = sampler_problem(name, train_scheduler_config)
+    if problem:
+        raise DifflabError(f"{problem}; use ddim, dpmsolver++ or unipc")
     cls_name, extra = SAMPLERS[name]
-    cls = getattr(diffusers, cls_name)
+    cls = EulerAncestralDiscreteScheduler if name == "euler_a" else getattr(diffusers, cls_name)
     # Private keys go: diffusers drops the `_use_default_values` keys from a config, so a checkpoint's
     # config and the same config re-read from an exported pipeline would give different samplers.
     config = {k: v for k, v in dict(train_scheduler_config).items() if not k.startswith("_")}

@@ -1,0 +1,83 @@
+"""The README's multirun and sweep command lines, run as written from a fresh directory."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from difflab.checkpoints import load_checkpoint
+from tests.helpers import ROOT, difflab_cli
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `difflab-train` line of the README's bash blocks (continuations joined, comments cut)."""
+    text = (ROOT / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("difflab-train "):
+                lines.append(shlex.split(line)[1:])
+    return lines
+
+
+def sweep_lines() -> dict[str, list[str]]:
+    found = {}
+    for args in readme_commands():
+        if "hparams_search=optuna" in args:
+            found["optuna"] = args
+        elif "-m" in args and "hydra/launcher=slurm" in args:
+            found["slurm"] = args
+        elif "-m" in args:
+            found["multirun"] = args
+    return found
+
+
+def test_the_readme_shows_the_sweeps_tested_here():
+    assert set(sweep_lines()) == {"optuna", "slurm", "multirun"}
+
+
+def test_readme_multirun_line_as_written(tmp_path):
+    args = sweep_lines()["multirun"]
+    p = difflab_cli("train", *args, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs" / "multiruns").iterdir()
+    ckpts = [load_checkpoint(sweep / job / "checkpoints" / "last.ckpt") for job in ("0", "1")]
+    lrs = sorted(c["difflab"]["config"]["model"]["optimizer"]["lr"] for c in ckpts)
+    assert lrs == [0.001, 0.002] and {c["global_step"] for c in ckpts} == {200}
+
+
+def _study(tmp_path: Path):
+    import optuna
+
+    return optuna.load_study(study_name="difflab_train", storage=f"sqlite:///{tmp_path / 'logs' / 'optuna.db'}")
+
+
+def test_readme_optuna_line_runs_and_a_rerun_proposes_new_points(tmp_path):
+    # The README line with two cheap overrides appended (later overrides win): 2 trials of 20 steps.
+    args = [*sweep_lines()["optuna"], "hydra.sweeper.n_trials=2", "trainer.max_steps=20"]
+    for _ in range(2):
+        p = difflab_cli("train", *args, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+    trials = _study(tmp_path).trials
+    assert len(trials) == 4 and all(t.value is not None for t in trials)
+    first, second = [t.params for t in trials[:2]], [t.params for t in trials[2:]]
+    assert not any(p in first for p in second), (first, second)  # the rerun continued, not replayed
+
+
+@pytest.mark.slow
+def test_readme_optuna_line_verbatim(tmp_path):
+    p = difflab_cli("train", *sweep_lines()["optuna"], cwd=tmp_path, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(_study(tmp_path).trials) == 20
+
+
+def test_readme_slurm_line_composes(tmp_path):
+    # Submitting needs sbatch; `--cfg hydra` (instead of -m) composes the same line without submitting.
+    args = ["--cfg", "hydra", *(a for a in sweep_lines()["slurm"] if a != "-m")]
+    p = difflab_cli("train", *args, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "SlurmLauncher" in p.stdout and "partition: gpu" in p.stdout and "gpus_per_node: 8" in p.stdout
