@@ -53,7 +53,9 @@ def test_readme_multirun_line_as_written(tmp_path):
 def _study(tmp_path: Path):
     import optuna
 
-    return optuna.load_study(study_name="difflab_train", storage=f"sqlite:///{tmp_path / 'logs' / 'optuna.db'}")
+    return optuna.load_study(
+        study_name="difflab_train", storage=f"sqlite:///{tmp_path / 'logs' / 'optuna.db'}"
+    )
 
 
 def test_readme_optuna_line_runs_and_a_rerun_proposes_new_points(tmp_path):

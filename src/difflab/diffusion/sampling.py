@@ -58,7 +58,14 @@ class EulerAncestralDiscreteScheduler(diffusers.EulerAncestralDiscreteScheduler)
     r = σ_to/σ_from: σ_down = σ_to·r and σ_up = σ_to·sqrt(1 − r²), the same values in exact math.
     """
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):  # noqa: ANN001
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> object:
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
@@ -68,11 +75,15 @@ class EulerAncestralDiscreteScheduler(diffusers.EulerAncestralDiscreteScheduler)
         elif self.config.prediction_type == "v_prediction":
             x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
         else:
-            raise DifflabError(f"the euler_a sampler cannot sample prediction_type={self.config.prediction_type}")
+            raise DifflabError(
+                f"the euler_a sampler cannot sample prediction_type={self.config.prediction_type}"
+            )
         r = (sigma_to / sigma).clamp(max=1.0)
         sigma_down, sigma_up = sigma_to * r, sigma_to * (1 - r**2).clamp(min=0).sqrt()
         x = x + (x - x0) / sigma * (sigma_down - sigma)
-        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator)
+        noise = randn_tensor(
+            model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+        )
         x = (x + noise * sigma_up).to(model_output.dtype)
         self._step_index += 1
         out = diffusers.schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput(
