@@ -192,3 +192,31 @@ def test_hf_source_from_a_saved_dataset(tmp_path):
     assert dm.identity.startswith("hf:")
     with pytest.raises(DifflabError, match=r"image_column='image' not in dataset .*columns: picture, label"):
         HFSource(str(tmp_path / "saved"))
+
+
+def test_sampler_state_restores_the_epoch_before_lightning_sets_it():
+    # Lightning creates the resumed loader's iterator before it calls set_epoch: the sampler's own
+    # saved epoch must decide the order (the bug: epoch 0's order replayed in epoch 1).
+    s = ShardedShuffleSampler(10, seed=3)
+    s.set_epoch(1)
+    it = iter(s)
+    first = [next(it) for _ in range(4)]
+    state = s.state_dict()
+    assert state == {"epoch": 1, "yielded": 4}
+    resumed = ShardedShuffleSampler(10, seed=3)
+    resumed.load_state_dict(state)
+    it = iter(resumed)  # created first ...
+    resumed.set_epoch(1)  # ... then Lightning sets the same epoch: the position is kept
+    assert first + list(it) == [(i, 1) for i in s.order(1)]
+    assert s.order(1) != s.order(0)
+
+
+def test_sampler_state_saved_at_the_end_of_an_epoch_resumes_at_the_next():
+    s = ShardedShuffleSampler(10, seed=3, rank=1, world_size=2)
+    list(s)
+    assert s.state_dict() == {"epoch": 0, "yielded": 5}
+    resumed = ShardedShuffleSampler(10, seed=3, rank=1, world_size=2)
+    resumed.load_state_dict(s.state_dict())
+    assert list(resumed) == [(i, 1) for i in s.order(1)]
+    resumed.set_epoch(2)  # a new epoch always starts at its beginning
+    assert list(resumed) == [(i, 2) for i in s.order(2)]

@@ -325,3 +325,14 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
         assert load_checkpoint(run / "checkpoints" / "step_0000007.ckpt")["global_step"] == 7
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_divergence_under_ddp_is_one_line_too(tmp_path):
+    # A spawned rank's DifflabError comes back as torch's ProcessRaisedException with a traceback.
+    p = difflab_cli(
+        "train", *RUN, "trainer=ddp_cpu", "model.optimizer.lr=1e6", "model.warmup_steps=1",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "difflab: error: training diverged:" in p.stderr

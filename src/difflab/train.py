@@ -6,6 +6,7 @@ difflab-train experiment=digits trainer.max_steps=50 data.batch_size=32
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
+from torch.multiprocessing.spawn import ProcessRaisedException
 
 from difflab.checkpoints import check_resume_compatible, resume_checkpoint
 from difflab.config import CONF_DIR, print_error_and_exit, register_resolvers, rewrite_group_aliases, validate
@@ -79,6 +81,11 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except ProcessRaisedException as e:  # a spawned DDP rank raised: its error text is all that returns
+        found = re.search(r"^difflab\.errors\.DifflabError: (.*)$", str(e), flags=re.M)
+        if found is None:
+            raise
+        raise DifflabError(found[1]) from None
     finally:
         finish_loggers(trainer.loggers)
 
