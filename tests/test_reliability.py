@@ -15,6 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import difflab.checkpoints as ckpts
+import difflab.files
 from difflab.checkpoints import load_checkpoint
 from difflab.errors import DifflabError
 from difflab.train import train
@@ -29,6 +30,7 @@ RUN = (
     "seed=7",
     "trainer.max_steps=70",
     "model.warmup_steps=10",
+    "data.flip=true",
     "callbacks.model_checkpoint.every_n_train_steps=7",
     "callbacks.sample_grid=null",
     "callbacks.progress_bar=null",
@@ -100,7 +102,7 @@ def _folder_of_digits(root: Path, n: int = 300) -> Path:
 
 
 SLOW_VARIANTS = {
-    "accumulate_and_flip": ("trainer.accumulate_grad_batches=2", "data.flip=true"),
+    "accumulate": ("trainer.accumulate_grad_batches=2",),
     "ddp_cpu": ("trainer=ddp_cpu", "data.batch_size=32"),
 }
 
@@ -293,7 +295,7 @@ def test_disk_full_while_saving_is_one_line_and_loses_nothing(make_cfg, tmp_path
     args = (*FAST_DIGITS, "callbacks.model_checkpoint.every_n_train_steps=5")
     train(make_cfg(*args, "trainer.max_steps=5", run_dir=run))
     good = (run / "checkpoints" / "last.ckpt").read_bytes()
-    monkeypatch.setattr(ckpts, "open", lambda p, m: _FullDisk(p, m, room=100_000), raising=False)
+    monkeypatch.setattr(difflab.files, "open", lambda p, m: _FullDisk(p, m, room=100_000), raising=False)
     step10 = run / "checkpoints" / "step_0000010.ckpt"
     with pytest.raises(DifflabError) as e:
         train(make_cfg(*args, "trainer.max_steps=10", run_dir=run))
@@ -336,3 +338,18 @@ def test_divergence_under_ddp_is_one_line_too(tmp_path):
     )  # fmt: skip
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "difflab: error: training diverged:" in p.stderr
+
+
+def test_atomic_write_removes_its_temporary_file_and_names_a_full_disk(tmp_path, monkeypatch):
+    from difflab.files import DiskFullError, atomic_write, atomic_write_text
+
+    target = tmp_path / "cache.json"
+    atomic_write_text(target, "old")
+    monkeypatch.setattr(difflab.files, "open", lambda p, m: _FullDisk(p, m, room=2), raising=False)
+    with pytest.raises(DiskFullError, match="no space left on device writing"):
+        atomic_write_text(target, "new and longer", shared=True)
+    monkeypatch.undo()
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+    with pytest.raises(ZeroDivisionError):  # any other failure: propagated, nothing left behind
+        atomic_write(target, lambda f: 1 / 0)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]

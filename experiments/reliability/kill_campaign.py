@@ -58,7 +58,7 @@ def state(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-def where(step: int, per_epoch: int = 28) -> str:
+def where(step: int, per_epoch: int) -> str:
     return f"end of epoch {step // per_epoch - 1}" if step % per_epoch == 0 else f"epoch {step // per_epoch}"
 
 
@@ -110,6 +110,9 @@ def main() -> None:
     opts = parser.parse_args()
     args = [*BASE, *opts.overrides]
     max_steps = int(next(a for a in reversed(args) if a.startswith("trainer.max_steps=")).split("=")[1])
+    # Optimizer steps per epoch, for the table (digits: 28 batches of 64).
+    accumulate = [int(a.split("=")[1]) for a in args if a.startswith("trainer.accumulate_grad_batches=")]
+    per_epoch = 28 // (accumulate[-1] if accumulate else 1)
     rng = random.Random(opts.seed)
     cases = list(DEFAULT_CASES)
     if opts.cases:
@@ -132,7 +135,7 @@ def main() -> None:
             assert final["global_step"] == reference["global_step"], (final["global_step"], reference)
             worst = max(worst, d["weights"], d["optimizer"], d["ema"])
             print(
-                f"| {step} ({where(step)}) | {moment} | {resumed_from} | {d['weights']:.1e} | "
+                f"| {step} ({where(step, per_epoch)}) | {moment} | {resumed_from} | {d['weights']:.1e} | "
                 f"{d['optimizer']:.1e} | {d['ema']:.1e} |",
                 flush=True,
             )

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import pickle
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from difflab.errors import DifflabError
+from difflab.files import DiskFullError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if "://" in str(path):  # remote file systems: fall back to Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+        path = Path(path)
+        try:
+            atomic_write(path, lambda f: torch.save(checkpoint, f))
+        except DiskFullError:
+            intact = path if path.exists() else newest_checkpoint_file(path.parent)
+            kept = f"the previous checkpoint {intact} is intact" if intact else "no earlier checkpoint exists"
+            raise DifflabError(
+                f"no space left on device writing {path}; {kept}; free space and rerun"
+            ) from None
 
     def load_checkpoint(
         self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
@@ -39,47 +46,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
         return read_checkpoint_file(path)  # also Lightning's own files (ddp_spawn's .temp.ckpt)
-
-
-class _KeepsWriteErrors:
-    """A file whose ``OSError`` on write is kept: torch.save rethrows it as a RuntimeError with no errno,
-    and a full disk must be told apart from a bug."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.error = f, None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
-    """``write(f)`` into ``.<name>.tmp`` beside ``path``, fsync, rename over ``path``. Any failure removes
-    the temporary file; a full disk ends in one DifflabError naming the earlier file still intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    out = None
-    try:
-        with open(tmp, "wb") as f:
-            out = _KeepsWriteErrors(f)
-            write(out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        cause = out.error if out is not None and out.error is not None else e
-        if not isinstance(cause, OSError) or cause.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        intact = path if path.exists() else newest_checkpoint_file(path.parent)
-        kept = f"the previous checkpoint {intact} is intact" if intact else "no earlier checkpoint exists"
-        raise DifflabError(f"no space left on device writing {path}; {kept}; free space and rerun") from None
 
 
 # A PyTorch checkpoint is a zip archive; anything else cannot be one (checked before unpickling).

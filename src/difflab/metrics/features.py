@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.errors import DifflabError
+from difflab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -174,17 +174,12 @@ class ClassifierFeatures(nn.Module):
                 loss.backward()
                 opt.step()
                 correct += (logits.argmax(1) == labels[idx]).sum().item()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(
-            {
-                "state_dict": net.state_dict(),
-                "channels": images.shape[1],
-                "num_classes": int(labels.max()) + 1,
-                "train_accuracy": correct / n,
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
+        state = {
+            "state_dict": net.state_dict(),
+            "channels": images.shape[1],
+            "num_classes": int(labels.max()) + 1,
+            "train_accuracy": correct / n,
+        }
+        atomic_write(path, lambda f: torch.save(state, f), shared=True)  # ranks may train it at once
         log.info("trained FID classifier on %d images: train accuracy %.3f, saved %s", n, correct / n, path)
         return correct / n

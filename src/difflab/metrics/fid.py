@@ -22,6 +22,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from difflab.diffusion.sampling import sample_images
 from difflab.errors import DifflabError
+from difflab.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,11 @@ class RealFeatureCache:
         return torch.load(p, map_location="cpu", weights_only=True)["features"]
 
     def save(self, key: str, features: torch.Tensor, meta: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(key).with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"features": features, "meta": meta}, tmp)
-        os.replace(tmp, self.path(key))
-        self.path(key).with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        # Ranks and concurrent sweep jobs may write the same cache: per-process temporary names.
+        atomic_write(
+            self.path(key), lambda f: torch.save({"features": features, "meta": meta}, f), shared=True
+        )
+        atomic_write_text(self.path(key).with_suffix(".json"), json.dumps(meta, indent=1), shared=True)
 
 
 def real_features(
