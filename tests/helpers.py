@@ -30,6 +30,8 @@ class DumpRankState(L.Callback):
             {
                 "seen": self.seen,
                 "ema": [p.clone() for p in pl_module.ema.shadow_params],
+                # ddp_spawn: shared EMA storage would be updated by every rank (N times too fast)
+                "ema_shared": any(p.is_shared() for p in pl_module.ema.shadow_params),
                 "world_size": trainer.world_size,
             },
             self.path / f"rank{trainer.global_rank}.pt",

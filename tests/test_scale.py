@@ -56,7 +56,8 @@ def test_ddp_cpu_two_ranks(make_cfg, tmp_path):
     # Disjoint shards within each epoch (28 images/step globally: 1,797 // 64 = 28 steps an epoch).
     epoch0 = [{h for batch in r["seen"][:28] for h in batch} for r in (r0, r1)]
     assert len(epoch0[0]) > 850 and len(epoch0[0] & epoch0[1]) <= 2  # (digits holds a few duplicate images)
-    # EMA weights identical on every rank.
+    # EMA weights identical on every rank, each rank updating its own copy.
+    assert not r0["ema_shared"] and not r1["ema_shared"]
     for a, b in zip(r0["ema"], r1["ema"], strict=True):
         assert torch.equal(a, b)
     # Files written once, by rank 0.

@@ -90,6 +90,11 @@ class DiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
+        if self.ema is not None:
+            # ddp_spawn hands each worker the module through shared memory. Lightning gives the module's
+            # parameters and buffers private storage, but the EMA shadows are plain attributes: left
+            # shared, every rank lerps the same storage and the EMA moves N times too fast.
+            self.ema.shadow_params = [s.clone() if s.is_shared() else s for s in self.ema.shadow_params]
         device_type = self.trainer.strategy.root_device.type
         if not self.channels_last and uses_channels_last(
             self.channels_last_setting, self.trainer.precision, device_type
