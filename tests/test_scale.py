@@ -191,6 +191,7 @@ def test_wandb_offline_fallback_and_same_run_on_resume(make_cfg, tmp_path, monke
     config = wandb_config(first[0])  # the resolved config, logged as hyperparameters
     assert config["model"]["noise_scheduler"]["prediction_type"] == "epsilon"
     assert config["data"]["batch_size"] == 64 and config["seed"] == 42
+    time.sleep(1.1)  # wandb names offline folders to the second: a resume within it would share one
     cfg = make_cfg(*args, "trainer.max_steps=8", run_dir=run)  # ckpt_path=last: resume this run dir
     train(cfg)
     assert (run / "wandb_run_id.txt").read_text().strip() == run_id
