@@ -118,8 +118,12 @@ def main() -> None:
     if opts.cases:
         cases = [(int(c.split(":")[0]), c.split(":")[1]) for c in opts.cases.split(",")]
     moments = ("step", "after_save", "during_save")
+    every = int(next(a for a in reversed(args) if "every_n_train_steps=" in a).split("=")[1])
     for _ in range(opts.random):
-        cases.append((rng.randrange(1, max_steps), rng.choice(moments)))
+        moment = rng.choice(moments)
+        # a save moment needs a step that writes a checkpoint (every `every` steps)
+        step = rng.randrange(every, max_steps, every) if moment != "step" else rng.randrange(1, max_steps)
+        cases.append((step, moment))
 
     work = Path(tempfile.mkdtemp(prefix="difflab_kill_"))
     try:
