@@ -133,8 +133,8 @@ def main() -> None:
         print("| kill at step | moment | resumed from | weights | optimizer | EMA |")
         print("| --- | --- | --- | --- | --- | --- |")
         worst = 0.0
-        for step, moment in cases:
-            resumed_from, final = kill_and_resume(work, f"kill_{step}_{moment}", args, (step, moment))
+        for i, (step, moment) in enumerate(cases):  # i: a random case may repeat a default one
+            resumed_from, final = kill_and_resume(work, f"kill{i}_{step}_{moment}", args, (step, moment))
             d = max_abs_diff(reference, final)
             assert final["global_step"] == reference["global_step"], (final["global_step"], reference)
             worst = max(worst, d["weights"], d["optimizer"], d["ema"])
