@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,15 +15,11 @@ import torch
 from difflab.checkpoints import AtomicCheckpointIO, find_last_checkpoint, load_checkpoint
 from difflab.train import train
 from tests.conftest import FAST, FAST_DIGITS
-
-BIN = Path(sys.executable).parent
+from tests.helpers import BIN, difflab_cli
 
 
 def cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "", "WANDB_API_KEY": ""}
-    return subprocess.run(
-        [str(BIN / "difflab-train"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    return difflab_cli("train", *args, cwd=cwd, timeout=timeout)
 
 
 def losses(run: Path) -> list[float]:
