@@ -14,13 +14,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from difflab.data.transforms import ImageTransform, flip_decision, normalize_batch, to_model_input
 from difflab.errors import DifflabError
+from difflab.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Per-sample augmentation seed. Python's hash of an int tuple is stable across processes."""
-    return hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class ImageDataset(Dataset):
@@ -62,7 +58,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         """One image, augmented, not yet normalised (uint8, or float in [0, 1] for 16-bit sources)."""
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        return self.transform.augment(self.base_image(index), sample_seed(self.seed, epoch, index))
+        return self.transform.augment(self.base_image(index), derive_seed(self.seed, epoch, index))
 
     def __getitems__(self, keys: list) -> torch.Tensor | list[torch.Tensor]:
         """A whole batch at once (the DataLoader uses this when present): one gather from the prepared
@@ -72,7 +68,7 @@ class ImageDataset(Dataset):
         pairs = [k if isinstance(k, tuple) else (k, 0) for k in keys]
         batch = self.prepared[torch.tensor([i for i, _ in pairs])]
         if self.transform.flip:
-            flips = torch.tensor([flip_decision(sample_seed(self.seed, e, i)) for i, e in pairs])
+            flips = torch.tensor([flip_decision(derive_seed(self.seed, e, i)) for i, e in pairs])
             batch[flips] = batch[flips].flip(-1)
         return batch
 

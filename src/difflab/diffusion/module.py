@@ -17,6 +17,7 @@ from diffusers.optimization import get_scheduler
 from difflab.diffusion.ema import build_ema, swapped_in
 from difflab.diffusion.noise import NoiseProcess
 from difflab.errors import DifflabError
+from difflab.seeds import derive_seed
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 CHANNELS_LAST = (True, False, "auto")
@@ -122,7 +123,7 @@ class DiffusionModule(L.LightningModule):
     def _step_generator(self, batch_idx: int) -> torch.Generator:
         # Noise and timesteps are a pure function of (seed, epoch, batch, rank): they differ per rank
         # and a resumed run redraws exactly what an uninterrupted one would, with no RNG state to save.
-        key = hash((self.noise_seed, self.current_epoch, batch_idx, self.global_rank)) & 0x7FFF_FFFF_FFFF_FFFF
+        key = derive_seed(self.noise_seed, self.current_epoch, batch_idx, self.global_rank)
         return torch.Generator(self.device).manual_seed(key)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

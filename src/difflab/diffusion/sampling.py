@@ -15,6 +15,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from difflab.errors import DifflabError
+from difflab.seeds import derive_seed
 
 # name → (diffusers class, extra config). All are built from the training DDPMScheduler's config, so
 # the beta schedule, prediction type and timestep count always match what the network learned.
@@ -120,7 +121,7 @@ def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) 
 
 def image_generators(seed: int, indices: range, device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per image; image i's stream is seeded by (seed, i) alone."""
-    return [torch.Generator(device).manual_seed(hash((seed, i)) & 0x7FFF_FFFF_FFFF_FFFF) for i in indices]
+    return [torch.Generator(device).manual_seed(derive_seed(seed, i)) for i in indices]
 
 
 def _accepts(fn: object, name: str) -> bool:
