@@ -272,3 +272,22 @@ def test_ema_follows_the_live_parameters_the_optimizer_updates(make_cfg, tmp_pat
     assert any(not torch.equal(a, b) for a, b in zip(live, first.state_dict().values(), strict=True))
     for a, b in zip(live, ckpt["ema"]["shadow_params"], strict=True):
         assert torch.equal(a, b)
+
+
+def test_sampling_unet_swaps_in_the_ema_in_eval_mode_and_restores_even_on_error(make_cfg):
+    import hydra
+
+    model = hydra.utils.instantiate(make_cfg(*FAST_DIGITS).model)
+    with torch.no_grad():
+        for s in model.ema.shadow_params:
+            s.fill_(0.5)
+    live = [p.detach().clone() for p in model.unet.parameters()]
+    model.unet.train()
+    with model.sampling_unet() as unet:
+        assert not unet.training and all(bool((p == 0.5).all()) for p in unet.parameters())
+    assert model.unet.training
+    assert all(torch.equal(a, b) for a, b in zip(live, model.unet.parameters(), strict=True))
+    with pytest.raises(RuntimeError, match="sampler broke"), model.sampling_unet():
+        raise RuntimeError("sampler broke")
+    assert model.unet.training
+    assert all(torch.equal(a, b) for a, b in zip(live, model.unet.parameters(), strict=True))

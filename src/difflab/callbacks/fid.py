@@ -75,13 +75,8 @@ class FIDCallback(L.Callback):
         t0 = time.perf_counter()
         self.evaluator.to(pl_module.device)
         sampler = build_sampler(self.scheduler_name, dict(pl_module.noise_scheduler.config))
-        was_training = pl_module.unet.training
-        pl_module.unet.eval()
-        try:
-            with pl_module.ema_unet() as unet:
-                values = self.evaluator.evaluate(unet, sampler, self.steps, self.seed, self.batch_size)
-        finally:
-            pl_module.unet.train(was_training)
+        with pl_module.sampling_unet() as unet:
+            values = self.evaluator.evaluate(unet, sampler, self.steps, self.seed, self.batch_size)
         seconds = time.perf_counter() - t0
         self.seconds_spent += seconds
         pl_module.log_dict(values, rank_zero_only=False)

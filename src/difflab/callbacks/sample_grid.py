@@ -56,20 +56,9 @@ class SampleGridCallback(L.Callback):
         if not trainer.is_global_zero:
             return None
         sampler = build_sampler(self.scheduler_name, dict(pl_module.noise_scheduler.config))
-        was_training = pl_module.unet.training
-        pl_module.unet.eval()
-        try:
-            with pl_module.ema_unet() as unet:
-                images = torch.cat(
-                    [
-                        img
-                        for _, img in sample_images(
-                            unet, sampler, self.num_images, self.seed, self.steps, self.batch_size
-                        )
-                    ]
-                )
-        finally:
-            pl_module.unet.train(was_training)
+        with pl_module.sampling_unet() as unet:
+            batches = sample_images(unet, sampler, self.num_images, self.seed, self.steps, self.batch_size)
+            images = torch.cat([img for _, img in batches])
         grid = make_grid(images, nrow=self.nrow, padding=2, pad_value=1.0)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{step:07d}.png"

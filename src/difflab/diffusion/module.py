@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,14 @@ class DiffusionModule(L.LightningModule):
             self.ema.to(self.device)
 
     # ----------------------------------------------------------------------------------- sampling
-    def ema_unet(self) -> Any:
-        """Context manager: the UNet with EMA weights swapped in (live weights restored after)."""
-        return swapped_in(self.ema, self.unet)
+    @contextlib.contextmanager
+    def sampling_unet(self) -> Iterator[UNet2DModel]:
+        """The UNet as every grid and FID evaluation samples it: EMA weights swapped in, eval mode.
+        The live weights and the training mode come back afterwards, even on error."""
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            with swapped_in(self.ema, self.unet) as unet:
+                yield unet
+        finally:
+            self.unet.train(was_training)
