@@ -119,7 +119,7 @@ def test_experiment_digits_overrides_groups(make_cfg):
         ("data.crop=middle", "data.crop='middle' is not valid; allowed: center, random"),
         ("data.channels=2", "data.channels=2 is not valid; allowed: 1, 3"),
         ("trainer.precision=8-bit", "trainer.precision='8-bit' is not valid"),
-        ("callbacks.sample_grid.scheduler=magic", "callbacks.sample_grid.scheduler='magic' is not valid"),
+        ("callbacks.sample_grid.sampler=magic", "callbacks.sample_grid.sampler='magic' is not valid"),
         (
             "model.lr_schedule=step",
             "model.lr_schedule='step' is not valid; allowed: constant, cosine, linear",

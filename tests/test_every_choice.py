@@ -151,7 +151,7 @@ VALUES = [
     *(f"model.lr_schedule={v}" for v in LR_SCHEDULES),
     *(f"data.crop={v}" for v in CROPS),
     *(f"model.channels_last={str(v).lower()}" for v in CHANNELS_LAST),
-    *(f"callbacks.sample_grid.scheduler={v}" for v in SAMPLERS),
+    *(f"callbacks.sample_grid.sampler={v}" for v in SAMPLERS),
     "model.min_snr_gamma=5.0",
     "model.ema.enabled=false",
     "trainer.precision=bf16-mixed",
@@ -167,18 +167,16 @@ def test_every_allowed_value_runs_to_a_sample_grid(make_cfg, tmp_path, override)
 
 
 REFUSED_COMBOS = [
-    (("model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.scheduler=euler_a"), "euler_a"),
-    (("model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.scheduler=pndm"), "pndm"),
-    (("model.noise_scheduler.rescale_betas_zero_snr=true", "callbacks.sample_grid.scheduler=heun"), "heun"),
-    (("model.noise_scheduler.rescale_betas_zero_snr=true", "callbacks.sample_grid.scheduler=pndm"), "pndm"),
+    (("model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.sampler=euler_a"), "euler_a"),
+    (("model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.sampler=pndm"), "pndm"),
+    (("model.noise_scheduler.rescale_betas_zero_snr=true", "callbacks.sample_grid.sampler=heun"), "heun"),
+    (("model.noise_scheduler.rescale_betas_zero_snr=true", "callbacks.sample_grid.sampler=pndm"), "pndm"),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "sampler"), REFUSED_COMBOS)
 def test_sampler_and_schedule_combinations_that_cannot_sample_are_refused(make_cfg, overrides, sampler):
-    with pytest.raises(
-        DifflabError, match=f"callbacks.sample_grid.scheduler={sampler}: the {sampler} sampler"
-    ):
+    with pytest.raises(DifflabError, match=f"callbacks.sample_grid.sampler={sampler}: the {sampler} sampler"):
         validate(make_cfg(*ONE_STEP, *overrides))
 
 

@@ -217,5 +217,5 @@ def test_eval_command_writes_table_and_plot(tmp_path):
     bad = load_cli_config("eval", [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "samplers=[warp]"])
     from difflab.errors import DifflabError
 
-    with pytest.raises(DifflabError, match="unknown scheduler 'warp'"):
+    with pytest.raises(DifflabError, match="unknown sampler 'warp'"):
         evaluate(bad)

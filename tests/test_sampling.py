@@ -58,8 +58,8 @@ def test_image_i_depends_only_on_seed_and_index():
     assert len({g.initial_seed() for g in image_generators(0, range(100))}) == 100
 
 
-def test_unknown_scheduler_and_bad_counts_are_clear():
-    with pytest.raises(DifflabError, match=r"unknown scheduler 'fast'; allowed: ddpm, ddim, dpmsolver\+\+"):
+def test_unknown_sampler_and_bad_counts_are_clear():
+    with pytest.raises(DifflabError, match=r"unknown sampler 'fast'; allowed: ddpm, ddim, dpmsolver\+\+"):
         build_sampler("fast", dict(DDPMScheduler().config))
     with pytest.raises(DifflabError, match="num_images=0 must be at least 1"):
         next(sample_images(tiny_unet(), build_sampler("ddim", {}), 0, 0, 2))
@@ -100,8 +100,8 @@ def test_sample_command_writes_pngs_and_grid_batch_independent(trained_ckpt, tmp
 def test_sample_command_bad_input(trained_ckpt, tmp_path):
     with pytest.raises(DifflabError, match="num_images=0 must be at least 1"):
         sample(sample_cfg(ckpt=trained_ckpt, num_images=0, out=tmp_path))
-    with pytest.raises(DifflabError, match="unknown scheduler 'lms2'"):
-        sample(sample_cfg(ckpt=trained_ckpt, scheduler="lms2", out=tmp_path))
+    with pytest.raises(DifflabError, match="unknown sampler 'lms2'"):
+        sample(sample_cfg(ckpt=trained_ckpt, sampler="lms2", out=tmp_path))
     with pytest.raises(DifflabError, match="checkpoint not found"):
         sample(sample_cfg(ckpt=tmp_path / "missing.ckpt", out=tmp_path))
     junk = tmp_path / "junk.ckpt"

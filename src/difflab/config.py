@@ -144,11 +144,11 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "trainer.precision", PRECISIONS, errors)
     sched = OmegaConf.to_container(cfg.model.get("noise_scheduler") or DictConfig({}), resolve=True)
     for name, cb in (cfg.get("callbacks") or {}).items():
-        if isinstance(cb, DictConfig) and "scheduler" in cb:
-            _choice(cfg, f"callbacks.{name}.scheduler", tuple(SAMPLERS), errors)
-            problem = sampler_problem(cb.scheduler, sched) if cb.scheduler in SAMPLERS else None
+        if isinstance(cb, DictConfig) and "sampler" in cb:
+            _choice(cfg, f"callbacks.{name}.sampler", tuple(SAMPLERS), errors)
+            problem = sampler_problem(cb.sampler, sched) if cb.sampler in SAMPLERS else None
             if problem:
-                errors.append(f"callbacks.{name}.scheduler={cb.scheduler}: {problem}")
+                errors.append(f"callbacks.{name}.sampler={cb.sampler}: {problem}")
     unet = cfg.model.get("unet")
     if not isinstance(unet, DictConfig):
         errors.append(f"model.unet={unet!r} is not a UNet preset; choose one with model/unet=NAME")

@@ -36,7 +36,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     """One row per (sampler, steps): FID (and KID), seconds; written to ``cfg.out``."""
     unknown = [s for s in cfg.samplers if s not in SAMPLERS]
     if unknown:
-        raise DifflabError(f"unknown scheduler {unknown[0]!r}; allowed: {', '.join(SAMPLERS)}")
+        raise DifflabError(f"unknown sampler {unknown[0]!r}; allowed: {', '.join(SAMPLERS)}")
     if cfg.num_samples < 2:
         raise DifflabError(f"num_samples={cfg.num_samples} must be at least 2 for FID")
     device = resolve_device(cfg.device)

@@ -1,6 +1,6 @@
-"""`difflab-sample`: images from a checkpoint or exported pipeline with any diffusers scheduler.
+"""`difflab-sample`: images from a checkpoint or exported pipeline with any of difflab's samplers.
 
-difflab-sample ckpt=PATH num_images=N out=DIR scheduler=NAME steps=S seed=K batch_size=B
+difflab-sample ckpt=PATH num_images=N out=DIR sampler=NAME steps=S seed=K batch_size=B
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ def sample(cfg: DictConfig) -> list[Path]:
     device = resolve_device(cfg.device)
     unet, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema, channels_last=cfg.channels_last)
     unet.to(device)
-    sampler = build_sampler(cfg.scheduler, sched_cfg)
+    sampler = build_sampler(cfg.sampler, sched_cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     paths, images = [], []
     width = len(str(cfg.num_images - 1))
-    with tqdm(total=cfg.num_images, desc=f"{cfg.scheduler} x{cfg.steps}", unit="img") as bar:
+    with tqdm(total=cfg.num_images, desc=f"{cfg.sampler} x{cfg.steps}", unit="img") as bar:
         for idx, batch in sample_images(
             unet, sampler, cfg.num_images, cfg.seed, cfg.steps, cfg.batch_size, device=device
         ):

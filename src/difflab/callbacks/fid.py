@@ -31,7 +31,7 @@ class FIDCallback(L.Callback):
         every_n_steps: int = 1000,
         num_samples: int = 1000,
         num_real: int = 10000,
-        scheduler: str = "dpmsolver++",
+        sampler: str = "dpmsolver++",
         steps: int = 20,
         seed: int = 1234,
         batch_size: int = 250,
@@ -41,7 +41,7 @@ class FIDCallback(L.Callback):
     ) -> None:
         self.extractor = extractor
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
-        self.scheduler_name, self.steps, self.seed, self.batch_size = scheduler, steps, seed, batch_size
+        self.sampler_name, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
         self.kid, self.cache_dir = kid, cache_dir
         self.results_file = Path(results_file) if results_file else None
         self.evaluator: FIDEvaluator | None = None
@@ -74,7 +74,7 @@ class FIDCallback(L.Callback):
         self.last_step = trainer.global_step
         t0 = time.perf_counter()
         self.evaluator.to(pl_module.device)
-        sampler = build_sampler(self.scheduler_name, dict(pl_module.noise_scheduler.config))
+        sampler = build_sampler(self.sampler_name, dict(pl_module.noise_scheduler.config))
         with pl_module.sampling_unet() as unet:
             values = self.evaluator.evaluate(unet, sampler, self.steps, self.seed, self.batch_size)
         seconds = time.perf_counter() - t0
@@ -88,7 +88,7 @@ class FIDCallback(L.Callback):
                 "extractor": self.extractor.identity,
                 "num_samples": self.num_samples,
                 "num_real": self.num_real,
-                "sampler": self.scheduler_name,
+                "sampler": self.sampler_name,
                 "steps": self.steps,
                 "seconds": round(seconds, 2),
             }

@@ -27,7 +27,7 @@ class SampleGridCallback(L.Callback):
         dirpath: str,
         every_n_steps: int = 500,
         num_images: int = 64,
-        scheduler: str = "dpmsolver++",
+        sampler: str = "dpmsolver++",
         steps: int = 20,
         seed: int = 0,
         nrow: int | None = None,
@@ -36,7 +36,7 @@ class SampleGridCallback(L.Callback):
     ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps, self.num_images = every_n_steps, num_images
-        self.scheduler_name, self.steps, self.seed = scheduler, steps, seed
+        self.sampler_name, self.steps, self.seed = sampler, steps, seed
         self.nrow = nrow or max(1, int(num_images**0.5))
         self.batch_size, self.at_end = batch_size, on_train_end
         self.last_step = -1
@@ -55,7 +55,7 @@ class SampleGridCallback(L.Callback):
         self.last_step = step
         if not trainer.is_global_zero:
             return None
-        sampler = build_sampler(self.scheduler_name, dict(pl_module.noise_scheduler.config))
+        sampler = build_sampler(self.sampler_name, dict(pl_module.noise_scheduler.config))
         with pl_module.sampling_unet() as unet:
             batches = sample_images(unet, sampler, self.num_images, self.seed, self.steps, self.batch_size)
             images = torch.cat([img for _, img in batches])

@@ -1,4 +1,4 @@
-"""Sampling with any diffusers scheduler; image i depends only on (seed, i), never on the batch size.
+"""Sampling with a diffusers scheduler (a "sampler" here): image i depends on (seed, i), not the batch.
 
 Each image gets its own ``torch.Generator`` seeded by (seed, i); diffusers' ``randn_tensor`` draws
 per-sample noise from a list of generators, both for the initial noise and for stochastic steps,
@@ -96,7 +96,7 @@ class EulerAncestralDiscreteScheduler(diffusers.EulerAncestralDiscreteScheduler)
 def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) -> diffusers.SchedulerMixin:
     """A diffusers scheduler named ``name`` configured like the training noise schedule."""
     if name not in SAMPLERS:
-        raise DifflabError(f"unknown scheduler {name!r}; allowed: {', '.join(SAMPLERS)}")
+        raise DifflabError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
     problem = sampler_problem(name, train_scheduler_config)
     if problem:
         raise DifflabError(f"{problem}; use ddim, dpmsolver++ or unipc")
@@ -131,7 +131,7 @@ def _accepts(fn: object, name: str) -> bool:
 @torch.inference_mode()
 def sample_batch(
     unet: torch.nn.Module,
-    scheduler: diffusers.SchedulerMixin,
+    sampler: diffusers.SchedulerMixin,
     indices: range,
     seed: int,
     steps: int,
@@ -144,19 +144,19 @@ def sample_batch(
     shape = (len(indices), cfg.in_channels, cfg.sample_size, cfg.sample_size)
     gens = image_generators(seed, indices, "cpu" if device.type != "cuda" else device)
     x = randn_tensor(shape, generator=gens, device=device, dtype=dtype)
-    scheduler.set_timesteps(steps, device=device)
-    x = x * scheduler.init_noise_sigma
-    step_kwargs = {"generator": gens} if _accepts(scheduler.step, "generator") else {}
-    for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(x, t)
+    sampler.set_timesteps(steps, device=device)
+    x = x * sampler.init_noise_sigma
+    step_kwargs = {"generator": gens} if _accepts(sampler.step, "generator") else {}
+    for t in sampler.timesteps:
+        model_in = sampler.scale_model_input(x, t)
         out = unet(model_in, t).sample
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        x = sampler.step(out, t, x, **step_kwargs).prev_sample
     return (x.float() / 2 + 0.5).clamp(0, 1)
 
 
 def sample_images(
     unet: torch.nn.Module,
-    scheduler: diffusers.SchedulerMixin,
+    sampler: diffusers.SchedulerMixin,
     num_images: int,
     seed: int,
     steps: int,
@@ -171,4 +171,4 @@ def sample_images(
         raise DifflabError(f"steps={steps} must be at least 1")
     for lo in range(start, start + num_images, batch_size):
         idx = range(lo, min(lo + batch_size, start + num_images))
-        yield idx, sample_batch(unet, scheduler, idx, seed, steps, device)
+        yield idx, sample_batch(unet, sampler, idx, seed, steps, device)
