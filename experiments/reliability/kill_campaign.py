@@ -79,13 +79,12 @@ def run(args: list[str], kill: tuple[int, str] | None = None, env: dict | None =
 
 def newest_checkpoint_step(run_dir: Path) -> str:
     """The checkpoint the rerun resumes from: its file and step."""
-    from difflab.checkpoints import find_last_checkpoint
+    from difflab.checkpoints import newest_readable
 
-    found = find_last_checkpoint(run_dir)
+    found = newest_readable(run_dir)
     if found is None:
         return "(none: fresh start)"
-    step = torch.load(found, map_location="cpu", weights_only=True)["global_step"]
-    return f"{found.name} (step {step})"
+    return f"{found[0].name} (step {found[1]['global_step']})"
 
 
 def kill_and_resume(work: Path, name: str, args: list[str], kill: tuple[int, str]) -> tuple[str, dict]:

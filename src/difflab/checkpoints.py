@@ -84,17 +84,19 @@ def read_checkpoint_file(path: str | os.PathLike) -> Any:
     return ckpt
 
 
+def _newest_first(files: list[Path]) -> list[Path]:
+    # last.ckpt wins a tie: it is written right after the step checkpoint of the same step.
+    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+
+
 def checkpoint_files(run_dir: str | os.PathLike) -> list[Path]:
     """A run dir's checkpoints (``checkpoints/*.ckpt`` or Lightning's SLURM ``hpc_ckpt_*``), newest first."""
     run_dir = Path(run_dir)
-    found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    # last.ckpt wins a tie: it is written right after the step checkpoint of the same step.
-    found.sort(key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
-    return found
+    return _newest_first([*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")])
 
 
 def newest_checkpoint_file(ckpt_dir: Path) -> Path | None:
-    files = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    files = _newest_first(list(ckpt_dir.glob("*.ckpt")))
     return files[0] if files else None
 
 

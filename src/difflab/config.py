@@ -64,13 +64,9 @@ def make_dir(path: str) -> str:
     return path
 
 
-def _study_seed(seed: int | None, storage: str, study_name: str) -> int | None:
-    from difflab.sweeps import study_seed
-
-    return study_seed(seed, storage, study_name)
-
-
 def register_resolvers() -> None:
+    from difflab.sweeps import study_seed  # imports optuna only when a sweep config resolves it
+
     if not OmegaConf.has_resolver("difflab_run_dir"):
         OmegaConf.register_new_resolver("difflab_run_dir", _run_dir_once)
         OmegaConf.register_new_resolver("difflab_unique", unique_suffix)
@@ -78,7 +74,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("difflab_mkdir", make_dir)
         # The launch dir (hydra.job.chdir is false, so it stays the cwd); usable before HydraConfig is set.
         OmegaConf.register_new_resolver("difflab_cwd", os.getcwd)
-        OmegaConf.register_new_resolver("difflab_study_seed", _study_seed)
+        OmegaConf.register_new_resolver("difflab_study_seed", study_seed)
 
 
 # `model.unet=tiny` reads naturally but Hydra selects groups with a slash; accept both spellings.

@@ -232,8 +232,8 @@ class DiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Raising here stops the write: a diverged model never replaces a good checkpoint. One host
-        # sync per checkpoint (per-tensor isfinite: a norm would overflow on large finite weights).
+        # Raising here stops the write: a diverged model never replaces a good checkpoint. Two host
+        # syncs per checkpoint (per-tensor isfinite: a norm would overflow on large finite weights).
         tensors = [p.detach() for p in self.unet.parameters()]
         tensors += list(self.ema.shadow_params) if self.ema is not None else []
         finite = torch.stack([t.isfinite().all() for t in tensors])
