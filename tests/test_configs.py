@@ -10,11 +10,14 @@ import pytest
 from diffusers import UNet2DModel
 from omegaconf import DictConfig
 
-from difflab.config import CONF_DIR, rewrite_group_aliases, validate
+from difflab.cli import rewrite_group_aliases
+from difflab.config import CONF_DIR
 from difflab.data.datamodule import ImageDataModule
 from difflab.diffusion.module import DiffusionModule
 from difflab.errors import DifflabError
-from difflab.train import instantiate_group
+from difflab.train import COMMAND, instantiate_group
+
+validate = COMMAND.check  # every start-up check `difflab-train` runs before Hydra starts
 
 CONF = Path(CONF_DIR)
 
@@ -116,21 +119,18 @@ def test_experiment_digits_overrides_groups(make_cfg):
     [
         ("model.noise_scheduler.prediction_type=eps", "allowed: epsilon, sample, v_prediction"),
         ("model.noise_scheduler.beta_schedule=cosine", "allowed: linear, scaled_linear"),
-        ("data.crop=middle", "data.crop='middle' is not valid; allowed: center, random"),
+        ("data.crop=middle", "data.crop=middle is not valid; allowed: center, random"),
         ("data.channels=2", "data.channels=2 is not valid; allowed: 1, 3"),
-        ("trainer.precision=8-bit", "trainer.precision='8-bit' is not valid"),
-        ("callbacks.sample_grid.sampler=magic", "callbacks.sample_grid.sampler='magic' is not valid"),
-        (
-            "model.lr_schedule=step",
-            "model.lr_schedule='step' is not valid; allowed: constant, cosine, linear",
-        ),
+        ("trainer.precision=8-bit", "trainer.precision=8-bit is not valid"),
+        ("callbacks.sample_grid.sampler=magic", "callbacks.sample_grid.sampler=magic is not valid"),
+        ("model.lr_schedule=step", "model.lr_schedule=step is not valid; allowed: constant, cosine, linear"),
         ("data.resolution=30", "data.resolution=30 must be divisible by 4"),
-        ("model.channels_last=yes", "model.channels_last='yes' is not valid; allowed: true, false, auto"),
+        ("model.channels_last=yes", "model.channels_last=yes is not valid; allowed: auto or true or false"),
     ],
 )
 def test_invalid_values_name_the_key_and_allowed_values(make_cfg, override, message):
     cfg = make_cfg(override)
-    with pytest.raises(DifflabError, match="invalid config") as e:
+    with pytest.raises(DifflabError) as e:
         validate(cfg)
     assert message in str(e.value)
 

@@ -138,7 +138,8 @@ def test_slurm_launcher_config_composes_and_instantiates(make_cfg, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from difflab.config import CONF_DIR, register_resolvers
+    from difflab.cli import register_resolvers
+    from difflab.config import CONF_DIR
 
     register_resolvers()
     GlobalHydra.instance().clear()

@@ -1,6 +1,7 @@
 """`difflab-eval`: FID/KID of a checkpoint for samplers x steps; a JSON/CSV table and a FID-vs-steps plot.
 
-difflab-eval ckpt=PATH samplers=[dpmsolver++,ddim] steps=[10,20,50] num_samples=1000
+difflab-eval ckpt=PATH sampler=[dpmsolver++,ddim] steps=[10,20,50] num_samples=1000   (one table)
+difflab-eval -m ckpt=PATH sampler=ddim,dpmsolver++ steps=10,20       (one table per job, out/<overrides>)
 """
 
 from __future__ import annotations
@@ -9,66 +10,72 @@ import csv
 import json
 import time
 from pathlib import Path
+from typing import Annotated
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from difflab.checkpoints import load_trained_unet
-from difflab.config import resolve_device, run_command
-from difflab.diffusion.sampling import build_sampler
+from difflab.cli import Command, instantiate, keywords
+from difflab.diffusion.module import ChannelsLast, uses_channels_last
+from difflab.diffusion.sampling import SamplerName, build_sampler
 from difflab.errors import DifflabError
-from difflab.metrics.features import ClassifierFeatures, InceptionFeatures
 from difflab.metrics.fid import FIDEvaluator, real_features
-
-EXTRACTORS = ("classifier", "inception")
-
-
-def build_extractor(cfg: DictConfig) -> torch.nn.Module:
-    if cfg.extractor not in EXTRACTORS:
-        raise DifflabError(f"extractor={cfg.extractor!r} is not valid; allowed: {', '.join(EXTRACTORS)}")
-    if cfg.extractor == "inception":
-        return InceptionFeatures(cfg.inception_weights)
-    return ClassifierFeatures(cache_dir=cfg.cache_dir)
+from difflab.rules import AtLeast, Device, Exists, resolve_device
 
 
-def evaluate(cfg: DictConfig) -> list[dict]:
-    """One row per (sampler, steps): FID (and KID), seconds; written to ``cfg.out``."""
-    if cfg.num_samples < 2:
-        raise DifflabError(f"num_samples={cfg.num_samples} must be at least 2 for FID")
-    device = resolve_device(cfg.device)
-    unet, sched_cfg, run_cfg = load_trained_unet(
-        cfg.ckpt, use_ema=cfg.use_ema, channels_last=cfg.channels_last
-    )
-    for name in cfg.samplers:  # build_sampler's own checks (name, schedule), before the costly setup
+def evaluate(
+    ckpt: Annotated[str, Exists("file")],
+    sampler: SamplerName | list[SamplerName],
+    steps: Annotated[int, AtLeast(1)] | list[Annotated[int, AtLeast(1)]],
+    num_samples: Annotated[int, AtLeast(2)],
+    num_real: Annotated[int, AtLeast(2)],
+    extractor: nn.Module,
+    cache_dir: str,
+    kid: bool,
+    seed: int,
+    batch_size: Annotated[int, AtLeast(1)],
+    out: str,
+    device: Annotated[str, Device()],
+    use_ema: bool,
+    channels_last: ChannelsLast,
+) -> list[dict]:
+    """One row per (sampler, steps): FID (and KID), seconds; written to ``out`` (conf/eval.yaml
+    documents each setting). ``extractor`` comes from the metrics group, as in training."""
+    samplers = [sampler] if isinstance(sampler, str) else list(sampler)
+    step_counts = [steps] if isinstance(steps, int) else list(steps)
+    device = resolve_device(device)
+    nhwc = uses_channels_last(channels_last, "32-true", torch.device(device).type)
+    unet, sched_cfg, run_cfg = load_trained_unet(ckpt, use_ema=use_ema, channels_last=nhwc)
+    for name in samplers:  # build_sampler's own checks (the training schedule), before the costly setup
         build_sampler(name, sched_cfg)
     if "data" not in run_cfg:
-        raise DifflabError(f"{cfg.ckpt} carries no data config; evaluate a training .ckpt, not an export")
-    datamodule = hydra.utils.instantiate(OmegaConf.create(run_cfg["data"]))
-    extractor = build_extractor(cfg)
+        raise DifflabError(f"{ckpt} carries no data config; evaluate a training .ckpt, not an export")
+    datamodule = instantiate(OmegaConf.create(run_cfg["data"]))
     extractor.prepare(datamodule)
-    feats = real_features(datamodule, extractor, cfg.num_real, cfg.cache_dir, torch.device("cpu"))
-    evaluator = FIDEvaluator(extractor, cfg.num_samples, kid=cfg.kid)
+    feats = real_features(datamodule, extractor, num_real, cache_dir, torch.device("cpu"))
+    evaluator = FIDEvaluator(extractor, num_samples, kid=kid)
     evaluator.set_real_features(feats)
     evaluator.to(torch.device(device))
     unet.to(device)
     rows = []
-    for name in cfg.samplers:
-        for steps in cfg.steps:
+    for name in samplers:
+        for count in step_counts:
             t0 = time.perf_counter()
-            values = evaluator.evaluate(unet, build_sampler(name, sched_cfg), steps, cfg.seed, cfg.batch_size)
+            values = evaluator.evaluate(unet, build_sampler(name, sched_cfg), count, seed, batch_size)
             row = {
                 "sampler": name,
-                "steps": steps,
+                "steps": count,
                 **values,
                 "seconds": round(time.perf_counter() - t0, 2),
                 "extractor": extractor.identity,
-                "num_samples": cfg.num_samples,
+                "num_samples": num_samples,
                 "num_real": len(feats),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    write_results(rows, Path(cfg.out), evaluator.names()["fid"])
+    write_results(rows, Path(out), evaluator.names()["fid"])
     return rows
 
 
@@ -98,11 +105,18 @@ def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    def command(cfg: DictConfig) -> str:
-        return f"{len(evaluate(cfg))} rows: {cfg.out}/results.json, results.csv, fid_vs_steps.png"
+def run(cfg: DictConfig) -> list[dict]:
+    kwargs = keywords(evaluate, cfg)
+    rows = evaluate(**kwargs)
+    print(f"{len(rows)} rows: {kwargs['out']}/results.json, results.csv, fid_vs_steps.png")
+    return rows
 
-    run_command("eval", command, argv)
+
+COMMAND = Command("eval", run, evaluate)
+
+
+def main(argv: list[str] | None = None) -> None:
+    COMMAND.main(argv)
 
 
 if __name__ == "__main__":

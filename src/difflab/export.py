@@ -5,46 +5,76 @@ difflab-export ckpt=PATH out=DIR [push_to_hub=true hub_repo_id=user/name]
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from omegaconf import DictConfig
 
 from difflab.checkpoints import load_trained_unet
-from difflab.config import run_command
-from difflab.errors import DifflabError
+from difflab.cli import Command, keywords
+from difflab.rules import Exists
 
 
-def export(cfg: DictConfig) -> Path:
-    """Write the pipeline to ``cfg.out`` (and optionally push that folder alone to the Hub)."""
-    if Path(cfg.ckpt).is_dir():
-        raise DifflabError(f"{cfg.ckpt} is a directory; difflab-export takes a training .ckpt file")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise DifflabError(f"out={out} is an existing file; give a directory for the pipeline")
-    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
-        raise DifflabError(
-            f"out={out} is a non-empty directory that holds no exported pipeline; "
-            "give a new or empty directory (an earlier export there is replaced)"
-        )
+@dataclass(frozen=True)
+class PipelineDir:
+    """Where an export may go: a new or empty directory, or an earlier export (which is replaced)."""
+
+    def problem(self, value: Any) -> str | None:
+        out = Path(str(value))
+        if out.exists() and not out.is_dir():
+            return "is an existing file; give a directory for the pipeline"
+        if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+            return (
+                "is a non-empty directory that holds no exported pipeline; "
+                "give a new or empty directory (an earlier export there is replaced)"
+            )
+        return None
+
+
+def export(
+    ckpt: Annotated[str, Exists("file")],
+    out: Annotated[str, PipelineDir()],
+    use_ema: bool,
+    push_to_hub: bool,
+    hub_repo_id: str | None,
+    hub_private: bool,
+) -> Path:
+    """Write the pipeline to ``out`` (and optionally push that folder alone to the Hub)."""
     # model_index.json names each component's class: write diffusers' own UNet2DModel (difflab's
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
-    unet, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema, unet_class=UNet2DModel)
+    unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, unet_class=UNet2DModel)
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(sched_cfg))
     pipe.save_pretrained(out, safe_serialization=True)
-    if cfg.push_to_hub:
-        if not cfg.hub_repo_id:
-            raise DifflabError("push_to_hub=true needs hub_repo_id=<user>/<name>")
+    if push_to_hub:
         from huggingface_hub import create_repo, upload_folder
 
-        create_repo(cfg.hub_repo_id, private=cfg.hub_private, exist_ok=True)
+        create_repo(hub_repo_id, private=hub_private, exist_ok=True)
         # Only the exported folder goes up; checkpoints and logs live elsewhere and never travel.
-        upload_folder(repo_id=cfg.hub_repo_id, folder_path=str(out), commit_message="difflab export")
+        upload_folder(repo_id=hub_repo_id, folder_path=str(out), commit_message="difflab export")
+    return Path(out)
+
+
+def checks(cfg: DictConfig) -> list[str]:
+    return (
+        ["push_to_hub=true needs hub_repo_id=<user>/<name>"]
+        if cfg.push_to_hub and not cfg.hub_repo_id
+        else []
+    )
+
+
+def run(cfg: DictConfig) -> Path:
+    out = export(**keywords(export, cfg))
+    print(f"exported pipeline to {out}")
     return out
 
 
+COMMAND = Command("export", run, export, checks)
+
+
 def main(argv: list[str] | None = None) -> None:
-    run_command("export", lambda cfg: f"exported pipeline to {export(cfg)}", argv)
+    COMMAND.main(argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """`difflab-sample`: images from a checkpoint or exported pipeline with any of difflab's samplers.
 
 difflab-sample ckpt=PATH num_images=N out=DIR sampler=NAME steps=S seed=K batch_size=B
+difflab-sample -m ckpt=PATH sampler=ddim,unipc steps=10,20     (one subdir of out per combination)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from omegaconf import DictConfig
@@ -13,44 +15,66 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from difflab.checkpoints import load_trained_unet
-from difflab.config import resolve_device, run_command
-from difflab.diffusion.sampling import build_sampler, sample_images
-from difflab.errors import DifflabError
+from difflab.cli import Command, keywords
+from difflab.diffusion.module import ChannelsLast, uses_channels_last
+from difflab.diffusion.sampling import SamplerName, build_sampler, sample_images
+from difflab.rules import AtLeast, Device, Exists, resolve_device
 
 
-def sample(cfg: DictConfig) -> list[Path]:
-    """Write ``cfg.num_images`` PNGs (and a grid) to ``cfg.out``; returns the image paths."""
-    if cfg.num_images < 1:
-        raise DifflabError(f"num_images={cfg.num_images} must be at least 1")
-    device = resolve_device(cfg.device)
-    unet, sched_cfg, _ = load_trained_unet(cfg.ckpt, use_ema=cfg.use_ema, channels_last=cfg.channels_last)
+def sample(
+    ckpt: Annotated[str, Exists()],
+    out: str,
+    num_images: Annotated[int, AtLeast(1)],
+    sampler: SamplerName,
+    steps: Annotated[int, AtLeast(1)],
+    seed: int,
+    batch_size: Annotated[int, AtLeast(1)],
+    device: Annotated[str, Device()],
+    use_ema: bool,
+    channels_last: ChannelsLast,
+    grid: bool,
+) -> list[Path]:
+    """Write ``num_images`` PNGs (and a grid) to ``out``; returns the image paths (conf/sample.yaml
+    documents each setting)."""
+    device = resolve_device(device)
+    nhwc = uses_channels_last(channels_last, "32-true", torch.device(device).type)
+    unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, channels_last=nhwc)
     unet.to(device)
-    sampler = build_sampler(cfg.sampler, sched_cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    scheduler = build_sampler(sampler, sched_cfg)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
     paths, images = [], []
-    width = len(str(cfg.num_images - 1))
-    with tqdm(total=cfg.num_images, desc=f"{cfg.sampler} x{cfg.steps}", unit="img") as bar:
-        for idx, batch in sample_images(
-            unet, sampler, cfg.num_images, cfg.seed, cfg.steps, cfg.batch_size, device=device
-        ):
+    width = len(str(num_images - 1))
+    with tqdm(total=num_images, desc=f"{sampler} x{steps}", unit="img") as bar:
+        for idx, batch in sample_images(unet, scheduler, num_images, seed, steps, batch_size, device=device):
             for i, img in zip(idx, batch.cpu(), strict=True):
-                path = out / f"{i:0{width}d}.png"
+                path = folder / f"{i:0{width}d}.png"
                 save_image(img, path)
                 paths.append(path)
-            if cfg.grid:
+            if grid:
                 images.append(batch.cpu())
             bar.update(len(idx))
-    if cfg.grid:
-        grid = torch.cat(images)
+    if grid:
+        every = torch.cat(images)
         save_image(
-            make_grid(grid, nrow=max(1, int(len(grid) ** 0.5)), padding=2, pad_value=1.0), out / "grid.png"
+            make_grid(every, nrow=max(1, int(len(every) ** 0.5)), padding=2, pad_value=1.0),
+            folder / "grid.png",
         )
     return paths
 
 
+def run(cfg: DictConfig) -> list[Path]:
+    kwargs = keywords(sample, cfg)
+    paths = sample(**kwargs)
+    print(f"wrote {len(paths)} images to {kwargs['out']}")
+    return paths
+
+
+COMMAND = Command("sample", run, sample)
+
+
 def main(argv: list[str] | None = None) -> None:
-    run_command("sample", lambda cfg: f"wrote {len(sample(cfg))} images to {cfg.out}", argv)
+    COMMAND.main(argv)
 
 
 if __name__ == "__main__":

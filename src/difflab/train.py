@@ -7,37 +7,75 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from pathlib import Path
 
-import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessRaisedException
 
 from difflab.checkpoints import check_resume_compatible, resume_checkpoint
-from difflab.config import CONF_DIR, print_error_and_exit, register_resolvers, rewrite_group_aliases, validate
+from difflab.cli import Command, instantiate
+from difflab.diffusion.sampling import sampler_problem
 from difflab.errors import DifflabError
 from difflab.loggers import finish_loggers
 
 log = logging.getLogger("difflab.train")
 
 
-def instantiate(config: DictConfig, **kwargs: object) -> object:
-    """``hydra.utils.instantiate``, with a DifflabError from a constructor passed on as itself: Hydra
-    wraps it in "Error in call to target ..." lines, and the user should read one line."""
-    try:
-        return hydra.utils.instantiate(config, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, DifflabError):
-            cause = cause.__cause__
-        if cause is None:
-            raise
-        raise cause from None
+def settings(task_name: str, seed: int | None, ckpt_path: str | None, optimized_metric: str | None) -> None:
+    """The top-level keys of conf/train.yaml (the start-up check reads these type hints)."""
+
+
+def _precision_problems(cfg: DictConfig) -> list[str]:
+    """Precision or accelerator the hardware cannot run (the precision names are Lightning's rule)."""
+    import torch
+
+    precision = str(cfg.trainer.get("precision"))
+    accelerator = cfg.trainer.get("accelerator")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return [f"trainer.accelerator={accelerator} but no CUDA GPU is visible; use trainer=cpu or ddp_cpu"]
+    if precision.startswith("16") and not on_gpu:
+        return [
+            f"trainer.precision={precision} needs a GPU (accelerator={accelerator}); "
+            "on CPU use bf16-mixed or 32-true"
+        ]
+    if (
+        precision.startswith("bf16")
+        and on_gpu
+        and torch.cuda.is_available()
+        and not torch.cuda.is_bf16_supported()
+    ):
+        return [f"trainer.precision={precision}: this GPU has no bf16; use 16-mixed or 32-true"]
+    return []
+
+
+def cross_group_problems(cfg: DictConfig) -> list[str]:
+    """The start-up checks that span config groups (each group's own values are its constructors'
+    rules, checked from their signatures): image size vs UNet depth, precision vs hardware, a
+    callback's sampler vs the model's noise schedule."""
+    problems: list[str] = []
+    unet = cfg.model.get("unet")
+    if not isinstance(unet, DictConfig):
+        problems.append(f"model.unet={unet!r} is not a UNet preset; choose one with model/unet=NAME")
+    else:
+        depth = len(unet.block_out_channels) - 1
+        res = cfg.data.resolution
+        if res % (2**depth):
+            problems.append(
+                f"data.resolution={res} must be divisible by {2**depth} for a UNet with "
+                f"{depth + 1} blocks (model.unet.block_out_channels)"
+            )
+    problems += _precision_problems(cfg)
+    schedule = OmegaConf.to_container(cfg.model.get("noise_scheduler") or DictConfig({}), resolve=True)
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        why = (
+            sampler_problem(cb.sampler, schedule) if isinstance(cb, DictConfig) and "sampler" in cb else None
+        )
+        if why:
+            problems.append(f"callbacks.{name}.sampler={cb.sampler}: {why}")
+    return problems
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -48,14 +86,19 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train one run and return ``cfg.optimized_metric`` (for sweepers), or None if it was not logged."""
-    validate(cfg)
+    """Train one run and return ``cfg.optimized_metric`` (for sweepers), or None if it was not logged.
+    ``cfg`` passed COMMAND's start-up checks (the console script runs them before Hydra starts)."""
     if cfg.get("seed") is not None:  # `is not None`: seed=0 is a seed
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    log.info("run dir: %s", output_dir)
     resume = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
     ckpt_path = resume[0] if resume else None
 
+    # Callbacks and loggers first: the cheap objects whose constructors can still refuse (a missing
+    # Inception file) before the model is built.
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     # Set after instantiation: passed to instantiate, the `_target_`s inside would be built too.
@@ -68,8 +111,6 @@ def train(cfg: DictConfig) -> float | None:
         log.info("resuming from %s", ckpt_path)
         resume = None  # release the loaded copy before Lightning loads the file again
 
-    loggers = instantiate_group(cfg.get("logger"))
-    callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # logger=none: Lightning refuses an LR monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -93,22 +134,11 @@ def train(cfg: DictConfig) -> float | None:
     return float(metric) if metric is not None else None
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    try:
-        return train(cfg)
-    except DifflabError as e:
-        print_error_and_exit(e)
-    finally:
-        if HydraConfig.initialized():
-            log.info("run dir: %s", HydraConfig.get().runtime.output_dir)
-    return None
+COMMAND = Command("train", train, settings, cross_group_problems)
 
 
-def main() -> None:
-    register_resolvers()
-    sys.argv = rewrite_group_aliases(sys.argv)
-    _hydra_main()
+def main(argv: list[str] | None = None) -> None:
+    COMMAND.main(argv)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import torch
 from torch import nn
 
-from difflab.diffusion.sampling import build_sampler
+from difflab.diffusion.sampling import SamplerName, build_sampler
 from difflab.metrics.fid import FIDEvaluator, real_features
+from difflab.rules import AtLeast
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,13 @@ class FIDCallback(L.Callback):
     def __init__(
         self,
         extractor: nn.Module,
-        every_n_steps: int = 1000,
-        num_samples: int = 1000,
-        num_real: int = 10000,
-        sampler: str = "dpmsolver++",
-        steps: int = 20,
+        every_n_steps: Annotated[int, AtLeast(0)] = 1000,
+        num_samples: Annotated[int, AtLeast(2)] = 1000,
+        num_real: Annotated[int, AtLeast(2)] = 10000,
+        sampler: SamplerName = "dpmsolver++",
+        steps: Annotated[int, AtLeast(1)] = 20,
         seed: int = 1234,
-        batch_size: int = 250,
+        batch_size: Annotated[int, AtLeast(1)] = 250,
         kid: bool = False,
         cache_dir: str = "data_cache/fid",
         results_file: str | None = None,
@@ -46,7 +48,6 @@ class FIDCallback(L.Callback):
         self.results_file = Path(results_file) if results_file else None
         self.evaluator: FIDEvaluator | None = None
         self.last_step = -1
-        self.seconds_spent = 0.0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.evaluator is not None:
@@ -78,7 +79,6 @@ class FIDCallback(L.Callback):
         with pl_module.sampling_unet() as unet:
             values = self.evaluator.evaluate(unet, sampler, self.steps, self.seed, self.batch_size)
         seconds = time.perf_counter() - t0
-        self.seconds_spent += seconds
         pl_module.log_dict(values, rank_zero_only=False)
         pl_module.log("perf/fid_seconds", seconds)
         if trainer.is_global_zero and self.results_file is not None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
-from difflab.diffusion.sampling import build_sampler, sample_images
+from difflab.diffusion.sampling import SamplerName, build_sampler, sample_images
+from difflab.rules import AtLeast
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +27,13 @@ class SampleGridCallback(L.Callback):
     def __init__(
         self,
         dirpath: str,
-        every_n_steps: int = 500,
-        num_images: int = 64,
-        sampler: str = "dpmsolver++",
-        steps: int = 20,
+        every_n_steps: Annotated[int, AtLeast(0)] = 500,
+        num_images: Annotated[int, AtLeast(1)] = 64,
+        sampler: SamplerName = "dpmsolver++",
+        steps: Annotated[int, AtLeast(1)] = 20,
         seed: int = 0,
-        nrow: int | None = None,
-        batch_size: int = 64,
+        nrow: Annotated[int, AtLeast(1)] | None = None,
+        batch_size: Annotated[int, AtLeast(1)] = 64,
         on_train_end: bool = True,
     ) -> None:
         self.dirpath = Path(dirpath)

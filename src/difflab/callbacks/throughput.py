@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 import lightning as L
+
+from difflab.rules import AtLeast
 
 
 class ThroughputCallback(L.Callback):
@@ -14,11 +17,12 @@ class ThroughputCallback(L.Callback):
     over a window of N steps needs neither (the queue of launched kernels is bounded).
     """
 
-    def __init__(self, every_n_steps: int | None = None) -> None:
+    def __init__(self, every_n_steps: Annotated[int, AtLeast(1)] | None = None) -> None:
         self.every_n_steps = every_n_steps
         self._t0: float | None = None
         self._step0 = 0
         self._rate: float | None = None
+        self._seen_step = -1
 
     @staticmethod
     def global_batch(trainer: L.Trainer) -> int:
@@ -30,14 +34,18 @@ class ThroughputCallback(L.Callback):
         self._t0, self._step0 = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        every = self.every_n_steps or trainer.log_every_n_steps
         step, gb = trainer.global_step, self.global_batch(trainer)
+        if step == self._seen_step:
+            return  # a micro-batch that did not step (gradient accumulation)
+        self._seen_step = step
+        every = self.every_n_steps or trainer.log_every_n_steps
         if self._t0 is not None and step - self._step0 >= every:
             now = time.perf_counter()
             self._rate = gb * (step - self._step0) / (now - self._t0)
             self._t0, self._step0 = now, step
-        if not trainer._logger_connector.should_update_logs:
-            return  # Lightning only hands metrics to loggers on log steps; skip the Python cost otherwise
+        log_every = trainer.log_every_n_steps
+        if not log_every or (step % log_every and not trainer.should_stop):
+            return  # Lightning hands metrics to loggers only every log_every_n_steps: skip the Python cost
         values = {"perf/global_batch": float(gb), "train/kimg": step * gb / 1000}
         if self._rate is not None:
             values["perf/images_per_sec"] = self._rate

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from difflab.data.transforms import ImageTransform, flip_decision, normalize_batch, to_model_input
+from difflab.data.transforms import Crop, ImageTransform, flip_decision, normalize_batch, to_model_input
 from difflab.errors import DifflabError
+from difflab.rules import AtLeast, Between
 from difflab.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -150,13 +151,13 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: Callable[[], Any],
-        resolution: int = 32,
-        channels: int = 3,
-        crop: str = "center",
+        resolution: Annotated[int, AtLeast(1)] = 32,
+        channels: Literal[1, 3] = 3,
+        crop: Crop = "center",
         flip: bool = False,
-        background: Sequence[int] = (255, 255, 255),
-        batch_size: int = 64,
-        num_workers: int = 0,
+        background: Sequence[Annotated[int, Between(0, 255)]] = (255, 255, 255),
+        batch_size: Annotated[int, AtLeast(1)] = 64,
+        num_workers: Annotated[int, AtLeast(0)] = 0,
         persistent_workers: bool = True,
         pin_memory: bool = False,
         drop_last: bool = True,
@@ -165,10 +166,6 @@ class ImageDataModule(L.LightningDataModule):
         skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
-        if channels not in (1, 3):
-            raise DifflabError(f"data.channels={channels} is not valid; allowed: 1, 3")
-        if resolution < 1 or batch_size < 1:
-            raise DifflabError("data.resolution and data.batch_size must be positive integers")
         self.source_factory = source
         self.resolution, self.channels = resolution, channels
         self.transform = ImageTransform(resolution, channels, crop=crop, flip=flip)

@@ -14,12 +14,14 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from difflab.errors import DifflabError
+from difflab.rules import AtLeast, Exists
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,15 @@ class InMemorySource:
         return self.images[i]
 
 
+Split = Literal["train", "test"]
+MaxItems = Annotated[int, AtLeast(1)] | None  # use only the first N images (None: all)
+
+
 def _limit(images: torch.Tensor, max_items: int | None) -> torch.Tensor:
     return images if max_items is None else images[:max_items]
 
 
-def digits_source(max_items: int | None = None) -> InMemorySource:
+def digits_source(max_items: MaxItems = None) -> InMemorySource:
     """scikit-learn's bundled 1,797 8x8 grey digits (0..16 intensities), for fast tests."""
     from sklearn.datasets import load_digits
 
@@ -84,13 +90,11 @@ def _read_idx_images(path: Path) -> torch.Tensor:
 
 def fashion_mnist_source(
     root: str = "/usr/share/datasets/fashion-mnist",
-    split: str = "train",
+    split: Split = "train",
     download_root: str | None = None,
-    max_items: int | None = None,
+    max_items: MaxItems = None,
 ) -> InMemorySource:
     """Fashion-MNIST from Debian's `dataset-fashion-mnist` IDX files; torchvision download as fallback."""
-    if split not in ("train", "test"):
-        raise DifflabError(f"data.source.split={split!r} is not valid; allowed: train, test")
     prefix = "train" if split == "train" else "t10k"
     for name in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte"):
         path = Path(root) / name
@@ -130,14 +134,13 @@ def _torchvision_images(name: str, root: str, train: bool) -> tuple[torch.Tensor
 
 
 def torchvision_source(
-    name: str, root: str, split: str = "train", max_items: int | None = None
+    name: Literal["mnist", "cifar10", "fashion_mnist"],
+    root: str,
+    split: Split = "train",
+    max_items: MaxItems = None,
 ) -> InMemorySource:
     """MNIST or CIFAR-10 through torchvision (downloads into ``root`` when the network allows)."""
     allowed = {"mnist": "MNIST", "cifar10": "CIFAR10", "fashion_mnist": "FashionMNIST"}
-    if name not in allowed:
-        raise DifflabError(f"data.source.name={name!r} is not valid; allowed: {', '.join(allowed)}")
-    if split not in ("train", "test"):
-        raise DifflabError(f"data.source.split={split!r} is not valid; allowed: train, test")
     found = _torchvision_images(allowed[name], root, split == "train")
     if found is None:
         raise DifflabError(
@@ -167,10 +170,10 @@ class FolderSource:
 
     def __init__(
         self,
-        path: str,
+        path: Annotated[str, Exists("dir")],
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         skip_bad_images: bool = False,
-        max_items: int | None = None,
+        max_items: MaxItems = None,
     ) -> None:
         root = Path(path).expanduser()
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
@@ -229,7 +232,7 @@ class HFSource:
         image_column: str = "image",
         config_name: str | None = None,
         data_dir: str | None = None,
-        max_items: int | None = None,
+        max_items: MaxItems = None,
     ) -> None:
         import datasets
 

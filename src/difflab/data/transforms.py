@@ -10,6 +10,7 @@ crosses the loader and the host-to-device copy, four times fewer bytes than floa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-CROPS = ("center", "random")
+# CenterCrop or RandomCrop after resizing the shorter side.
+Crop = Literal["center", "random"]
 
 
 def _composite_alpha(img: Image.Image, background: Sequence[int]) -> Image.Image:
@@ -85,9 +87,7 @@ def normalize_batch(batch: torch.Tensor) -> torch.Tensor:
 class ImageTransform:
     """Resize(shorter side) → CenterCrop|RandomCrop → [horizontal flip]; then ``normalize_batch``."""
 
-    def __init__(self, resolution: int, channels: int, crop: str = "center", flip: bool = False) -> None:
-        if crop not in CROPS:
-            raise ValueError(f"crop={crop!r} is not valid; allowed: {', '.join(CROPS)}")
+    def __init__(self, resolution: int, channels: int, crop: Crop = "center", flip: bool = False) -> None:
         self.resolution, self.flip = resolution, flip
         resize = v2.Resize(resolution, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
         self.deterministic = v2.Compose([resize, v2.CenterCrop(resolution)] if crop == "center" else [resize])

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import torch
 from diffusers.training_utils import EMAModel
+
+from difflab.rules import Above, AtLeast, Between
 
 
 class LerpEMAModel(EMAModel):
@@ -42,13 +45,14 @@ class LerpEMAModel(EMAModel):
 
 def build_ema(
     model: torch.nn.Module,
-    max_decay: float = 0.9999,
-    inv_gamma: float = 1.0,
-    power: float = 0.75,
-    update_after_step: int = 0,
-    min_decay: float = 0.0,
+    max_decay: Annotated[float, Between(0, 1)] = 0.9999,
+    inv_gamma: Annotated[float, Above(0)] = 1.0,
+    power: Annotated[float, Above(0)] = 0.75,
+    update_after_step: Annotated[int, AtLeast(0)] = 0,
+    min_decay: Annotated[float, Between(0, 1)] = 0.0,
     foreach: bool = True,
 ) -> EMAModel:
+    """The EMA of ``model``'s weights (model.ema in the config, a partial taking the UNet)."""
     return LerpEMAModel(
         model.parameters(),
         decay=max_decay,

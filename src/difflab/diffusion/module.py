@@ -7,26 +7,31 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
-from difflab.diffusion.ema import build_ema, swapped_in
+from difflab.diffusion.ema import swapped_in
+from difflab.diffusion.loss_window import LossWindow
 from difflab.diffusion.noise import NoiseProcess
 from difflab.errors import DifflabError
+from difflab.rules import Above, AtLeast
 from difflab.seeds import derive_seed
 
+# difflab's name → diffusers' get_scheduler name.
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
-CHANNELS_LAST = (True, False, "auto")
-CHECKPOINT_FORMAT_VERSION = 1
+LRSchedule = Literal[tuple(LR_SCHEDULES)]  # type: ignore[valid-type]
+# NHWC memory layout: on, off, or chosen by device and precision (uses_channels_last).
+ChannelsLast = bool | Literal["auto"]
 log = logging.getLogger(__name__)
 
 
-def uses_channels_last(setting: bool | str, precision: str, device_type: str) -> bool:
+def uses_channels_last(setting: ChannelsLast, precision: str, device_type: str) -> bool:
     """Whether training runs NHWC: ``setting`` true/false, or "auto": NHWC convolutions win in fp32
     (+8% `small` on CPU) and on CUDA; on CPU under bf16/fp16 autocast oneDNN's NHWC kernels measured
     15-18% slower than NCHW (experiments/benchmarks/RESULTS.md)."""
@@ -43,36 +48,25 @@ class DiffusionModule(L.LightningModule):
         unet: UNet2DModel,
         noise_scheduler: DDPMScheduler,
         optimizer: Callable[..., torch.optim.Optimizer],
-        lr_schedule: str = "cosine",
-        warmup_steps: int = 100,
-        min_snr_gamma: float | None = None,
-        ema: dict | None = None,
+        lr_schedule: LRSchedule = "cosine",
+        warmup_steps: Annotated[int, AtLeast(0)] = 100,
+        min_snr_gamma: Annotated[float, Above(0)] | None = None,
+        ema: Callable[[torch.nn.Module], EMAModel] | None = None,
         seed: int | None = 0,
-        channels_last: bool | str = "auto",
+        channels_last: ChannelsLast = "auto",
         compile: bool = False,
     ) -> None:
+        """``optimizer``: a partial taking the parameters; ``ema``: a partial taking the UNet (the EMA
+        kept for every grid, FID and export), or None for none."""
         super().__init__()
-        if lr_schedule not in LR_SCHEDULES:
-            raise DifflabError(
-                f"model.lr_schedule={lr_schedule!r} is not valid; allowed: {', '.join(LR_SCHEDULES)}"
-            )
         self.unet = unet
         self.noise_scheduler = noise_scheduler
         self.process = NoiseProcess(noise_scheduler, min_snr_gamma)
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
-        if channels_last not in CHANNELS_LAST:
-            raise DifflabError(
-                f"model.channels_last={channels_last!r} is not valid; allowed: true, false, auto"
-            )
         self.channels_last_setting = channels_last
         self.channels_last = False  # set by _to_channels_last(): now if true, in setup() if "auto"
-        ema = dict(ema or {})
-        self.ema = (
-            build_ema(unet, **{k: v for k, v in ema.items() if k != "enabled"})
-            if ema.get("enabled", True)
-            else None
-        )
+        self.ema = ema(unet) if ema is not None else None
         if channels_last is True:
             self._to_channels_last()
         # The base seed of the per-step noise; random when unset, and saved so a resume stays exact.
@@ -80,13 +74,7 @@ class DiffusionModule(L.LightningModule):
         self.run_config: dict = {}  # the resolved run config, stored in checkpoints (set by train)
         if compile:
             self.unet.compile()  # in place: state_dict keys stay the same as the eager model's
-        # The loss and the loss per timestep quartile, summed on the device over each logging window
-        # and logged as window means: no host sync, and one self.log per window instead of per step
-        # (each costs ~0.3 ms of Python, 1% of a tiny-model step). Saved in checkpoints: exact resume.
-        self.register_buffer("_loss_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("_q_sum", torch.zeros(4), persistent=False)
-        self.register_buffer("_q_count", torch.zeros(4), persistent=False)
-        self._window_steps = 0
+        self.loss_window = LossWindow(self.process.num_timesteps)
         self._last_step = -1
         self._ema_params: list[torch.nn.Parameter] = []
 
@@ -140,23 +128,36 @@ class DiffusionModule(L.LightningModule):
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * self.process.loss_weights(t)).mean()
 
-        q = (t * 4 // self.process.num_timesteps).clamp(max=3)
-        self._loss_sum.add_(loss.detach().float())
-        self._q_sum.index_add_(0, q, per_sample.detach().float())
-        self._q_count.index_add_(0, q, torch.ones_like(per_sample, dtype=torch.float32))
-        self._window_steps += 1
+        self.loss_window.add(loss, per_sample, t)
         if self._trainer is None:
             self._log_window()
-        elif not self.trainer.fit_loop.epoch_loop._should_accumulate():  # last micro-batch of a step
-            to_loggers = self.trainer._logger_connector.should_update_logs  # every log_every_n_steps
+        elif self._closes_optimizer_step(batch_idx):
+            to_loggers = self._logs_this_step()
             # The final step logs its partial window too, so sweepers always read a train/loss; that
             # value reaches no logger, so the window stays open (and saved) for a run that extends it.
             if to_loggers or self.global_step >= self._last_step:
                 # The window's loss reaches the host here anyway (loggers, sweepers): the one place a
-                # divergence check costs no extra sync. A NaN step poisons the window's sum.
-                self._stop_if_diverged(self._loss_sum.isfinite(), "the loss", self.global_step + 1)
+                # divergence check costs no extra sync.
+                self._stop_if_diverged(self.loss_window.finite(), "the loss", self.global_step + 1)
                 self._log_window(reset=to_loggers)
         return loss
+
+    def _closes_optimizer_step(self, batch_idx: int) -> bool:
+        """Whether this micro-batch is the last of its optimizer step (Lightning steps every
+        ``accumulate_grad_batches`` batches of an epoch and on its last batch)."""
+        trainer = self.trainer
+        every = trainer.accumulate_grad_batches
+        return (
+            (batch_idx + 1) % every == 0
+            or trainer.is_last_batch
+            or batch_idx + 1 == trainer.num_training_batches
+        )
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning hands this optimizer step's metrics to the loggers (every
+        ``log_every_n_steps`` steps, counted from 1, and when the run stops)."""
+        every = self.trainer.log_every_n_steps
+        return bool(every) and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def _stop_if_diverged(self, finite: torch.Tensor, what: str, last_step: int) -> None:
         """Stop the run (one line, non-zero exit) unless ``finite`` (a bool tensor) is all true. Steps
@@ -164,7 +165,7 @@ class DiffusionModule(L.LightningModule):
         if bool(finite.all()):  # the one host sync
             return
         if what == "the loss":
-            first = last_step - self._window_steps + 1
+            first = last_step - self.loss_window.steps + 1
             where = f"steps {first}-{last_step}" if first < last_step else f"step {last_step}"
         else:
             where = f"step {last_step}"
@@ -183,16 +184,13 @@ class DiffusionModule(L.LightningModule):
 
     def _log_window(self, reset: bool = True) -> None:
         """Log the means over the steps since the last log point; ``reset`` starts a new window."""
-        self.log("train/loss", self._loss_sum / max(self._window_steps, 1), prog_bar=True)
-        means = self._q_sum / self._q_count.clamp(min=1)
-        self.log_dict({f"train/loss_q{i}": means[i] for i in range(4)})
+        means = self.loss_window.means()
+        self.log("train/loss", means.pop("train/loss"), prog_bar=True)
+        self.log_dict(means)
         if self.ema is not None:
             self.log("train/ema_decay", float(self.ema.cur_decay_value or 0.0))
         if reset:
-            self._loss_sum.zero_()
-            self._q_sum.zero_()
-            self._q_count.zero_()
-            self._window_steps = 0
+            self.loss_window.reset()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -238,19 +236,13 @@ class DiffusionModule(L.LightningModule):
         tensors += list(self.ema.shadow_params) if self.ema is not None else []
         finite = torch.stack([t.isfinite().all() for t in tensors])
         self._stop_if_diverged(finite, "the weights or EMA", self.global_step)
-        self._stop_if_diverged(self._loss_sum.isfinite(), "the loss", self.global_step)
+        self._stop_if_diverged(self.loss_window.finite(), "the loss", self.global_step)
         checkpoint["difflab"] = {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
             "unet_config": dict(self.unet.config),
             "scheduler_config": dict(self.noise_scheduler.config),
             "noise_seed": self.noise_seed,
             "config": self.run_config,
-            "log_window": {
-                "loss_sum": self._loss_sum.clone(),
-                "q_sum": self._q_sum.clone(),
-                "q_count": self._q_count.clone(),
-                "steps": self._window_steps,
-            },
+            "log_window": self.loss_window.state(),
         }
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
@@ -259,11 +251,7 @@ class DiffusionModule(L.LightningModule):
         meta = checkpoint.get("difflab", {})
         self.noise_seed = meta.get("noise_seed", self.noise_seed)
         if "log_window" in meta:  # the partly filled logging window, so logged means resume exactly
-            window = meta["log_window"]
-            self._loss_sum.copy_(window["loss_sum"])
-            self._q_sum.copy_(window["q_sum"])
-            self._q_count.copy_(window["q_count"])
-            self._window_steps = int(window["steps"])
+            self.loss_window.load_state(meta["log_window"])
         if self.ema is not None and "ema" in checkpoint:
             state = checkpoint["ema"]
             self.ema.load_state_dict(state)

@@ -6,10 +6,42 @@ a training target per prediction type and the min-SNR-γ loss weights (Hang et a
 
 from __future__ import annotations
 
+from typing import Annotated, Any, Literal, get_args
+
 import torch
 from diffusers import DDPMScheduler
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+from difflab.rules import Above, AtLeast, Between
+
+# What the network predicts, and the β schedules diffusers' DDPMScheduler computes (difflab tests each).
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+
+
+def noise_schedule(
+    *,
+    num_train_timesteps: Annotated[int, AtLeast(2)],
+    beta_schedule: BetaSchedule,
+    beta_start: Annotated[float, Above(0)],
+    beta_end: Annotated[float, Between(0, 1)],
+    prediction_type: PredictionType,
+    rescale_betas_zero_snr: bool,
+    clip_sample: bool,
+    **more: Any,
+) -> DDPMScheduler:
+    """diffusers' ``DDPMScheduler`` (model.noise_scheduler), with these settings typed: diffusers takes
+    any string and fails late (an unknown prediction type only at the first loss). ``more``: any other
+    DDPMScheduler setting, passed on."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=rescale_betas_zero_snr,
+        clip_sample=clip_sample,
+        **more,
+    )
 
 
 class NoiseProcess:
@@ -17,8 +49,9 @@ class NoiseProcess:
 
     def __init__(self, scheduler: DDPMScheduler, min_snr_gamma: float | None = None) -> None:
         pt = scheduler.config.prediction_type
-        if pt not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type={pt!r} is not valid; allowed: {', '.join(PREDICTION_TYPES)}")
+        if pt not in get_args(PredictionType):
+            allowed = ", ".join(get_args(PredictionType))
+            raise ValueError(f"prediction_type={pt!r} is not valid; allowed: {allowed}")
         self.scheduler = scheduler
         self.prediction_type = pt
         self.num_timesteps = scheduler.config.num_train_timesteps

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from typing import Literal
 
 import diffusers
 import torch
@@ -35,6 +36,8 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
+# The names as a type, for the signatures that take one (the start-up check reads it: rules.py).
+SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 
 
 def sampler_problem(name: str, train_scheduler_config: dict) -> str | None:
@@ -165,10 +168,6 @@ def sample_images(
     device: torch.device | str | None = None,
 ) -> Iterator[tuple[range, torch.Tensor]]:
     """Yield (indices, images) for images start..start+num_images-1 in batches of ``batch_size``."""
-    if num_images < 1:
-        raise DifflabError(f"num_images={num_images} must be at least 1")
-    if steps < 1:
-        raise DifflabError(f"steps={steps} must be at least 1")
     for lo in range(start, start + num_images, batch_size):
         idx = range(lo, min(lo + batch_size, start + num_images))
         yield idx, sample_batch(unet, sampler, idx, seed, steps, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 
 from difflab.errors import DifflabError
 from difflab.files import atomic_write
+from difflab.rules import AtLeast, Exists
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class InceptionFeatures(nn.Module):
     name = "inception"
     num_features = 2048
 
-    def __init__(self, weights_path: str | None = None) -> None:
+    def __init__(self, weights_path: Annotated[str, Exists("file")] | None = None) -> None:
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -109,11 +111,11 @@ class ClassifierFeatures(nn.Module):
     def __init__(
         self,
         cache_dir: str,
-        path: str | None = None,
-        epochs: int = 3,
-        width: int = 32,
-        num_features: int = 128,
-        max_train_images: int | None = 60000,
+        path: Annotated[str, Exists("file")] | None = None,
+        epochs: Annotated[int, AtLeast(1)] = 3,
+        width: Annotated[int, AtLeast(1)] = 32,
+        num_features: Annotated[int, AtLeast(1)] = 128,
+        max_train_images: Annotated[int, AtLeast(1)] | None = 60000,
         seed: int = 0,
     ) -> None:
         super().__init__()

@@ -37,6 +37,14 @@ def metric_name(extractor_name: str, num_samples: int, kind: str = "fid") -> str
     return f"val/{kind}_{extractor_name}_{count_label(num_samples)}"
 
 
+def metric_name_for(extractor_target: str, num_samples: int) -> str:
+    """The logged FID key for an extractor's ``_target_`` (the ``difflab_fid_name`` resolver: monitors
+    and sweeps name the metric before the extractor exists)."""
+    import hydra.utils
+
+    return metric_name(hydra.utils.get_class(extractor_target).name, int(num_samples))
+
+
 @torch.no_grad()
 def extract_features(
     extractor: nn.Module, batches: Iterable[torch.Tensor], device: torch.device

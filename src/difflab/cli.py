@@ -1,0 +1,287 @@
+"""The one way every difflab command runs: a Hydra app over conf/, checked before anything happens.
+
+difflab-train, -sample, -eval and -export are each a `Command`: Hydra's own --help, --cfg, tab
+completion, -m sweeps and overrides. Before Hydra creates a run dir, `preflight` composes the same
+config (once per value of every sweep) and checks it against the constructors' signatures
+(rules.py) and the command's cross-group rules, so a typo, a wrong type, a bad value or a missing
+file is one line naming the key and exit status 2. Errors found later (an unreadable checkpoint)
+are one line too, and a run dir holding nothing but Hydra's own files is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from difflab import config
+from difflab.config import CONF_DIR
+from difflab.errors import DifflabError
+from difflab.rules import check_arguments, closest, config_problems, dotted_keys, missing_keys
+
+
+def register_resolvers() -> None:
+    """The ``${difflab_...:}`` resolvers the configs use (before any config is composed)."""
+    from difflab.metrics.fid import metric_name_for
+    from difflab.sweeps import study_seed  # imports optuna only when a sweep config resolves it
+
+    if not OmegaConf.has_resolver("difflab_run_dir"):
+        OmegaConf.register_new_resolver("difflab_run_dir", config.run_dir_once)
+        OmegaConf.register_new_resolver("difflab_unique", config.unique_suffix)
+        OmegaConf.register_new_resolver("difflab_fid_name", metric_name_for)
+        OmegaConf.register_new_resolver("difflab_mkdir", config.make_dir)
+        # The launch dir (hydra.job.chdir is false, so it stays the cwd); usable before HydraConfig is set.
+        OmegaConf.register_new_resolver("difflab_cwd", os.getcwd)
+        OmegaConf.register_new_resolver("difflab_study_seed", study_seed)
+
+
+# `model.unet=tiny` reads naturally but Hydra selects groups with a slash; accept both spellings.
+GROUP_ALIASES = {"model.unet": "model/unet"}
+# Hydra flags that print or complete instead of running: nothing to check first.
+_NO_RUN_FLAGS = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "resolve")
+
+
+def rewrite_group_aliases(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in GROUP_ALIASES and value and not value.startswith("{"):
+            arg = f"{GROUP_ALIASES[key]}={value}"
+        out.append(arg)
+    return out
+
+
+def print_error_and_exit(e: Exception) -> None:
+    print(f"difflab: error: {e}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def instantiate(config: DictConfig, **kwargs: object) -> Any:
+    """``hydra.utils.instantiate`` with a constructor's error as one line naming the config key: Hydra
+    wraps it in "Error in call to target ..." lines. A DifflabError passes on as itself."""
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, DifflabError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        key = re.search(r"full_key: (\S+)", str(e))
+        first = str(e.__cause__ or e).strip().splitlines()[0] if str(e.__cause__ or e).strip() else repr(e)
+        where = key[1] if key else str(config.get("_target_", "config"))
+        raise DifflabError(f"{where}: {first}") from e
+
+
+@dataclass
+class Command:
+    """One entry point: ``conf/<name>.yaml``, the function that runs it, and the rules to check first.
+
+    ``settings``: a callable whose typed keyword parameters are the config's top-level keys (a
+    command's function itself, or a signature-only function); ``checks``: problems spanning groups.
+    """
+
+    name: str
+    run: Callable[[DictConfig], Any]
+    settings: Callable[..., Any]
+    checks: Callable[[DictConfig], list[str]] | None = None
+
+    def problems(self, cfg: DictConfig) -> list[str]:
+        """Every start-up problem of a composed config, one line each (empty: good to go)."""
+        missing = missing_keys(cfg)
+        if missing:
+            return [f"{k} is required (give {k}=...)" for k in missing]
+        found = list(check_arguments(self.settings, cfg, "", skip=self._groups(cfg)))
+        found += [p for p in config_problems(cfg) if p not in found]
+        if not found and self.checks is not None:
+            found = self.checks(cfg)
+        return list(dict.fromkeys(found))  # an interpolated key (seed) is reported once
+
+    def check(self, cfg: DictConfig) -> None:
+        """Raise one DifflabError line listing every start-up problem of ``cfg``."""
+        problems = self.problems(cfg)
+        if problems:
+            raise DifflabError("; ".join(problems))
+
+    def _groups(self, cfg: DictConfig) -> list[str]:
+        """Top-level keys that hold config groups (data, paths, ...), not settings of the command;
+        config_problems checks the objects among them."""
+        import inspect
+
+        params = inspect.signature(self.settings).parameters
+        return [str(k) for k in cfg if isinstance(cfg._get_node(k), DictConfig) and k not in params]
+
+    def main(self, argv: list[str] | None = None) -> Any:
+        """The console script: check the command line, then hand it to Hydra."""
+        register_resolvers()
+        args = rewrite_group_aliases(sys.argv[1:] if argv is None else list(argv))
+        try:
+            preflight(self, args)
+        except DifflabError as e:
+            print_error_and_exit(e)
+        sys.argv = [sys.argv[0], *args]
+        return self._hydra_main()
+
+    def _hydra_main(self) -> Any:
+        @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=self.name)
+        def app(cfg: DictConfig) -> Any:
+            try:
+                return self.run(cfg)
+            except DifflabError as e:
+                _remove_if_only_hydra_files(Path(HydraConfig.get().runtime.output_dir))
+                print_error_and_exit(e)
+            return None
+
+        return app()
+
+
+def keywords(fn: Callable[..., Any], cfg: DictConfig) -> dict[str, Any]:
+    """``cfg``'s top-level settings as ``fn``'s keyword arguments, object configs instantiated. Under
+    Hydra, ``out`` is the job's own output dir: ``out`` itself in a single run, ``out/<overrides>``
+    for each job of a ``-m`` sweep (conf/hydra/command.yaml)."""
+    import inspect
+
+    names = [n for n in inspect.signature(fn).parameters if n in cfg]
+    kwargs = {n: instantiate(cfg[n], _convert_="all") if _is_node(cfg, n) else cfg[n] for n in names}
+    if "out" in kwargs and HydraConfig.initialized():
+        kwargs["out"] = HydraConfig.get().runtime.output_dir
+    return kwargs
+
+
+def _is_node(cfg: DictConfig, key: str) -> bool:
+    value = cfg[key]
+    return isinstance(value, DictConfig) or OmegaConf.is_list(value)
+
+
+def _remove_if_only_hydra_files(run_dir: Path) -> None:
+    """A run that failed before writing anything leaves no dir behind (only Hydra's own files there)."""
+    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if not run_dir.is_dir() or any(p.name not in own for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    parent = run_dir.resolve().parent
+    while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()  # logs/runs made for this run alone
+        parent = parent.parent
+
+
+# ---------------------------------------------------------------------------------------- preflight
+def preflight(command: Command, args: list[str]) -> None:
+    """Compose the command line's config (each value of each sweep) and raise one DifflabError with
+    every problem, before Hydra creates a run dir; flags that only print (--help, --cfg) pass."""
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
+
+    parsed, _ = get_args_parser().parse_known_args(args)
+    if any(getattr(parsed, flag, None) for flag in _NO_RUN_FLAGS):
+        return
+    if parsed.config_path or parsed.config_dir or parsed.config_name:
+        return  # another config tree: Hydra reports its own errors
+    problems: list[str] = []
+    for overrides in sweep_variants(parsed.overrides):
+        try:
+            cfg = compose(command.name, overrides)
+        except DifflabError as e:
+            problems.append(str(e))
+            break
+        problems += [p for p in command.problems(cfg) if p not in problems]
+    if problems:
+        raise DifflabError("; ".join(problems))
+
+
+def sweep_variants(overrides: list[str]) -> Iterator[list[str]]:
+    """The overrides with each sweep (``a=1,2``) replaced by one of its values: the first of every sweep,
+    then each further value of each sweep in turn. Sweeps that cannot be listed (Optuna's
+    ``interval``) keep the config's value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # a syntax error: Hydra's message, first line
+        raise DifflabError(f"cannot parse the command line: {str(e).strip().splitlines()[0]}") from None
+    fixed: list[str] = []
+    sweeps: list[tuple[str, list[str]]] = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            fixed.append(o.input_line)
+            continue
+        try:
+            values = list(o.sweep_string_iterator())
+        except Exception:
+            continue
+        sweeps.append((o.get_key_element(), values))
+    first = [f"{k}={v[0]}" for k, v in sweeps if v]
+    yield fixed + first
+    for i, (key, values) in enumerate(sweeps):
+        for value in values[1:]:
+            yield fixed + first[:i] + [f"{key}={value}"] + first[i + 1 :]
+
+
+def compose(name: str, overrides: list[str]) -> DictConfig:
+    """``conf/<name>.yaml`` with ``overrides``, as Hydra composes it, or one DifflabError line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name=name):
+            return hydra_compose(name, overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as e:
+        raise DifflabError(_missing_choice(e)) from None
+    except ConfigCompositionException as e:
+        bad = re.search(r"Could not override '([^']+)'", str(e))
+        if bad is None:
+            raise DifflabError(str(e).strip().splitlines()[0]) from None
+        raise DifflabError(_unknown_key(name, overrides, bad[1])) from None
+    except OverrideParseException as e:
+        raise DifflabError(f"cannot parse the command line: {str(e).strip().splitlines()[0]}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _missing_choice(e: MissingConfigException) -> str:
+    found = re.search(r"Could not find '([^']+)'", str(e))
+    wanted = found[1] if found else (e.missing_cfg_file or "")
+    group, _, choice = wanted.rpartition("/")
+    options = sorted(e.options or [])
+    if not group or not options:
+        return str(e).strip().splitlines()[0]
+    near = closest(choice, options)
+    hint = f"did you mean {near}? " if near else ""
+    return f"{group.replace('/', '.')}={choice} is not a choice; {hint}(choices: {', '.join(options)})"
+
+
+def _unknown_key(name: str, overrides: list[str], key: str) -> str:
+    """``unknown key data.batch_sise; did you mean data.batch_size?``: the keys come from the config
+    composed without that override."""
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        cfg = compose(name, rest)
+    except DifflabError:
+        return f"unknown key {key}"
+    keys = [k for k in dotted_keys(cfg) if not k.startswith("hydra.")] if not key.startswith("hydra.") else []
+    near = closest(key, keys)
+    return f"unknown key {key}" + (f"; did you mean {near}?" if near else "")
+
+
+def compose_command(command: Command, overrides: list[str]) -> DictConfig:
+    """The config ``difflab-<name> <overrides>`` would run with, checked; without Hydra's own node.
+    For tests and scripts that call a command in-process."""
+    cfg = compose(command.name, rewrite_group_aliases(list(overrides)))
+    command.check(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
