@@ -182,27 +182,24 @@ def test_inception_weights_missing_is_one_clear_error(tmp_path):
 def test_eval_command_writes_table_and_plot(tmp_path):
     import csv
 
-    from difflab.config import load_cli_config
-    from difflab.evaluate import evaluate
+    from difflab.evaluate import COMMAND
     from tests.conftest import compose_config
 
     run = tmp_path / "run"
     train(compose_config(run, [*FAST_DIGITS, "trainer.max_steps=20"]))
     out = tmp_path / "eval"
-    cfg = load_cli_config(
-        "eval",
+    rows = COMMAND.call(
         [
             f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
-            "samplers=[ddim,dpmsolver++]",
+            "sampler=[ddim,dpmsolver++]",
             "steps=[2,4]",
             "num_samples=40",
             "num_real=300",
             "batch_size=20",
-            f"cache_dir={tmp_path / 'cache'}",
+            f"metrics.cache_dir={tmp_path / 'cache'}",
             f"out={out}",
-        ],
+        ]
     )
-    rows = evaluate(cfg)
     assert [(r["sampler"], r["steps"]) for r in rows] == [
         ("ddim", 2),
         ("ddim", 4),
@@ -214,8 +211,7 @@ def test_eval_command_writes_table_and_plot(tmp_path):
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert (out / "fid_vs_steps.png").stat().st_size > 1000
-    bad = load_cli_config("eval", [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "samplers=[warp]"])
     from difflab.errors import DifflabError
 
-    with pytest.raises(DifflabError, match="unknown sampler 'warp'"):
-        evaluate(bad)
+    with pytest.raises(DifflabError, match="sampler=.*warp.* is not valid"):
+        COMMAND.call([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=[ddim,warp]"])

@@ -102,11 +102,16 @@ class Command:
         missing = missing_keys(cfg)
         if missing:
             return [f"{k} is required (give {k}=...)" for k in missing]
-        found = list(check_arguments(self.settings, cfg, "", skip=self._groups(cfg)))
+        found = list(check_arguments(self.settings, cfg, "", skip=self._groups(cfg), complete=True))
         found += [p for p in config_problems(cfg) if p not in found]
         if not found and self.checks is not None:
             found = self.checks(cfg)
         return list(dict.fromkeys(found))  # an interpolated key (seed) is reported once
+
+    def call(self, overrides: list[str]) -> Any:
+        """Run in this process, as ``difflab-<name> <overrides>`` would, without Hydra's run dir
+        (tests, notebooks and scripts)."""
+        return self.run(compose_command(self, overrides))
 
     def check(self, cfg: DictConfig) -> None:
         """Raise one DifflabError line listing every start-up problem of ``cfg``."""
@@ -136,6 +141,10 @@ class Command:
     def _hydra_main(self) -> Any:
         @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=self.name)
         def app(cfg: DictConfig) -> Any:
+            if "out" in cfg:
+                # The job's own output dir: ``out`` in a single run, ``out/<overrides>`` for each job
+                # of a -m sweep (conf/hydra/command.yaml).
+                cfg.out = HydraConfig.get().runtime.output_dir
             try:
                 return self.run(cfg)
             except DifflabError as e:
@@ -147,16 +156,11 @@ class Command:
 
 
 def keywords(fn: Callable[..., Any], cfg: DictConfig) -> dict[str, Any]:
-    """``cfg``'s top-level settings as ``fn``'s keyword arguments, object configs instantiated. Under
-    Hydra, ``out`` is the job's own output dir: ``out`` itself in a single run, ``out/<overrides>``
-    for each job of a ``-m`` sweep (conf/hydra/command.yaml)."""
+    """``cfg``'s top-level settings as ``fn``'s keyword arguments, object configs instantiated."""
     import inspect
 
     names = [n for n in inspect.signature(fn).parameters if n in cfg]
-    kwargs = {n: instantiate(cfg[n], _convert_="all") if _is_node(cfg, n) else cfg[n] for n in names}
-    if "out" in kwargs and HydraConfig.initialized():
-        kwargs["out"] = HydraConfig.get().runtime.output_dir
-    return kwargs
+    return {n: instantiate(cfg[n], _convert_="all") if _is_node(cfg, n) else cfg[n] for n in names}
 
 
 def _is_node(cfg: DictConfig, key: str) -> bool:

@@ -103,6 +103,8 @@ def _shown(value: Any) -> str:
         return str(value).lower()
     if value is None:
         return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_shown(v) for v in value) + "]"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -163,6 +165,10 @@ def problem(value: Any, hint: Any) -> str | None:
         found = [(arm, problem(value, arm)) for arm in args]
         if any(p is None for _, p in found):
             return None
+        is_list = isinstance(value, (list, tuple))
+        lists = [p for arm, p in found if _is_list_hint(arm)]
+        if is_list and len(lists) == 1:
+            return lists[0]  # what is wrong inside the list
         literals = list({_shown(v): v for v in _literals(hint)}.values())  # 32 and "32" read alike
         if literals:
             others = [_describe(a) for a in args if not _literals(a) and a is not type(None)]
@@ -170,7 +176,6 @@ def problem(value: Any, hint: Any) -> str | None:
             return f"is not valid; allowed: {allowed}" + _suggestion(value, literals)
         # The arm the value's kind fits (a scalar for a scalar arm, a list for a list arm) says what is
         # wrong inside it ("must be at least 1"); a plain type mismatch says less.
-        is_list = isinstance(value, (list, tuple))
         inside = [p for arm, p in found if _is_list_hint(arm) == is_list and not p.startswith(_MISMATCH)]
         if len(inside) == 1:
             return inside[0]
@@ -262,11 +267,19 @@ def _value_and_source(node: DictConfig, key: str) -> tuple[Any, str | None] | No
     return value, source
 
 
-def check_arguments(target: Callable, node: DictConfig, path: str, skip: Sequence[str] = ()) -> Iterator[str]:
-    """Problems of ``node``'s keys as keyword arguments of ``target`` (one line each, naming the key)."""
+def check_arguments(
+    target: Callable, node: DictConfig, path: str, skip: Sequence[str] = (), complete: bool = False
+) -> Iterator[str]:
+    """Problems of ``node``'s keys as keyword arguments of ``target`` (one line each, naming the key);
+    ``complete``: every parameter without a default must be there (a partial gets the rest later)."""
     hints, params = _hints(target)
     if not params:
         return
+    if complete:
+        named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for name, p in params.items():
+            if p.default is p.empty and p.kind in named and name not in node:
+                yield f"{path + '.' if path else ''}{name} is required (give {name}=...)"
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key in node:
         key = str(key)

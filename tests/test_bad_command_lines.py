@@ -1,0 +1,206 @@
+"""Bad command lines, as users type them, for each of the four commands: every one ends in one short
+line on stderr naming the key (or file), a non-zero exit, and no directory left behind.
+
+Run in this process through each command's console-script function (the same code path as the
+installed script; a subprocess per line would cost ~4 s of imports each); test_cli.py runs a few
+through the real scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from difflab.evaluate import COMMAND as EVAL
+from difflab.export import COMMAND as EXPORT
+from difflab.sample import COMMAND as SAMPLE
+from difflab.train import COMMAND as TRAIN
+
+NO_GPU = not torch.cuda.is_available()
+
+TRAIN_LINES = [
+    (["data.batch_sise=3"], "unknown key data.batch_sise; did you mean data.batch_size?"),
+    (["model.ema.max_dekay=0.9"], "unknown key model.ema.max_dekay; did you mean model.ema.max_decay?"),
+    (["foo=bar"], "unknown key foo"),
+    (["trainer.max_steps=abc"], "trainer.max_steps=abc must be an integer"),
+    (["trainer.max_steps=1.5"], "trainer.max_steps=1.5 must be an integer"),
+    (["model.optimizer.lr=fast"], "model.optimizer.lr=fast must be a number"),
+    (["seed=abc"], "seed=abc must be an integer or null"),
+    (["data.flip=maybe"], "data.flip=maybe must be true or false"),
+    (["data.batch_size=-1"], "data.batch_size=-1 must be at least 1"),
+    (["data.num_workers=-1"], "data.num_workers=-1 must be at least 0"),
+    (["model.warmup_steps=-5"], "model.warmup_steps=-5 must be at least 0"),
+    (["model.ema.max_decay=1.5"], "model.ema.max_decay=1.5 must be between 0 and 1"),
+    (
+        ["data.background=[1,2,300]"],
+        "data.background=[1,2,300] has an item 300 that must be between 0 and 255",
+    ),
+    (["data=fashon_mnist"], "data=fashon_mnist is not a choice; did you mean fashion_mnist?"),
+    (["model.unet=tinyy"], "model.unet=tinyy is not a choice; did you mean tiny?"),
+    (["trainer.precision=17"], "trainer.precision=17 is not valid; allowed: 64, 32, 16"),
+    (["data.crop=diag"], "data.crop=diag is not valid; allowed: center, random"),
+    (["model.lr_schedule=cosin"], "model.lr_schedule=cosin is not valid; allowed: constant, cosine, linear"),
+    (["model.noise_scheduler.prediction_type=noise"], "allowed: epsilon, sample, v_prediction"),
+    (["callbacks.sample_grid.sampler=ddmp"], "callbacks.sample_grid.sampler=ddmp is not valid"),
+    (
+        ["model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.sampler=pndm"],
+        "callbacks.sample_grid.sampler=pndm: the pndm sampler cannot sample a model with prediction_type=sample",
+    ),
+    (["model.unet=small", "data.resolution=30"], "data.resolution=30 must be divisible by 4"),
+    (["data=folder"], "data.source.path is required (give data.source.path=...)"),
+    (["data=folder", "data.source.path=/no/such/dir"], "data.source.path=/no/such/dir does not exist"),
+    (
+        ["callbacks=with_fid", "metrics=inception", "metrics.extractor.weights_path=/no/inception.pth"],
+        "metrics.extractor.weights_path=/no/inception.pth does not exist",
+    ),
+    (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a GPU"),
+    pytest.param(
+        ["trainer=gpu"], "no CUDA GPU is visible", marks=pytest.mark.skipif(not NO_GPU, reason="GPU")
+    ),
+    (["-m", "model.optimizer.lr=0.001,fast"], "model.optimizer.lr=fast must be a number"),  # each sweep value
+    (["data.batch_size=[1,"], "cannot parse the command line"),
+    # Found after Hydra started (reading the file): still one line, and the new run dir is removed.
+    (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt does not exist"),
+]
+
+
+def _inputs(root: Path) -> dict[str, Path]:
+    """Files the bad lines point at: a non-checkpoint, a non-empty folder, an existing plain file."""
+    root.mkdir(exist_ok=True)
+    junk = root / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    full = root / "full"
+    full.mkdir(exist_ok=True)
+    (full / "notes.txt").write_text("mine")
+    (root / "notes.txt").write_text("mine")
+    return {"junk": junk, "full": full, "file": root / "notes.txt", "dir": root}
+
+
+SAMPLE_LINES = [
+    ([], "ckpt is required (give ckpt=...)"),
+    (["ckpt=/no/such.ckpt"], "ckpt=/no/such.ckpt does not exist"),
+    (["ckpt={junk}", "num_images=0"], "num_images=0 must be at least 1"),
+    (["ckpt={junk}", "num_images=1.5"], "num_images=1.5 must be an integer"),
+    (["ckpt={junk}", "num_imgs=3"], "unknown key num_imgs; did you mean num_images?"),
+    (["ckpt={junk}", "stepz=3"], "unknown key stepz; did you mean steps?"),
+    (["ckpt={junk}", "+foo=1"], "unknown key foo"),
+    (["ckpt={junk}", "sampler=ddmp"], "sampler=ddmp is not valid; allowed: ddpm, ddim"),
+    (["ckpt={junk}", "sampler=[ddim]"], "sampler=[ddim] is not valid; allowed: ddpm"),
+    (["ckpt={junk}", "steps=abc"], "steps=abc must be an integer"),
+    (["ckpt={junk}", "steps=0"], "steps=0 must be at least 1"),
+    (["ckpt={junk}", "seed=x"], "seed=x must be an integer"),
+    (["ckpt={junk}", "batch_size=0"], "batch_size=0 must be at least 1"),
+    (["ckpt={junk}", "device=tpu"], "device=tpu is not valid; allowed: auto, cpu, cuda, cuda:N"),
+    (["ckpt={junk}", "use_ema=maybe"], "use_ema=maybe must be true or false"),
+    (["ckpt={junk}", "grid=2"], "grid=2 must be true or false"),
+    (
+        ["ckpt={junk}", "channels_last=maybe"],
+        "channels_last=maybe is not valid; allowed: auto or true or false",
+    ),
+    (["ckpt={junk}", "out=[a,b]"], "out=[a,b] must be a string"),
+    (["ckpt={junk}", "data=digits"], "unknown key data"),  # training's groups are not sample's
+    (["-m", "ckpt={junk}", "sampler=ddim,warp"], "sampler=warp is not valid"),
+    # Found after Hydra started (reading the file): one line; the out dir it made is removed.
+    (["ckpt={junk}"], "is not a difflab checkpoint: it is not a PyTorch checkpoint file"),
+    (["ckpt={full}"], "is neither a checkpoint file nor an exported pipeline"),
+]
+
+EVAL_LINES = [
+    ([], "ckpt is required (give ckpt=...)"),
+    (["ckpt=/no/such.ckpt"], "ckpt=/no/such.ckpt does not exist"),
+    (["ckpt={dir}"], "is a directory, not a file"),
+    (["ckpt={junk}", "sampler=warp"], "sampler=warp is not valid; allowed: ddpm"),
+    (["ckpt={junk}", "sampler=[ddim,warp]"], "sampler=[ddim,warp] has an item warp that is not valid"),
+    (["ckpt={junk}", "samplers=[ddim]"], "unknown key samplers; did you mean sampler?"),
+    (["ckpt={junk}", "steps=0"], "steps=0 must be at least 1"),
+    (["ckpt={junk}", "steps=[10,abc]"], "steps=[10,abc] has an item abc that must be an integer"),
+    (["ckpt={junk}", "num_samples=1"], "num_samples=1 must be at least 2"),
+    (["ckpt={junk}", "num_samples=[1000]"], "num_samples=[1000] must be an integer"),
+    (["ckpt={junk}", "num_real=abc"], "num_real=abc must be an integer"),
+    (["ckpt={junk}", "metrics=inceptoin"], "metrics=inceptoin is not a choice; did you mean inception?"),
+    (
+        ["ckpt={junk}", "metrics=inception", "metrics.extractor.weights_path=/no/w.pth"],
+        "metrics.extractor.weights_path=/no/w.pth does not exist",
+    ),
+    (["ckpt={junk}", "metrics.extractor.epochs=0"], "metrics.extractor.epochs=0 must be at least 1"),
+    (["ckpt={junk}", "metrics.extractor.widht=8"], "unknown key metrics.extractor.widht; did you mean"),
+    (["ckpt={junk}", "extractor=foo"], "extractor=foo must be a Module"),
+    (["ckpt={junk}", "kid=maybe"], "kid=maybe must be true or false"),
+    (["ckpt={junk}", "batch_size=-4"], "batch_size=-4 must be at least 1"),
+    (["ckpt={junk}", "device=gpu0"], "device=gpu0 is not valid"),
+    (["ckpt={junk}", "seed=1.5"], "seed=1.5 must be an integer"),
+    (["ckpt={junk}", "channels_last=2"], "channels_last=2 is not valid"),
+    (["-m", "ckpt={junk}", "steps=10,0"], "steps=0 must be at least 1"),
+    (["ckpt={junk}", "sampler=ddim"], "is not a difflab checkpoint"),  # after Hydra started
+]
+
+EXPORT_LINES = [
+    ([], "ckpt is required (give ckpt=...); out is required (give out=...)"),
+    (["out=x"], "ckpt is required"),
+    (["ckpt={junk}"], "out is required"),
+    (["ckpt=/no/such.ckpt", "out=x"], "ckpt=/no/such.ckpt does not exist"),
+    (["ckpt={dir}", "out=x"], "is a directory, not a file"),
+    (["ckpt={junk}", "out={file}"], "is an existing file; give a directory for the pipeline"),
+    (["ckpt={junk}", "out={full}"], "is a non-empty directory that holds no exported pipeline"),
+    (["ckpt={junk}", "out=x", "push_to_hub=true"], "push_to_hub=true needs hub_repo_id=<user>/<name>"),
+    (["ckpt={junk}", "out=x", "push_to_hub=yes"], "push_to_hub=yes must be true or false"),
+    (["ckpt={junk}", "out=x", "push_to_hub=1"], "push_to_hub=1 must be true or false"),
+    (["ckpt={junk}", "out=x", "use_ema=maybe"], "use_ema=maybe must be true or false"),
+    (["ckpt={junk}", "out=x", "hub_private=2"], "hub_private=2 must be true or false"),
+    (["ckpt={junk}", "out=x", "hub_repo_id=[a]"], "hub_repo_id=[a] must be a string or null"),
+    (["ckpt={junk}", "out=x", "hub_repo_id=123"], "hub_repo_id=123 must be a string or null"),
+    (["ckpt={junk}", "outt=x"], "unknown key outt; did you mean out?"),
+    (["ckpt={junk}", "out=x", "use_emma=true"], "unknown key use_emma; did you mean use_ema?"),
+    (["ckpt={junk}", "out=x", "+extra=1"], "unknown key extra"),
+    (["ckpt=[a,b]", "out=x"], "ckpt=[a,b] must be a string"),
+    (["ckpt={junk}", "out=[a]"], "out=[a] must be a string"),
+    (["ckpt={junk}", "out=x", "~use_ema"], "use_ema is required"),
+    (["-m", "ckpt={junk}", "out=x", "use_ema=true,maybe"], "use_ema=maybe must be true or false"),
+    (["ckpt={junk}", "out=x"], "is not a difflab checkpoint"),  # after Hydra started
+]
+
+
+def _cases(command, lines):
+    for line in lines:
+        if hasattr(line, "marks"):  # pytest.param
+            (args, message), marks = line.values, line.marks
+        else:
+            (args, message), marks = line, ()
+        prefix = ["experiment=digits"] if command is TRAIN else []
+        flags = [a for a in args if a.startswith("-")]  # Hydra reads flags before overrides
+        ordered = [*flags, *prefix, *(a for a in args if not a.startswith("-"))]
+        yield pytest.param(command, ordered, message, marks=marks, id=f"{command.name}: {' '.join(args)}")
+
+
+CASES = [
+    *_cases(TRAIN, TRAIN_LINES),
+    *_cases(SAMPLE, SAMPLE_LINES),
+    *_cases(EVAL, EVAL_LINES),
+    *_cases(EXPORT, EXPORT_LINES),
+]
+
+
+def test_at_least_twenty_bad_lines_per_command():
+    for lines in (TRAIN_LINES, SAMPLE_LINES, EVAL_LINES, EXPORT_LINES):
+        assert len(lines) >= 20
+
+
+@pytest.mark.parametrize(("command", "args", "message"), CASES)
+def test_bad_command_line_is_one_line_naming_the_key(command, args, message, tmp_path, monkeypatch, capsys):
+    files = _inputs(tmp_path / "inputs")
+    args = [a.format(**files) for a in args]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as e:
+        command.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("difflab: error:")]
+    assert len(errors) == 1, err
+    assert message in errors[0], errors[0]
+    assert len(errors[0]) < 400  # short: the problem and the fix, not a list of everything
+    assert "Traceback" not in err and "Error in call" not in err and "full_key" not in err
+    assert list(cwd.iterdir()) == []  # no run dir, out dir or log litter
+    assert (files["full"] / "notes.txt").read_text() == "mine"  # the user's files are untouched
