@@ -146,3 +146,8 @@ def max_abs_diff(a: dict, b: dict) -> dict[str, float]:
         "optimizer": diff(a["optimizer_states"], b["optimizer_states"]),
         "ema": diff(a["ema"], b["ema"]),
     }
+
+
+def train_cli(*args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``difflab-train args`` in a subprocess."""
+    return difflab_cli("train", *args, cwd=cwd, timeout=timeout)

@@ -45,7 +45,7 @@ TRAIN_LINES = [
     (["callbacks.sample_grid.sampler=ddmp"], "callbacks.sample_grid.sampler=ddmp is not valid"),
     (
         ["model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.sampler=pndm"],
-        "callbacks.sample_grid.sampler=pndm: the pndm sampler cannot sample a model with prediction_type=sample",
+        "callbacks.sample_grid.sampler=pndm: the pndm sampler cannot sample a model with prediction_type=",
     ),
     (["model.unet=small", "data.resolution=30"], "data.resolution=30 must be divisible by 4"),
     (["data=folder"], "data.source.path is required (give data.source.path=...)"),

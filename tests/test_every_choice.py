@@ -19,6 +19,7 @@ from difflab.diffusion.noise import BetaSchedule, PredictionType
 from difflab.diffusion.sampling import SamplerName
 from difflab.errors import DifflabError
 from difflab.train import COMMAND, train
+from tests.conftest import FAST
 
 validate = COMMAND.check
 
@@ -34,7 +35,6 @@ def allowed(hint: object) -> list:
 
 PREDICTION_TYPES = allowed(PredictionType)
 SAMPLERS = allowed(SamplerName)
-from tests.conftest import FAST
 
 CONF = Path(CONF_DIR)
 # One optimizer step, a 4-image 2-step grid at the end, the tiny UNet on digits unless a case says.

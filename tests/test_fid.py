@@ -213,5 +213,5 @@ def test_eval_command_writes_table_and_plot(tmp_path):
     assert (out / "fid_vs_steps.png").stat().st_size > 1000
     from difflab.errors import DifflabError
 
-    with pytest.raises(DifflabError, match="sampler=.*warp.* is not valid"):
+    with pytest.raises(DifflabError, match=r"sampler=.*warp.* is not valid"):
         COMMAND.call([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=[ddim,warp]"])

@@ -1,7 +1,9 @@
-"""The README's multirun and sweep command lines, run as written from a fresh directory."""
+"""The README's multirun, sweep, sampling, evaluation and export command lines, run as written
+from a fresh directory."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -12,14 +14,14 @@ from difflab.checkpoints import load_checkpoint
 from tests.helpers import ROOT, difflab_cli
 
 
-def readme_commands() -> list[list[str]]:
-    """Every `difflab-train` line of the README's bash blocks (continuations joined, comments cut)."""
+def readme_commands(command: str = "train") -> list[list[str]]:
+    """Every `difflab-<command>` line of the README's bash blocks (continuations joined, comments cut)."""
     text = (ROOT / "README.md").read_text()
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()
-            if line.startswith("difflab-train "):
+            if line.startswith(f"difflab-{command} "):
                 lines.append(shlex.split(line)[1:])
     return lines
 
@@ -83,3 +85,26 @@ def test_readme_slurm_line_composes(tmp_path):
     p = difflab_cli("train", *args, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "SlurmLauncher" in p.stdout and "partition: gpu" in p.stdout and "gpus_per_node: 8" in p.stdout
+
+
+def test_readme_sample_eval_export_lines_as_written(tmp_path):
+    from difflab.train import train
+    from tests.conftest import FAST_DIGITS, compose_config
+
+    train(compose_config(tmp_path / "logs" / "runs" / "r1", [*FAST_DIGITS, "trainer.max_steps=20"]))
+    lines = {c: readme_commands(c) for c in ("sample", "eval", "export")}
+    assert [len(v) for v in lines.values()] == [1, 2, 1]
+    for command, found in lines.items():
+        for args in found:
+            args = [a.replace("<run>", "r1") for a in args]
+            p = difflab_cli(command, *args, cwd=tmp_path)
+            assert p.returncode == 0, (command, args, p.stderr[-3000:])
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 65  # 64 images + grid.png
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [(r["sampler"], r["steps"]) for r in rows] == [
+        (s, n) for s in ("dpmsolver++", "ddim") for n in (10, 20, 50)
+    ]
+    jobs = sorted(p.name for p in (tmp_path / "eval_sweep").iterdir() if p.is_dir())
+    assert jobs == [f"sampler={s},steps={n}" for s in ("ddim", "dpmsolver++") for n in (10, 20)]
+    assert all((tmp_path / "eval_sweep" / j / "results.json").is_file() for j in jobs)
+    assert (tmp_path / "exported" / "fashion-ddpm" / "model_index.json").is_file()

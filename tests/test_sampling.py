@@ -98,7 +98,7 @@ def test_sample_command_bad_input(trained_ckpt, tmp_path):
         sample(ckpt=trained_ckpt, num_images=0, out=tmp_path)
     with pytest.raises(DifflabError, match="sampler=lms2 is not valid; allowed: ddpm"):
         sample(ckpt=trained_ckpt, sampler="lms2", out=tmp_path)
-    with pytest.raises(DifflabError, match="missing.ckpt does not exist"):
+    with pytest.raises(DifflabError, match=r"missing\.ckpt does not exist"):
         sample(ckpt=tmp_path / "missing.ckpt", out=tmp_path)
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")

@@ -89,6 +89,11 @@ def main() -> None:
         choices=("32-true", "bf16-mixed"),
         help="with --rows-from: measure this precision's training rows again and reuse the others",
     )
+    ap.add_argument("--presets", nargs="+", help="only these UNet presets' training rows (a spot check)")
+    ap.add_argument("--precisions", nargs="+", help="only these precisions' training rows")
+    ap.add_argument(
+        "--training-only", action="store_true", help="print the training rows; no levers, no RESULTS.md"
+    )
     opts = ap.parse_args()
     repeats = 1 if opts.quick else opts.repeats
     t_start = time.time()
@@ -101,8 +106,10 @@ def main() -> None:
     ]
     if opts.quick:
         configs = configs[:2]
+    if opts.presets:
+        configs = [c for c in configs if c[0] in opts.presets]
     rows = []
-    precisions = ("32-true", "bf16-mixed")
+    precisions = tuple(opts.precisions or ("32-true", "bf16-mixed"))
     if opts.rows_from:
         with open(opts.rows_from) as f:
             rows = [json.loads(line) for line in f if line.startswith('{"preset"')]
@@ -163,6 +170,13 @@ def main() -> None:
                 )
                 print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
 
+    if opts.training_only:
+        for r in rows:
+            print(
+                f"{r['preset']} {r['precision']} {r['data']}: {med_spread(r['ips'])} img/s, "
+                f"÷ matched {med_spread(r['r_match'])}, ÷ naive {med_spread(r['r_naive'])}"
+            )
+        return
     order = [c[0] for c in configs] or [r["preset"] for r in rows]
     rows.sort(
         key=lambda r: (order.index(r["preset"]), r["precision"] != "32-true")

@@ -10,10 +10,12 @@ are one line too, and a run dir holding nothing but Hydra's own files is removed
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,16 @@ def rewrite_group_aliases(argv: list[str]) -> list[str]:
             arg = f"{GROUP_ALIASES[key]}={value}"
         out.append(arg)
     return out
+
+
+def quiet_third_party_noise() -> None:
+    """Lines printed at every start that say nothing about this run, silenced so that the first lines
+    a user reads are difflab's: torchdata calling a deprecated torch API, Lightning's pytree check
+    deprecated by torch 2.14, and Lightning's advertisement for its cloud logger."""
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
 
 
 def print_error_and_exit(e: Exception) -> None:
@@ -130,6 +142,7 @@ class Command:
     def main(self, argv: list[str] | None = None) -> Any:
         """The console script: check the command line, then hand it to Hydra."""
         register_resolvers()
+        quiet_third_party_noise()
         args = rewrite_group_aliases(sys.argv[1:] if argv is None else list(argv))
         try:
             preflight(self, args)

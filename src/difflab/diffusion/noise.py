@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 from difflab.rules import Above, AtLeast, Between
 
@@ -56,9 +57,9 @@ class NoiseProcess:
         self.prediction_type = pt
         self.num_timesteps = scheduler.config.num_train_timesteps
         self.min_snr_gamma = min_snr_gamma
-        ac = scheduler.alphas_cumprod.double()
-        # SNR(t) = ᾱ_t / (1 - ᾱ_t); infinite SNR never occurs (ᾱ < 1), zero SNR can (zero-terminal-SNR).
-        self.snr = (ac / (1 - ac)).float()
+        # SNR(t) = ᾱ_t / (1 - ᾱ_t), tabulated once by diffusers' own helper; infinite SNR never occurs
+        # (ᾱ < 1), zero SNR can (zero-terminal-SNR).
+        self.snr = compute_snr(scheduler, torch.arange(self.num_timesteps)).float()
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, t)
