@@ -55,6 +55,11 @@ TRAIN_LINES = [
         "metrics.extractor.weights_path=/no/inception.pth does not exist",
     ),
     (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a GPU"),
+    (
+        ["model.ema=posthoc", "model.ema.stds=[0.05,0.5]"],
+        "model.ema.stds=[0.05,0.5] has an item 0.5 that must be",
+    ),
+    (["model.ema=posthk"], "model.ema=posthk is not a choice; did you mean posthoc?"),
     pytest.param(
         ["trainer=gpu"], "no CUDA GPU is visible", marks=pytest.mark.skipif(not NO_GPU, reason="GPU")
     ),
@@ -99,6 +104,7 @@ SAMPLE_LINES = [
         "channels_last=maybe is not valid; allowed: auto or true or false",
     ),
     (["ckpt={junk}", "out=[a,b]"], "out=[a,b] must be a string"),
+    (["ckpt={junk}", "ema_std=0.5"], "ema_std=0.5 must be between 0.01 and 0.25"),
     (["ckpt={junk}", "data=digits"], "unknown key data"),  # training's groups are not sample's
     (["-m", "ckpt={junk}", "sampler=ddim,warp"], "sampler=warp is not valid"),
     # Found after Hydra started (reading the file): one line; the out dir it made is removed.
@@ -127,6 +133,10 @@ EVAL_LINES = [
     (["ckpt={junk}", "metrics.extractor.widht=8"], "unknown key metrics.extractor.widht; did you mean"),
     (["ckpt={junk}", "extractor=foo"], "extractor=foo must be a Module"),
     (["ckpt={junk}", "kid=maybe"], "kid=maybe must be true or false"),
+    (
+        ["ckpt={junk}", "ema_std=[0.05,0.3]"],
+        "ema_std=[0.05,0.3] has an item 0.3 that must be between 0.01 and 0.25",
+    ),
     (["ckpt={junk}", "batch_size=-4"], "batch_size=-4 must be at least 1"),
     (["ckpt={junk}", "device=gpu0"], "device=gpu0 is not valid"),
     (["ckpt={junk}", "seed=1.5"], "seed=1.5 must be an integer"),
@@ -155,6 +165,7 @@ EXPORT_LINES = [
     (["ckpt={junk}", "out=x", "+extra=1"], "unknown key extra"),
     (["ckpt=[a,b]", "out=x"], "ckpt=[a,b] must be a string"),
     (["ckpt={junk}", "out=[a]"], "out=[a] must be a string"),
+    (["ckpt={junk}", "out=x", "ema_std=0"], "ema_std=0 must be between 0.01 and 0.25"),
     (["ckpt={junk}", "out=x", "~use_ema"], "use_ema is required"),
     (["-m", "ckpt={junk}", "out=x", "use_ema=true,maybe"], "use_ema=maybe must be true or false"),
     (["ckpt={junk}", "out=x"], "is not a difflab checkpoint"),  # after Hydra started

@@ -187,16 +187,22 @@ def load_trained_unet(
     use_ema: bool = True,
     channels_last: bool = False,
     unet_class: type | None = None,
+    ema_std: float | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(UNet with EMA weights, noise-scheduler config, run config) from a training checkpoint or an
     exported diffusers pipeline directory. ``unet_class`` defaults to difflab's ``UNet2DModel``;
-    ``channels_last`` gives NHWC weights (faster convolutions, same outputs)."""
+    ``channels_last`` gives NHWC weights (faster convolutions, same outputs); ``ema_std`` the weights
+    of the post-hoc EMA of that length, reconstructed from the run's snapshots (diffusion/posthoc.py)."""
     from diffusers import DDPMScheduler
 
     from difflab.diffusion.unet import UNet2DModel
 
     unet_class = unet_class or UNet2DModel
     p = Path(path)
+    if p.is_dir() and ema_std is not None:
+        raise DifflabError(
+            f"ema_std={ema_std} needs a training checkpoint (its run's EMA snapshots), not {p}"
+        )
     if p.is_dir():
         if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
             raise DifflabError(
@@ -205,14 +211,14 @@ def load_trained_unet(
         unet = unet_class.from_pretrained(p / "unet")
         sched_cfg, run_cfg = dict(DDPMScheduler.from_pretrained(p / "scheduler").config), {}
     else:
-        unet, sched_cfg, run_cfg = _unet_from_checkpoint(p, use_ema, unet_class)
+        unet, sched_cfg, run_cfg = _unet_from_checkpoint(p, use_ema, unet_class, ema_std)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     return unet.eval(), sched_cfg, run_cfg
 
 
 def _unet_from_checkpoint(
-    p: Path, use_ema: bool, unet_class: type
+    p: Path, use_ema: bool, unet_class: type, ema_std: float | None = None
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     ckpt = load_checkpoint(p)
     meta = ckpt["difflab"]
@@ -224,7 +230,9 @@ def _unet_from_checkpoint(
         raise DifflabError(
             f"checkpoint {p} does not match its own UNet config: {str(e).splitlines()[0]}"
         ) from e
-    if use_ema and "ema" in ckpt:
+    if ema_std is not None:
+        _load_posthoc(unet, ckpt, p, ema_std)
+    elif use_ema and "ema" in ckpt:
         params = list(unet.parameters())
         shadow = ckpt["ema"]["shadow_params"]
         if len(shadow) != len(params) or any(a.shape != b.shape for a, b in zip(shadow, params, strict=True)):
@@ -233,3 +241,27 @@ def _unet_from_checkpoint(
             for dst, src in zip(params, shadow, strict=True):
                 dst.copy_(src)
     return unet, dict(meta["scheduler_config"]), meta.get("config", {})
+
+
+def _load_posthoc(unet: torch.nn.Module, ckpt: dict[str, Any], p: Path, ema_std: float) -> None:
+    """Load the σ_rel=``ema_std`` post-hoc EMA, reconstructed at the checkpoint's last snapshot."""
+    import json
+
+    from difflab.diffusion.posthoc import list_snapshots, reconstruct, snapshot_dir_of
+
+    snapshots = list_snapshots(snapshot_dir_of(ckpt, p), last_step=int(ckpt.get("global_step", 0)))
+    mine = json.loads(json.dumps(dict(unet.config), sort_keys=True, default=str))
+    theirs = snapshots[-1].unet_config
+    diffs = sorted(
+        k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and not k.startswith("_")
+    )
+    if diffs:
+        raise DifflabError(
+            f"the EMA snapshots in {snapshots[-1].path.parent} were written by another UNet than {p} "
+            f"(differs in {', '.join(diffs)})"
+        )
+    names = [n for n, _ in unet.named_parameters()]
+    weights = reconstruct(snapshots, ema_std, names)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            param.copy_(weights[name])

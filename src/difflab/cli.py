@@ -48,8 +48,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("difflab_study_seed", study_seed)
 
 
-# `model.unet=tiny` reads naturally but Hydra selects groups with a slash; accept both spellings.
-GROUP_ALIASES = {"model.unet": "model/unet"}
+# `model.unet=tiny`, `model.ema=posthoc` read naturally, but Hydra selects groups with a slash: accept both.
+GROUP_ALIASES = {"model.unet": "model/unet", "model.ema": "model/ema"}
 # Hydra flags that print or complete instead of running: nothing to check first.
 _NO_RUN_FLAGS = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "resolve")
 

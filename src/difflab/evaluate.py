@@ -19,6 +19,7 @@ from torch import nn
 from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, instantiate, keywords
 from difflab.diffusion.module import ChannelsLast, uses_channels_last
+from difflab.diffusion.posthoc import EMAStd
 from difflab.diffusion.sampling import SamplerName, build_sampler
 from difflab.errors import DifflabError
 from difflab.metrics.fid import FIDEvaluator, real_features
@@ -39,15 +40,21 @@ def evaluate(
     out: str,
     device: Annotated[str, Device()],
     use_ema: bool,
+    ema_std: EMAStd | list[EMAStd] | None,
     channels_last: ChannelsLast,
 ) -> list[dict]:
-    """One row per (sampler, steps): FID (and KID), seconds; written to ``out`` (conf/eval.yaml
-    documents each setting). ``extractor`` comes from the metrics group, as in training."""
+    """One row per (EMA length, sampler, steps): FID (and KID), seconds; written to ``out``
+    (conf/eval.yaml documents each setting). ``extractor`` comes from the metrics group, as in training."""
     samplers = [sampler] if isinstance(sampler, str) else list(sampler)
     step_counts = [steps] if isinstance(steps, int) else list(steps)
+    ema_stds = list(ema_std) if isinstance(ema_std, list) else [ema_std]
     device = resolve_device(device)
     nhwc = uses_channels_last(channels_last, "32-true", torch.device(device).type)
-    unet, sched_cfg, run_cfg = load_trained_unet(ckpt, use_ema=use_ema, channels_last=nhwc)
+
+    def load(std: float | None) -> tuple:
+        return load_trained_unet(ckpt, use_ema=use_ema, channels_last=nhwc, ema_std=std)
+
+    unet, sched_cfg, run_cfg = load(ema_stds[0])
     for name in samplers:  # build_sampler's own checks (the training schedule), before the costly setup
         build_sampler(name, sched_cfg)
     if "data" not in run_cfg:
@@ -58,25 +65,59 @@ def evaluate(
     evaluator = FIDEvaluator(extractor, num_samples, kid=kid)
     evaluator.set_real_features(feats)
     evaluator.to(torch.device(device))
-    unet.to(device)
     rows = []
-    for name in samplers:
-        for count in step_counts:
-            t0 = time.perf_counter()
-            values = evaluator.evaluate(unet, build_sampler(name, sched_cfg), count, seed, batch_size)
-            row = {
-                "sampler": name,
-                "steps": count,
-                **values,
-                "seconds": round(time.perf_counter() - t0, 2),
-                "extractor": extractor.identity,
-                "num_samples": num_samples,
-                "num_real": len(feats),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    write_results(rows, Path(out), evaluator.names()["fid"])
+    for k, std in enumerate(ema_stds):
+        if k:
+            unet = load(std)[0]
+        unet.to(device)
+        for name in samplers:
+            for count in step_counts:
+                t0 = time.perf_counter()
+                values = evaluator.evaluate(unet, build_sampler(name, sched_cfg), count, seed, batch_size)
+                row = {
+                    **({"ema_std": std} if std is not None else {}),
+                    "sampler": name,
+                    "steps": count,
+                    **values,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "extractor": extractor.identity,
+                    "num_samples": num_samples,
+                    "num_real": len(feats),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    fid_key = evaluator.names()["fid"]
+    write_results(rows, Path(out), fid_key)
+    if len(ema_stds) > 1:
+        best = min(rows, key=lambda r: r[fid_key])
+        plot_fid_vs_ema(rows, Path(out), fid_key)
+        print(
+            f"best: ema_std={best['ema_std']} ({best['sampler']}, {best['steps']} steps): "
+            f"{fid_key.removeprefix('val/')}={best[fid_key]:.3f}; plot: {Path(out) / 'fid_vs_ema.png'}"
+        )
     return rows
+
+
+def plot_fid_vs_ema(rows: list[dict], out: Path, fid_key: str) -> None:
+    """FID against the post-hoc EMA length, one curve per (sampler, steps); the best point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, count in dict.fromkeys((r["sampler"], r["steps"]) for r in rows):
+        pts = sorted((r["ema_std"], r[fid_key]) for r in rows if (r["sampler"], r["steps"]) == (name, count))
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"{name}, {count} steps")
+    best = min(rows, key=lambda r: r[fid_key])
+    ax.scatter([best["ema_std"]], [best[fid_key]], s=120, facecolors="none", edgecolors="k", zorder=3)
+    ax.set_xlabel("post-hoc EMA length σ_rel (ema_std)")
+    ax.set_ylabel(fid_key.removeprefix("val/"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_ema.png", dpi=120)
+    plt.close(fig)
 
 
 def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
@@ -92,9 +133,11 @@ def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name in dict.fromkeys(r["sampler"] for r in rows):
-        pts = sorted((r["steps"], r[fid_key]) for r in rows if r["sampler"] == name)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    for name, std in dict.fromkeys((r["sampler"], r.get("ema_std")) for r in rows):
+        pts = sorted(
+            (r["steps"], r[fid_key]) for r in rows if (r["sampler"], r.get("ema_std")) == (name, std)
+        )
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name if std is None else f"{name}, ema_std={std}")
     ax.set_xlabel("sampler steps")
     ax.set_ylabel(fid_key.removeprefix("val/"))
     ax.set_xscale("log")

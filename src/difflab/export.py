@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, keywords
+from difflab.diffusion.posthoc import EMAStd
 from difflab.rules import Exists
 
 
@@ -37,6 +38,7 @@ def export(
     ckpt: Annotated[str, Exists("file")],
     out: Annotated[str, PipelineDir()],
     use_ema: bool,
+    ema_std: EMAStd | None,
     push_to_hub: bool,
     hub_repo_id: str | None,
     hub_private: bool,
@@ -44,7 +46,7 @@ def export(
     """Write the pipeline to ``out`` (and optionally push that folder alone to the Hub)."""
     # model_index.json names each component's class: write diffusers' own UNet2DModel (difflab's
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
-    unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, unet_class=UNet2DModel)
+    unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, unet_class=UNet2DModel, ema_std=ema_std)
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(sched_cfg))
     pipe.save_pretrained(out, safe_serialization=True)
     if push_to_hub:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, keywords
 from difflab.diffusion.module import ChannelsLast, uses_channels_last
+from difflab.diffusion.posthoc import EMAStd
 from difflab.diffusion.sampling import SamplerName, build_sampler, sample_images
 from difflab.rules import AtLeast, Device, Exists, resolve_device
 
@@ -31,6 +32,7 @@ def sample(
     batch_size: Annotated[int, AtLeast(1)],
     device: Annotated[str, Device()],
     use_ema: bool,
+    ema_std: EMAStd | None,
     channels_last: ChannelsLast,
     grid: bool,
 ) -> list[Path]:
@@ -38,7 +40,7 @@ def sample(
     documents each setting)."""
     device = resolve_device(device)
     nhwc = uses_channels_last(channels_last, "32-true", torch.device(device).type)
-    unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, channels_last=nhwc)
+    unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, channels_last=nhwc, ema_std=ema_std)
     unet.to(device)
     scheduler = build_sampler(sampler, sched_cfg)
     folder = Path(out)

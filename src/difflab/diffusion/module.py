@@ -19,6 +19,7 @@ from diffusers.training_utils import EMAModel
 from difflab.diffusion.ema import swapped_in
 from difflab.diffusion.loss_window import LossWindow
 from difflab.diffusion.noise import NoiseProcess
+from difflab.diffusion.posthoc import PowerFunctionEMA
 from difflab.errors import DifflabError
 from difflab.rules import Above, AtLeast
 from difflab.seeds import derive_seed
@@ -51,7 +52,7 @@ class DiffusionModule(L.LightningModule):
         lr_schedule: LRSchedule = "cosine",
         warmup_steps: Annotated[int, AtLeast(0)] = 100,
         min_snr_gamma: Annotated[float, Above(0)] | None = None,
-        ema: Callable[[torch.nn.Module], EMAModel] | None = None,
+        ema: Callable[[torch.nn.Module], EMAModel | PowerFunctionEMA] | None = None,
         seed: int | None = 0,
         channels_last: ChannelsLast = "auto",
         compile: bool = False,
@@ -84,7 +85,7 @@ class DiffusionModule(L.LightningModule):
             # ddp_spawn hands each worker the module through shared memory. Lightning gives the module's
             # parameters and buffers private storage, but the EMA shadows are plain attributes: left
             # shared, every rank lerps the same storage and the EMA moves N times too fast.
-            self.ema.shadow_params = [s.clone() if s.is_shared() else s for s in self.ema.shadow_params]
+            self.ema.map_shadows(lambda s: s.clone() if s.is_shared() else s)
         device_type = self.trainer.strategy.root_device.type
         if not self.channels_last and uses_channels_last(
             self.channels_last_setting, self.trainer.precision, device_type
@@ -95,9 +96,8 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = True
         self.unet.to(memory_format=torch.channels_last)
         if self.ema is not None:  # the shadows follow, so the foreach EMA update runs over alike strides
-            self.ema.shadow_params = [  # Tensor.to, as Module.to converts the weights: same strides
-                s.to(memory_format=torch.channels_last) if s.dim() == 4 else s for s in self.ema.shadow_params
-            ]
+            # Tensor.to, as Module.to converts the weights: same strides.
+            self.ema.map_shadows(lambda s: s.to(memory_format=torch.channels_last) if s.dim() == 4 else s)
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
@@ -197,6 +197,16 @@ class DiffusionModule(L.LightningModule):
         # One EMA update per real optimizer step (not per micro-batch under gradient accumulation).
         if self.ema is not None:
             self.ema.step(self._ema_params or self.unet.parameters())
+            if isinstance(self.ema, PowerFunctionEMA) and self.ema.snapshot_due() and self._is_writer():
+                self.ema.write_snapshot()
+
+    def on_train_end(self) -> None:
+        # The last step's profiles too, when the run does not end on the snapshot cadence.
+        if isinstance(self.ema, PowerFunctionEMA) and not self.ema.snapshot_due() and self._is_writer():
+            self.ema.write_snapshot()
+
+    def _is_writer(self) -> bool:
+        return self._trainer is None or self.trainer.is_global_zero
 
     def configure_optimizers(self) -> dict:
         optimizer = self._optimizer_for_precision()(params=self.unet.parameters())
@@ -233,7 +243,7 @@ class DiffusionModule(L.LightningModule):
         # Raising here stops the write: a diverged model never replaces a good checkpoint. Two host
         # syncs per checkpoint (per-tensor isfinite: a norm would overflow on large finite weights).
         tensors = [p.detach() for p in self.unet.parameters()]
-        tensors += list(self.ema.shadow_params) if self.ema is not None else []
+        tensors += self.ema.all_shadows() if self.ema is not None else []
         finite = torch.stack([t.isfinite().all() for t in tensors])
         self._stop_if_diverged(finite, "the weights or EMA", self.global_step)
         self._stop_if_diverged(self.loss_window.finite(), "the loss", self.global_step)
@@ -254,6 +264,13 @@ class DiffusionModule(L.LightningModule):
             self.loss_window.load_state(meta["log_window"])
         if self.ema is not None and "ema" in checkpoint:
             state = checkpoint["ema"]
+            theirs = state.get("kind", "standard")
+            mine = "posthoc" if isinstance(self.ema, PowerFunctionEMA) else "standard"
+            if theirs != mine:
+                raise DifflabError(
+                    f"the checkpoint's EMA is {theirs} and this run's is {mine}: "
+                    f"resume with model/ema={theirs}"
+                )
             self.ema.load_state_dict(state)
             self.ema.to(self.device)
 
