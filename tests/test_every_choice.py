@@ -107,7 +107,7 @@ REFUSED_HERE = {  # choice -> the one-line start-up error it gives on this GPU-l
 }
 SLOW = {"model/unet/diffusers_64"}  # 113.7M parameters: ~15 s for one step
 
-GROUPS = ["data", "model/unet", "trainer", "logger", "callbacks", "metrics", "debug"]
+GROUPS = ["data", "model/unet", "model/ema", "trainer", "logger", "callbacks", "metrics", "debug"]
 CASES = [
     pytest.param(f"{g}/{c}", marks=pytest.mark.slow) if f"{g}/{c}" in SLOW else f"{g}/{c}"
     for g in GROUPS

@@ -62,11 +62,13 @@ def test_tracking_follows_the_power_function_profile():
     assert ema.cur_decay_value == pytest.approx(beta(exponent(0.1), 2000))
 
 
-def _random_walk_snapshots(tmp_path: Path, stds, steps=200, every=20, seed=0):
+def _random_walk_snapshots(tmp_path: Path, stds, steps=200, every=20, seed=0, dtype="float32"):
     """A small model whose weights follow a random walk, tracked with ``stds`` and snapshotted."""
     g = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    ema = PowerFunctionEMA(model, snapshot_dir=str(tmp_path / "snaps"), stds=stds, snapshot_every=every)
+    ema = PowerFunctionEMA(
+        model, snapshot_dir=str(tmp_path / "snaps"), stds=stds, snapshot_every=every, snapshot_dtype=dtype
+    )
     for _ in range(steps):
         with torch.no_grad():
             for p in model.parameters():
@@ -95,6 +97,14 @@ def test_reconstructing_a_tracked_length_at_a_snapshot_returns_that_profile(tmp_
     np.testing.assert_allclose(x, [0, 0, 0, 1], atol=1e-9)
 
 
+def test_float16_snapshots_reconstruct_to_float16_precision(tmp_path):
+    model, ema = _random_walk_snapshots(tmp_path, [0.05, 0.10], dtype="float16")
+    names = [n for n, _ in model.named_parameters()]
+    rec = reconstruct(list_snapshots(tmp_path / "snaps"), 0.10, names)
+    for name, tracked in zip(names, ema.profiles[1], strict=True):
+        torch.testing.assert_close(rec[name], tracked, rtol=1e-3, atol=1e-3)
+
+
 def test_a_length_between_the_tracked_two_is_reconstructed_between_them(tmp_path):
     # Track 0.075 too (not snapshotted into the fit): the reconstruction from the 0.05 and 0.10
     # snapshots must land near it, and between the two tracked profiles.
@@ -119,6 +129,9 @@ def test_snapshot_problems_are_one_line_naming_the_file(tmp_path):
         list_snapshots(tmp_path / "nothing")
     (tmp_path / "snaps" / "phema_0000060.safetensors").unlink()
     with pytest.raises(DifflabError, match=r"phema_0000060\.safetensors is missing \(snapshots every 20"):
+        list_snapshots(tmp_path / "snaps")
+    (tmp_path / "snaps" / "phema_0000020.safetensors").unlink()  # the first one too
+    with pytest.raises(DifflabError, match=r"phema_0000020\.safetensors is missing"):
         list_snapshots(tmp_path / "snaps")
     bad = tmp_path / "snaps" / "phema_0000080.safetensors"
     bad.write_bytes(bad.read_bytes()[:50])

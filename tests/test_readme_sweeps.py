@@ -91,9 +91,11 @@ def test_readme_sample_eval_export_lines_as_written(tmp_path):
     from difflab.train import train
     from tests.conftest import FAST_DIGITS, compose_config
 
-    train(compose_config(tmp_path / "logs" / "runs" / "r1", [*FAST_DIGITS, "trainer.max_steps=20"]))
+    # A post-hoc EMA run, so the ema_std= lines have snapshots to reconstruct from.
+    run_args = [*FAST_DIGITS, "trainer.max_steps=20", "model/ema=posthoc", "model.ema.snapshot_every=5"]
+    train(compose_config(tmp_path / "logs" / "runs" / "r1", run_args))
     lines = {c: readme_commands(c) for c in ("sample", "eval", "export")}
-    assert [len(v) for v in lines.values()] == [1, 2, 1]
+    assert [len(v) for v in lines.values()] == [2, 3, 2]
     for command, found in lines.items():
         for args in found:
             args = [a.replace("<run>", "r1") for a in args]
@@ -108,3 +110,6 @@ def test_readme_sample_eval_export_lines_as_written(tmp_path):
     assert jobs == [f"sampler={s},steps={n}" for s in ("ddim", "dpmsolver++") for n in (10, 20)]
     assert all((tmp_path / "eval_sweep" / j / "results.json").is_file() for j in jobs)
     assert (tmp_path / "exported" / "fashion-ddpm" / "model_index.json").is_file()
+    assert (tmp_path / "exported" / "fashion-phema" / "model_index.json").is_file()
+    assert (tmp_path / "ema_sweep" / "fid_vs_ema.png").is_file()
+    assert len(list((tmp_path / "samples_ema").glob("*.png"))) == 65

@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -100,6 +100,7 @@ class PowerFunctionEMA:
         stds: Sequence[EMAStd] = (0.05, 0.10),
         snapshot_every: Annotated[int, AtLeast(1)] = 100,
         sample_std: EMAStd | None = None,
+        snapshot_dtype: Literal["float32", "float16", "bfloat16"] = "float16",
         foreach: bool = True,
     ) -> None:
         self.stds = [float(s) for s in stds]
@@ -113,6 +114,7 @@ class PowerFunctionEMA:
             )
         self.sample_index = self.stds.index(chosen)
         self.snapshot_dir, self.snapshot_every, self.foreach = Path(snapshot_dir), snapshot_every, foreach
+        self.snapshot_dtype = getattr(torch, snapshot_dtype)
         params = list(model.parameters())
         self.names = [n for n, _ in model.named_parameters()]
         self.model_config = dict(getattr(model, "config", {}))
@@ -183,12 +185,13 @@ class PowerFunctionEMA:
         from safetensors.torch import save
 
         tensors = {
-            f"{std:g}/{name}": s.detach().to("cpu", copy=True).contiguous()
+            f"{std:g}/{name}": s.detach().to("cpu", dtype=self.snapshot_dtype, copy=True).contiguous()
             for std, profile in zip(self.stds, self.profiles, strict=True)
             for name, s in zip(self.names, profile, strict=True)
         }
         meta = {
             "step": str(self.optimization_step),
+            "snapshot_every": str(self.snapshot_every),
             "stds": json.dumps(self.stds),
             "unet_config": json.dumps(self.model_config, sort_keys=True, default=str),
             "format": "difflab-phema-1",
@@ -206,6 +209,7 @@ class Snapshot:
     step: int
     stds: list[float]
     unet_config: dict
+    every: int
 
 
 def snapshot_dir_of(ckpt: dict, ckpt_path: Path) -> Path:
@@ -236,13 +240,14 @@ def list_snapshots(folder: Path, last_step: int | None = None) -> list[Snapshot]
         step = int(meta.get("step", -1))
         if last_step is not None and step > last_step:
             continue
-        found.append(Snapshot(p, step, json.loads(meta["stds"]), json.loads(meta["unet_config"])))
+        every = int(meta.get("snapshot_every", 0))
+        found.append(Snapshot(p, step, json.loads(meta["stds"]), json.loads(meta["unet_config"]), every))
     if not found:
         raise DifflabError(
             f"no post-hoc EMA snapshots in {folder}: ema_std= needs a run trained with model/ema=posthoc"
         )
     # Snapshots come every N steps, plus one at a run's last step when that is off the cadence.
-    every = min(s.step for s in found)
+    every = found[-1].every or min(s.step for s in found)
     on_cadence = [s.step for s in found if s.step % every == 0]
     for k, step in enumerate(on_cadence, start=1):
         if step != k * every:
