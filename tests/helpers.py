@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -14,15 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def image_digest(image: torch.Tensor) -> str:
+    """The same string for the same pixels in every process (Python's bytes hash is salted per process)."""
+    return hashlib.sha1(image.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
 class DumpRankState(L.Callback):
-    """Records which images each rank saw (by pixel sum) and dumps its EMA weights at the end."""
+    """Records which images each rank saw (by digest) and dumps its EMA weights at the end."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.seen: list[list[float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.seen.append([hash(x.numpy().tobytes()) for x in batch])
+        self.seen.append([image_digest(x) for x in batch])
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -67,9 +67,13 @@ def rewrite_group_aliases(argv: list[str]) -> list[str]:
 def quiet_third_party_noise() -> None:
     """Lines printed at every start that say nothing about this run, silenced so that the first lines
     a user reads are difflab's: torchdata calling a deprecated torch API, Lightning's pytree check
-    deprecated by torch 2.14, and Lightning's advertisement for its cloud logger."""
+    deprecated by torch 2.14, Lightning's advertisement for its cloud logger, and LitData's set-up notes."""
     warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # LitData's shards are split per worker by LitData itself, so Lightning's generic warning about an
+    # IterableDataset with __len__ does not apply; LitData's INFO lines describe its cache set-up.
+    warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined")
+    logging.getLogger("litdata").setLevel(logging.WARNING)
     tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     tips.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
 
@@ -108,6 +112,8 @@ class Command:
     run: Callable[[DictConfig], Any]
     settings: Callable[..., Any]
     checks: Callable[[DictConfig], list[str]] | None = None
+    # ``out`` is Hydra's job dir (one per sweep job); False where ``out`` may be remote (prepare).
+    out_is_run_dir: bool = True
 
     def problems(self, cfg: DictConfig) -> list[str]:
         """Every start-up problem of a composed config, one line each (empty: good to go)."""
@@ -154,14 +160,15 @@ class Command:
     def _hydra_main(self) -> Any:
         @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=self.name)
         def app(cfg: DictConfig) -> Any:
-            if "out" in cfg:
+            if "out" in cfg and self.out_is_run_dir:
                 # The job's own output dir: ``out`` in a single run, ``out/<overrides>`` for each job
                 # of a -m sweep (conf/hydra/command.yaml).
                 cfg.out = HydraConfig.get().runtime.output_dir
             try:
                 return self.run(cfg)
             except DifflabError as e:
-                _remove_if_only_hydra_files(Path(HydraConfig.get().runtime.output_dir))
+                if self.out_is_run_dir:
+                    _remove_if_only_hydra_files(Path(HydraConfig.get().runtime.output_dir))
                 print_error_and_exit(e)
             return None
 

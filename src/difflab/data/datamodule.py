@@ -44,17 +44,22 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def base_image(self, index: int) -> torch.Tensor:
-        """Image ``index`` after conversion and the deterministic transform, before augmentation."""
+    def base_image(self, index: int, raw: Any = None) -> torch.Tensor:
+        """Image ``index`` (or its already-read ``raw`` image) after conversion and the deterministic
+        transform, before augmentation."""
         if self.prepared is not None:
             return self.prepared[index]
-        raw = to_model_input(self.source[index], self.channels, self.background)
-        if raw.shape[0] != self.channels:
+        img = to_model_input(self.source[index] if raw is None else raw, self.channels, self.background)
+        if img.shape[0] != self.channels:
             raise DifflabError(
-                f"image {index} has {raw.shape[0]} channels after conversion, "
+                f"image {index} has {img.shape[0]} channels after conversion, "
                 f"expected data.channels={self.channels}"
             )
-        return self.transform.deterministic(raw)
+        return self.transform.deterministic(img)
+
+    def transformed(self, raw: Any, index: int, epoch: int) -> torch.Tensor:
+        """``raw`` (image ``index``, read by a streaming loader) as ``self[(index, epoch)]`` gives it."""
+        return self.transform.augment(self.base_image(index, raw), derive_seed(self.seed, epoch, index))
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         """One image, augmented, not yet normalised (uint8, or float in [0, 1] for 16-bit sources)."""
@@ -246,3 +251,43 @@ class ImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Normalise on the device: uint8 crossed the loader and the host-to-device copy."""
         return normalize_batch(batch)
+
+
+class StreamingImageDataModule(ImageDataModule):
+    """Images from LitData shards (``difflab-prepare``), read by LitData's StreamingDataLoader.
+
+    Same transforms, normalisation and FID reference images as ``ImageDataModule``; what changes is
+    the loader: chunks are read (and, from object storage, downloaded into a bounded cache) as the
+    epoch goes, each rank reads its own part, and the loader's position goes into every checkpoint
+    (LitData's ``state_dict``, saved by Lightning like any stateful loader). Shuffling is LitData's:
+    chunk order and blocks within a chunk, reproducible from ``data.seed``.
+    """
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        super().setup(stage)
+        self.source.check_against(self.resolution, self.channels)
+
+    def train_dataloader(self) -> Any:
+        from difflab.data.shards import ImageShards, ShardLoader
+
+        self.setup()
+        _, world = self._rank_world()
+        if len(self.train_set) // world < self.batch_size and self.drop_last:
+            raise DifflabError(
+                f"each device gets {len(self.train_set) // world} images, fewer than "
+                f"data.batch_size={self.batch_size} with data.drop_last=true; lower the batch size"
+            )
+        shards = self.source.streaming_dataset(
+            ImageShards, images=self.train_set, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last
+        )
+        return ShardLoader(
+            shards,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            drop_last=self.drop_last,
+            collate_fn=collate_images,
+        )

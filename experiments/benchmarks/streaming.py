@@ -1,0 +1,269 @@
+"""Big-data path, measured: difflab-prepare throughput, loader throughput (shards vs folder), training
+img/s from shards vs the in-memory source, and memory that stays flat over a shard set far larger
+than the run's RSS.
+
+    .venv/bin/python experiments/benchmarks/streaming.py [--images 50000] [--work DIR]
+
+Every figure comes from the real commands or datamodules; training figures come from fresh
+processes (bench_worker.py), alternating the two sources. ~25 min on 2 cores. Prints markdown
+tables for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+
+
+def make_folder(folder: Path, n: int, size: int = 64) -> float:
+    """``n`` distinct RGB PNGs: smooth random colour fields (compress like photos, unlike noise)."""
+    from PIL import Image
+
+    done = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
+    if done >= n:
+        return 0.0
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for i in range(n):
+        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        img.save(sub / f"{i:06d}.png")
+    return time.perf_counter() - t0
+
+
+def prepare(args: list[str], cwd: Path) -> dict:
+    """Run difflab-prepare; wall seconds plus its own summary line."""
+    t0 = time.perf_counter()
+    p = subprocess.run([str(BIN / "difflab-prepare"), *args], cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(p.stderr[-2000:])
+    line = next(x for x in p.stdout.splitlines() if x.startswith("wrote "))
+    found = re.search(r"wrote (\d+) images \(([\d.]+) MB\).* in ([\d.]+) s \((\d+) img/s\)", line)
+    return {
+        "images": int(found[1]),
+        "mb": float(found[2]),
+        "write_s": float(found[3]),
+        "write_img_s": int(found[4]),
+        "wall_s": wall,
+    }
+
+
+LOADER = """
+import sys, time, json
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads(1)
+from tests.conftest import compose_config
+from difflab.cli import instantiate
+from pathlib import Path
+cfg = compose_config(Path({tmp!r}), {overrides!r})
+dm = instantiate(cfg.data)
+dm.setup()
+it = iter(dm.train_dataloader())
+for _ in range(5):
+    next(it)
+t0 = time.perf_counter()
+n = 0
+for _ in range({batches}):
+    n += len(next(it))
+print(json.dumps({{"img_s": n / (time.perf_counter() - t0)}}))
+"""
+
+
+def loader_rate(overrides: list[str], tmp: Path, batches: int) -> float:
+    code = LOADER.format(repo=str(REPO), tmp=str(tmp), overrides=overrides, batches=batches)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp)
+    if p.returncode:
+        raise SystemExit(p.stderr[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])["img_s"]
+
+
+def train_rate(data_args: list[str], tmp: Path, steps: int) -> dict:
+    cmd = [sys.executable, str(HERE / "bench_worker.py"), "difflab", "--tmp", str(tmp), "--steps", str(steps)]
+    for a in data_args:
+        cmd += ["--override", a] if "=" in a and not a.startswith("--") else [a]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    if p.returncode:
+        raise SystemExit(p.stderr[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (loader workers), MB."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+)", status)[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, TypeError):
+            continue
+    return total / 1024
+
+
+def rss_over_run(args: list[str], cwd: Path) -> list[tuple[float, float]]:
+    """(seconds, tree RSS MB) every 2 s over a difflab-train run."""
+    p = subprocess.Popen(
+        [str(BIN / "difflab-train"), *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    samples, t0 = [], time.perf_counter()
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(p.stderr), daemon=True)
+    reader.start()
+    while p.poll() is None:
+        samples.append((time.perf_counter() - t0, tree_rss_mb(p.pid)))
+        time.sleep(2)
+    if p.returncode:
+        raise SystemExit("".join(stderr)[-2000:])
+    return samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=50_000)
+    ap.add_argument("--work", default="/tmp/difflab_streaming_bench")
+    ap.add_argument("--repeats", type=int, default=3)
+    opts = ap.parse_args()
+    work = Path(opts.work)
+    work.mkdir(parents=True, exist_ok=True)
+    folder = work / "images64"
+    gen_s = make_folder(folder, opts.images)
+    print(f"generated {opts.images} 64 px PNGs in {gen_s:.0f} s")
+
+    # 1. Prepare throughput (the folder source checks every file first, as training does).
+    shards = work / "shards64"
+    prep = prepare(
+        ["data=folder", f"data.source.path={folder}", "resolution=64", f"out={shards}", "overwrite=true"],
+        work,
+    )
+    print("prepare", prep)
+
+    # 2. Loader throughput, same images, same transforms (64 px, flip), batch 64.
+    common = ["data.resolution=64", "data.channels=3", "data.batch_size=64", "data.flip=true"]
+    rates: dict[tuple[str, int], float] = {}
+    for workers in (0, 1, 2):
+        for kind, extra in (
+            ("folder", ["data=folder", f"data.source.path={folder}"]),
+            ("streaming", ["data=streaming", f"data.source.path={shards}"]),
+        ):
+            rates[kind, workers] = loader_rate(
+                [*extra, *common, f"data.num_workers={workers}"], work / "loader", batches=150
+            )
+            print(kind, workers, f"{rates[kind, workers]:.0f} img/s")
+
+    # 3. Training img/s: the default job's data in memory vs the same images from shards.
+    fm_shards = work / "shards_fashion"
+    if not (fm_shards / "index.json").is_file():
+        prepare(["data=fashion_mnist", f"out={fm_shards}"], work)
+    ratios, runs = [], {"in-memory": [], "shards": []}
+    for _ in range(opts.repeats):
+        mem = train_rate(["--data", "fashion_mnist"], work / "train_mem", steps=40)["images_per_sec"]
+        shard = train_rate(
+            [
+                "--data",
+                "streaming",
+                f"data.source.path={fm_shards}",
+                "data.resolution=28",
+                "data.channels=1",
+                "data.num_workers=0",
+            ],
+            work / "train_shards",
+            steps=40,
+        )["images_per_sec"]
+        runs["in-memory"].append(mem)
+        runs["shards"].append(shard)
+        ratios.append(shard / mem)
+        print(f"train img/s in-memory {mem:.1f} shards {shard:.1f} ratio {shard / mem:.3f}")
+
+    # 4. Memory over a shard set much larger than the run: Fashion-MNIST at 128 px RGB, raw (49 KB an
+    # image, 2.9 GB: what an in-memory decode would have to hold), tiny UNet, 2 loader workers.
+    big = work / "shards_big"
+    if not (big / "index.json").is_file():
+        prepare(
+            ["data=fashion_mnist", "data.channels=3", "resolution=128", "encoding=raw", f"out={big}"], work
+        )
+    big_mb = sum(f.stat().st_size for f in big.glob("chunk-*.bin")) / 2**20
+    rss = rss_over_run(
+        [
+            "data=streaming",
+            f"data.source.path={big}",
+            "data.resolution=128",
+            "data.channels=3",
+            "data.num_workers=2",
+            "data.batch_size=64",
+            "model/unet=tiny",
+            "trainer.max_steps=400",
+            "logger=none",
+            "callbacks.sample_grid=null",
+            "callbacks.progress_bar=null",
+            f"hydra.run.dir={work / 'rss_run'}",
+        ],
+        work,
+    )
+    steady = [m for t, m in rss if t > 30]
+
+    print("\n| step | figure |\n| --- | --- |")
+    print(
+        f"| `difflab-prepare`, {prep['images']:,} 64 px PNGs → PNG shards ({prep['mb']:.0f} MB), 2 workers "
+        f"| {prep['write_img_s']:,} img/s writing; {prep['images'] / prep['wall_s']:.0f} img/s end to end "
+        f"({prep['wall_s']:.0f} s, incl. listing and checking every file) |"
+    )
+    print(
+        "\n| loader (64 px RGB, batch 64, flip) | 0 workers | 1 worker | 2 workers |"
+        "\n| --- | --- | --- | --- |"
+    )
+    for kind in ("folder", "streaming"):
+        print(f"| `data={kind}` | " + " | ".join(f"{rates[kind, w]:.0f} img/s" for w in (0, 1, 2)) + " |")
+    print(
+        f"\n| training, `small`, Fashion-MNIST, batch 32 ({opts.repeats} alternations) | img/s |"
+        "\n| --- | --- |"
+    )
+    for k, v in runs.items():
+        print(f"| {k} | {statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f}) |")
+    print(f"| shards ÷ in-memory | {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |")
+    print(
+        f"\nRSS over a {big_mb:,.0f} MB shard set (60,000 images, 128 px RGB raw), tiny UNet, 2 workers, "
+        f"400 steps x 64 = 25,600 images read: process tree {min(steady):.0f}-{max(steady):.0f} MB after "
+        f"the first 30 s (peak {max(m for _, m in rss):.0f} MB over {rss[-1][0]:.0f} s)"
+    )
+    (work / "results.json").write_text(
+        json.dumps(
+            {
+                "prepare": prep,
+                "loader": {f"{k}/{w}": v for (k, w), v in rates.items()},
+                "train": runs,
+                "ratios": ratios,
+                "rss": rss,
+                "big_mb": big_mb,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

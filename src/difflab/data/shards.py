@@ -1,0 +1,256 @@
+"""LitData shards of images: the format `difflab-prepare` writes and `data=streaming` reads.
+
+Shards are LitData's own chunked format (``litdata.optimize`` writes ``index.json`` + ``chunk-*.bin``
+locally or to object storage; ``StreamingDataset`` reads them with per-rank splitting, shuffling and a
+resumable loader state), so a shard set can be read by any LitData tool. One item per image::
+
+    {"image": PNG/JPEG bytes or a uint8 CHW tensor, "label": class id or -1,
+     "size": shorter side the image was resized to (0: original size), "channels": 1 or 3}
+
+The images went through the same decoding, mode conversion (alpha on the background colour, 16-bit
+scaled to 8) and bad-image handling as training reads them; cropping and flipping stay training-time
+transforms. ``size`` and ``channels`` travel in every item (a few bytes) rather than a sidecar file
+so that a remote shard set is checked against the config from its first item, with no second
+storage client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from litdata import StreamingDataLoader, StreamingDataset
+from litdata.streaming.sampler import ChunkedIndex
+from torchvision.io import decode_image, encode_jpeg, encode_png
+from torchvision.transforms import v2
+
+from difflab.data.transforms import to_model_input
+from difflab.errors import DifflabError
+from difflab.rules import AtLeast, Between
+
+# png: lossless, compact; raw: lossless, fastest to read, largest; jpeg: lossy, smallest (quality).
+Encoding = Literal["png", "raw", "jpeg"]
+JpegQuality = Annotated[int, Between(1, 100)]
+PrepareSize = Annotated[int, AtLeast(1)] | None  # resize the shorter side to this (None: keep sizes)
+
+
+def is_remote(path: str) -> bool:
+    """An object-store URI (s3://, gs://, ...) rather than a local directory."""
+    return "://" in path and not path.startswith("file://")
+
+
+def encode(image: torch.Tensor, encoding: Encoding, quality: int = 95) -> bytes | torch.Tensor:
+    """A uint8 CHW image as stored in a shard."""
+    if encoding == "raw":
+        return image.contiguous()
+    data = encode_png(image) if encoding == "png" else encode_jpeg(image, quality=quality)
+    return data.numpy().tobytes()
+
+
+def decode(stored: bytes | torch.Tensor) -> torch.Tensor:
+    """A stored image back to uint8 CHW."""
+    if isinstance(stored, torch.Tensor):
+        return stored
+    return decode_image(torch.frombuffer(bytearray(stored), dtype=torch.uint8))
+
+
+class ShardItems:
+    """The function ``litdata.optimize`` maps over image indices: source image → shard item.
+
+    A class (not a closure) because LitData's workers receive it pickled.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        channels: int,
+        background: Sequence[int],
+        size: int | None,
+        encoding: Encoding,
+        quality: int,
+    ) -> None:
+        self.source, self.channels, self.background = source, channels, tuple(background)
+        self.size, self.encoding, self.quality = size, encoding, quality
+        labels = getattr(source, "labels", None)
+        self.labels = labels.tolist() if labels is not None else None
+        self.resize = (
+            v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True) if size else None
+        )
+
+    def image(self, index: int) -> torch.Tensor:
+        img = to_model_input(self.source[index], self.channels, self.background)
+        if img.dtype != torch.uint8:  # 16-bit sources decode to float in [0, 1]; shards are 8-bit
+            img = (img * 255).round_().clamp_(0, 255).to(torch.uint8)
+        if self.resize is not None:
+            img = self.resize(img)
+        return img
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        return {
+            "image": encode(self.image(index), self.encoding, self.quality),
+            "label": self.labels[index] if self.labels is not None else -1,
+            "size": self.size or 0,
+            "channels": self.channels,
+        }
+
+
+def _index_of(path: Path) -> dict:
+    index = path / "index.json"
+    if not index.is_file():
+        found = "is empty" if not any(path.iterdir()) else "has no index.json"
+        raise DifflabError(
+            f"data.source.path={path} {found}: not a shard set; write one with "
+            f"`difflab-prepare data=<source> out={path}`"
+        )
+    try:
+        return json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DifflabError(f"{index} is corrupt ({e}); prepare the shards again") from None
+
+
+def check_chunks(path: Path, index: dict) -> None:
+    """Every chunk file listed in ``index.json`` is there and whole.
+
+    LitData treats a local chunk smaller than its recorded size as still downloading and waits for
+    it, so a truncated file would hang the loader or end an epoch short: caught here, by name.
+    """
+    for chunk in index.get("chunks", []):
+        f = path / chunk["filename"]
+        if not f.is_file():
+            raise DifflabError(f"shard chunk {f} is missing (listed in {path / 'index.json'})")
+        size = f.stat().st_size
+        if size < chunk["chunk_bytes"]:
+            raise DifflabError(
+                f"shard chunk {f} is truncated: {size} bytes, index.json records {chunk['chunk_bytes']}; "
+                "copy it again or prepare the shards again"
+            )
+
+
+class ShardSource:
+    """A shard set as a difflab source: ``len``, ``[i]`` (a decoded uint8 CHW image), ``identity``,
+    ``labels`` and the settings the images were prepared with (``channels``, ``size``).
+
+    Random access here serves the FID reference images and the classifier; training reads the same
+    shards sequentially through ``ImageShards`` and a ``StreamingDataLoader``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        cache_dir: str | None = None,
+        max_cache_size: str = "50GB",
+    ) -> None:
+        self.path, self.cache_dir, self.max_cache_size = path, cache_dir, max_cache_size
+        if is_remote(path):
+            digest = path
+        else:
+            local = Path(path).expanduser()
+            if not local.is_dir():
+                raise DifflabError(
+                    f"data.source.path={path} is not a directory; write shards there with "
+                    f"`difflab-prepare data=<source> out={path}`"
+                )
+            self.path = str(local.resolve())
+            index = _index_of(local)
+            check_chunks(local, index)
+            digest = json.dumps(index.get("chunks", []), sort_keys=True)
+        self._reader: StreamingDataset | None = None
+        if len(self.reader) == 0:
+            raise DifflabError(f"data.source.path={path} holds no images")
+        first = self.reader[0]
+        self.channels, self.size = int(first["channels"]), int(first["size"])
+        self._labels: torch.Tensor | None = None
+        has_labels = int(first["label"]) >= 0
+        self.has_labels = has_labels
+        self.identity = f"shards:{path}:n={len(self)}:{hashlib.sha1(digest.encode()).hexdigest()[:16]}"
+
+    @property
+    def reader(self) -> StreamingDataset:
+        """Random access to the items (opened on first use, in each process that uses it)."""
+        if self._reader is None:
+            self._reader = self.streaming_dataset()
+        return self._reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to spawned ranks and loader workers without the open reader (its cache holds file
+        # handles and threads); each process opens its own.
+        return {**self.__dict__, "_reader": None}
+
+    def streaming_dataset(self, cls: type[StreamingDataset] = StreamingDataset, **kwargs: Any) -> Any:
+        return cls(self.path, cache_dir=self.cache_dir, max_cache_size=self.max_cache_size, **kwargs)
+
+    def check_against(self, resolution: int, channels: int) -> None:
+        """The shards were prepared for this config (one line naming the path when not)."""
+        if self.channels != channels:
+            raise DifflabError(
+                f"shards in {self.path} have {self.channels} channel(s) but data.channels={channels}; "
+                f"set data.channels={self.channels} or prepare the shards again with data.channels={channels}"
+            )
+        if self.size and self.size < resolution:
+            raise DifflabError(
+                f"shards in {self.path} were resized to {self.size} px but data.resolution={resolution}; "
+                f"set data.resolution<={self.size} or prepare again with resolution={resolution}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return decode(self.reader[int(i)]["image"])
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """Class ids (read once, on demand: only the offline FID classifier needs them)."""
+        if not self.has_labels:
+            return None
+        if self._labels is None:
+            self._labels = torch.tensor([int(self.reader[i]["label"]) for i in range(len(self))])
+        return self._labels
+
+
+class ImageShards(StreamingDataset):
+    """LitData's StreamingDataset yielding transformed training images.
+
+    ``images`` (an ``ImageDataset`` over the same shards) applies the same conversion, deterministic
+    transform and per-sample seeded augmentation as every other source, keyed by (epoch, index).
+    """
+
+    def __init__(self, path: str, images: Any, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.images = images
+
+    def __getitem__(self, index: ChunkedIndex | int) -> Any:
+        item = super().__getitem__(index)
+        i = index.index if isinstance(index, ChunkedIndex) else int(index)
+        return self.images.transformed(decode(item["image"]), i, self.current_epoch)
+
+
+def shard_bytes(path: str) -> int:
+    """Bytes of the chunk files of a local shard set."""
+    return sum(f.stat().st_size for f in Path(path).glob("chunk-*.bin"))
+
+
+class ShardLoader(StreamingDataLoader):
+    """LitData's StreamingDataLoader, with a resumed epoch replayed once only.
+
+    After ``load_state_dict`` LitData replays the saved position on the next ``iter()`` and stops
+    doing so when that epoch's iterator is exhausted. Lightning ends an epoch after ``len(loader)``
+    batches without exhausting it (the remainder below a batch is dropped), so the next epoch would
+    start from the saved position again: the epoch after a resume would repeat the resumed one. Here a
+    restored position serves exactly one ``iter()``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._restored_epoch_started = False
+
+    def __iter__(self) -> Any:
+        if self._restored_epoch_started:
+            self.restore, self._restored_epoch_started = False, False
+        elif self.restore:
+            self._restored_epoch_started = True
+        return super().__iter__()

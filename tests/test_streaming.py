@@ -1,0 +1,260 @@
+"""Big datasets: difflab-prepare writes LitData shards; data=streaming trains from them, disjoint across
+DDP ranks, exact under kill -9, with one line for every bad shard set."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from difflab.checkpoints import load_checkpoint
+from difflab.data.shards import ShardSource
+from difflab.data.transforms import normalize_batch
+from difflab.errors import DifflabError
+from difflab.prepare import COMMAND as PREPARE
+from tests.helpers import difflab_cli, image_digest
+from tests.test_reliability import assert_same_end, kill_then_rerun, uninterrupted
+
+# 1,797 digits in ~12 chunks of 5 KB: LitData shuffles chunk order and blocks inside chunks.
+SMALL_CHUNKS = "chunk_bytes=5KB"
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    PREPARE.call(["data=digits", f"out={out}", SMALL_CHUNKS, "num_workers=2"])
+    return out
+
+
+def digits_uint8() -> torch.Tensor:
+    return torch.from_numpy((load_digits().images * (255 / 16)).round().astype("uint8")).unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------ prepare
+def test_prepare_writes_lossless_shards_with_labels(digit_shards):
+    assert len(list(digit_shards.glob("chunk-*.bin"))) >= 6
+    source = ShardSource(str(digit_shards))
+    assert len(source) == 1797 and source.channels == 1 and source.size == 0
+    real = digits_uint8()
+    # LitData may store items in worker order: compare as multisets of exact images, and by label.
+    stored = Counter(source[i].numpy().tobytes() for i in range(len(source)))
+    assert stored == Counter(img.numpy().tobytes() for img in real)
+    assert Counter(source.labels.tolist()) == Counter(load_digits().target.tolist())
+
+
+def test_prepare_resizes_and_encodes_jpeg(tmp_path):
+    out = tmp_path / "jpeg"
+    summary = PREPARE.call(
+        ["data=digits", "data.channels=3", f"out={out}", "resolution=16", "encoding=jpeg", "quality=90"]
+    )
+    assert summary["images"] == 1797 and summary["bytes"] > 0 and summary["img_per_s"] > 0
+    source = ShardSource(str(out))
+    assert source.size == 16 and source.channels == 3
+    assert tuple(source[0].shape) == (3, 16, 16) and source[0].dtype == torch.uint8
+
+
+def test_prepare_refuses_a_non_empty_out_and_overwrites_only_shards(tmp_path, digit_shards):
+    with pytest.raises(DifflabError, match=r"out=.*digits is not empty; .*overwrite=true"):
+        PREPARE.call(["data=digits", f"out={digit_shards}"])
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    with pytest.raises(DifflabError, match=r"holds files that are not shards \(thesis.tex\)"):
+        PREPARE.call(["data=digits", f"out={other}", "overwrite=true"])
+    assert (other / "thesis.tex").read_text() == "keep me"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(DifflabError, match=r"out=.*a_file/shards cannot be created"):
+        PREPARE.call(["data=digits", f"out={blocker / 'shards'}"])
+
+
+def test_prepare_overwrite_replaces_a_shard_set(tmp_path):
+    out = tmp_path / "s"
+    PREPARE.call(["data=digits", "data.source.max_items=100", f"out={out}"])
+    PREPARE.call(["data=digits", "data.source.max_items=50", f"out={out}", "overwrite=true"])
+    assert len(ShardSource(str(out))) == 50
+
+
+def test_prepare_command_line_errors_are_one_line(tmp_path):
+    for args, expected in [
+        (["data=digits"], "out is required"),
+        (["data=digits", f"out={tmp_path}/x", "encoding=webp"], "encoding=webp"),
+        (["data=digits", f"out={tmp_path}/x", "quality=0"], "quality=0"),
+        (["data=digits", f"out={tmp_path}/x", "num_workers=0"], "num_workers=0"),
+        (["data=digits", f"out={tmp_path}/x", "resolutoin=8"], "did you mean resolution?"),
+        (["data=folder", f"out={tmp_path}/x", f"data.source.path={tmp_path}/nope"], "data.source.path"),
+    ]:
+        p = difflab_cli("prepare", *args, cwd=tmp_path)
+        assert p.returncode == 2, (args, p.stderr[-1000:])
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (args, p.stderr)
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------- bad shard sets
+def test_bad_shard_sets_are_one_line_naming_the_path(tmp_path, digit_shards, make_cfg):
+    from difflab.train import train
+
+    with pytest.raises(DifflabError, match=r"data.source.path=.*nope is not a directory"):
+        ShardSource(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DifflabError, match=r"empty is empty: not a shard set; .*difflab-prepare"):
+        ShardSource(str(tmp_path / "empty"))
+    # A truncated chunk (a copy cut short) is named, never a silent short epoch or a hang.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in digit_shards.iterdir():
+        (cut / f.name).write_bytes(f.read_bytes())
+    victim = sorted(cut.glob("chunk-*.bin"))[1]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(DifflabError, match=rf"shard chunk .*{victim.name} is truncated: 100 bytes"):
+        ShardSource(str(cut))
+    victim.unlink()
+    with pytest.raises(DifflabError, match=rf"shard chunk .*{victim.name} is missing"):
+        ShardSource(str(cut))
+    # Shards of other channels or a smaller size than the config: one line at set-up.
+    base = ("data=streaming", f"data.source.path={digit_shards}", "model/unet=tiny", "trainer.max_steps=1")
+    with pytest.raises(DifflabError, match=r"have 1 channel\(s\) but data.channels=3"):
+        train(make_cfg(*base, "data.resolution=8", "logger=none"))
+    resized = tmp_path / "resized"
+    PREPARE.call(["data=digits", f"out={resized}", "resolution=8"])
+    with pytest.raises(DifflabError, match=r"were resized to 8 px but data.resolution=16"):
+        train(
+            make_cfg(
+                *base[:1],
+                f"data.source.path={resized}",
+                *base[2:],
+                "data.channels=1",
+                "data.resolution=16",
+                "logger=none",
+            )
+        )
+
+
+# ---------------------------------------------------------------------------------------- training
+def streaming_run(shards: Path, *extra: str) -> tuple[str, ...]:
+    """The reliability suite's 70-step digits run (2.5 epochs, checkpoints every 7 steps), from shards."""
+    from tests.test_reliability import RUN
+
+    rest = tuple(a for a in RUN if a != "experiment=digits")
+    return (
+        "experiment=digits",
+        "data=streaming",
+        f"data.source.path={shards}",
+        "data.resolution=8",
+        "data.channels=1",
+        *rest,
+        *extra,
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill9_mid_epoch_resumes_exactly_from_shards(tmp_path, digit_shards, workers):
+    args = streaming_run(digit_shards, f"data.num_workers={workers}")
+    reference = uninterrupted(tmp_path / "straight", args)
+    for step, moment in [(28, "after_save"), (45, "step")]:
+        final = kill_then_rerun(tmp_path / f"kill_{step}", args, step, moment)
+        assert_same_end(reference, final)
+
+
+def test_resume_with_other_num_workers_finishes_the_epoch_exactly_once(tmp_path, digit_shards):
+    """Killed mid-epoch with 0 workers, resumed with 2: the epoch's images are each seen once."""
+    dump = ("+callbacks.dump._target_=tests.helpers.DumpRankState",)
+    no_flip = ("data.flip=false", "trainer.max_steps=56")
+    args = streaming_run(digit_shards, *no_flip, "data.num_workers=0")
+    straight = tmp_path / "straight"
+    uninterrupted(straight, (*args, *dump, f"+callbacks.dump.path={straight / 'dump'}"))
+    seen = torch.load(straight / "dump" / "rank0.pt")["seen"]
+    epoch1 = Counter(h for batch in seen[28:56] for h in batch)  # steps 28..55: the second epoch
+    run = tmp_path / "killed"
+    p = difflab_cli(
+        "train",
+        *args,
+        f"hydra.run.dir={run}",
+        "+callbacks.kill._target_=tests.helpers.KillAt",
+        "+callbacks.kill.step=35",
+        "+callbacks.kill.moment=after_save",
+        cwd=tmp_path,
+        new_group=True,
+    )
+    assert p.returncode == -9, p.stderr[-2000:]
+    resumed = streaming_run(digit_shards, *no_flip, "data.num_workers=2")
+    p = difflab_cli(
+        "train", *resumed, *dump, f"+callbacks.dump.path={run / 'dump'}", f"hydra.run.dir={run}", cwd=tmp_path
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = torch.load(run / "dump" / "rank0.pt")["seen"]
+    assert len(after) == 21  # steps 35..55
+    assert Counter(h for batch in seen[28:35] + after for h in batch) == epoch1
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 56
+
+
+def test_ddp_ranks_read_disjoint_shards_that_cover_the_epoch(tmp_path, make_cfg):
+    from difflab.train import train
+
+    shards = tmp_path / "shards"
+    PREPARE.call(["data=digits", "data.source.max_items=1024", f"out={shards}", SMALL_CHUNKS])
+    cfg = make_cfg(
+        *streaming_run(shards, "data.flip=false", "data.batch_size=32", "trainer.max_steps=16"),
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "+callbacks.dump._target_=tests.helpers.DumpRankState",
+        f"+callbacks.dump.path={tmp_path / 'dump'}",
+        run_dir=tmp_path / "run",
+    )
+    train(cfg)
+    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world_size"] == 2 and len(r0["seen"]) == len(r1["seen"]) == 16  # 1024 / 2 ranks / 32
+    per_rank = [Counter(h for batch in r["seen"] for h in batch) for r in (r0, r1)]
+    assert sum(per_rank[0].values()) == sum(per_rank[1].values()) == 512
+    real = Counter(image_digest(img) for img in normalize_batch(digits_uint8()[:1024]))
+    assert per_rank[0] + per_rank[1] == real  # together: every image once
+
+
+def test_streaming_trains_with_fid_reference_from_the_shards(tmp_path, digit_shards, make_cfg):
+    """The FID callback's real images and the offline classifier read the shards too."""
+    from difflab.train import train
+
+    cfg = make_cfg(
+        *streaming_run(digit_shards, "trainer.max_steps=6"),
+        "callbacks=with_fid",
+        "callbacks.fid.every_n_steps=6",
+        "callbacks.fid.num_samples=32",
+        "callbacks.fid.num_real=256",
+        "callbacks.fid.steps=2",
+        "callbacks.sample_grid=null",
+        run_dir=tmp_path / "run",
+    )
+    train(cfg)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def test_readme_streaming_lines_as_written(tmp_path):
+    """The README's prepare/train lines, from a fresh directory (the placeholder image folder made
+    here; the training lines given a 2-step budget instead of the default job's 2,000)."""
+    from PIL import Image
+
+    from tests.test_readme_sweeps import readme_commands
+
+    folder = tmp_path / "my_images"
+    folder.mkdir()
+    for i, img in enumerate(digits_uint8()[:200]):
+        Image.fromarray(img[0].numpy()).resize((80, 64)).convert("RGB").save(folder / f"{i}.png")
+    prepares, trains = readme_commands("prepare"), readme_commands("train")
+    assert len(prepares) == 2
+    for args in prepares:
+        args = [a.replace("/path/to/images", str(folder)) for a in args]
+        p = difflab_cli("prepare", *args, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.strip().splitlines()[-1].startswith("wrote ")
+    streaming = [a for a in trains if "data=streaming" in a]
+    assert len(streaming) == 2
+    for args in streaming:
+        short = ["model/unet=tiny", "trainer.max_steps=2", "callbacks.sample_grid=null", "logger=none"]
+        p = difflab_cli("train", *args, *short, "hydra.run.dir=run", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
+        (tmp_path / "run" / "checkpoints" / "last.ckpt").unlink()
