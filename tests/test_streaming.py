@@ -151,7 +151,7 @@ def streaming_run(shards: Path, *extra: str) -> tuple[str, ...]:
     )
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_kill9_mid_epoch_resumes_exactly_from_shards(tmp_path, digit_shards, workers):
     args = streaming_run(digit_shards, f"data.num_workers={workers}")
     reference = uninterrupted(tmp_path / "straight", args)
@@ -160,8 +160,11 @@ def test_kill9_mid_epoch_resumes_exactly_from_shards(tmp_path, digit_shards, wor
         assert_same_end(reference, final)
 
 
-def test_resume_with_other_num_workers_finishes_the_epoch_exactly_once(tmp_path, digit_shards):
-    """Killed mid-epoch with 0 workers, resumed with 2: the epoch's images are each seen once."""
+@pytest.mark.slow
+def test_resume_with_other_num_workers_finishes_the_epoch_without_repeats(tmp_path, digit_shards):
+    """Killed mid-epoch with 0 workers, resumed with 2: LitData re-splits the rest of the epoch over
+    the new workers; no image is seen twice, and only what drop_last drops (under one batch per
+    worker) is left out."""
     dump = ("+callbacks.dump._target_=tests.helpers.DumpRankState",)
     no_flip = ("data.flip=false", "trainer.max_steps=56")
     args = streaming_run(digit_shards, *no_flip, "data.num_workers=0")
@@ -188,7 +191,16 @@ def test_resume_with_other_num_workers_finishes_the_epoch_exactly_once(tmp_path,
     assert p.returncode == 0, p.stderr[-3000:]
     after = torch.load(run / "dump" / "rank0.pt")["seen"]
     assert len(after) == 21  # steps 35..55
-    assert Counter(h for batch in seen[28:35] + after for h in batch) == epoch1
+    before = Counter(h for batch in seen[28:35] for h in batch)  # the killed run's steps 28..34
+
+    def epoch_so_far(k: int) -> Counter:
+        return before + Counter(h for batch in after[:k] for h in batch)
+
+    # The resumed epoch: the longest run of batches that repeats nothing of the epoch (the next
+    # epoch's first batch would).
+    k = max(i for i in range(len(after) + 1) if not epoch_so_far(i) - epoch1)
+    assert k >= 28 - 7 - 2, k  # at most one batch per worker dropped
+    assert sum((epoch1 - epoch_so_far(k)).values()) < 2 * 64  # ... and nothing else missing
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 56
 
 
@@ -254,7 +266,7 @@ def test_readme_streaming_lines_as_written(tmp_path):
     assert len(streaming) == 2
     for args in streaming:
         short = ["model/unet=tiny", "trainer.max_steps=2", "callbacks.sample_grid=null", "logger=none"]
-        p = difflab_cli("train", *args, *short, "hydra.run.dir=run", cwd=tmp_path)
+        run = tmp_path / f"run_{len(list(tmp_path.glob('run_*')))}"
+        p = difflab_cli("train", *args, *short, f"hydra.run.dir={run}", cwd=tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
-        assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
-        (tmp_path / "run" / "checkpoints" / "last.ckpt").unlink()
+        assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
