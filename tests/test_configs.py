@@ -35,7 +35,11 @@ def test_train_config_composes_with_defaults(make_cfg):
 
 @pytest.mark.parametrize("name", names("data"))
 def test_data_configs_instantiate(make_cfg, name):
-    extra = {"folder": ["data.source.path=/tmp"], "hf": ["data.source.name=/tmp/x"]}.get(name, [])
+    extra = {
+        "folder": ["data.source.path=/tmp"],
+        "hf": ["data.source.name=/tmp/x"],
+        "streaming": ["data.source.path=/tmp/shards"],
+    }.get(name, [])
     cfg = make_cfg(f"data={name}", *extra)
     validate(cfg)
     dm = hydra.utils.instantiate(cfg.data)

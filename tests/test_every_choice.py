@@ -68,6 +68,15 @@ def _hf(tmp: Path) -> str:
     return str(tmp / "hf")
 
 
+def _shards(tmp: Path) -> str:
+    from difflab.prepare import COMMAND
+
+    COMMAND.call(
+        ["data=folder", f"data.source.path={_folder(tmp)}", f"out={tmp / 'shards'}", "num_workers=1"]
+    )
+    return str(tmp / "shards")
+
+
 # Per group choice: extra overrides to make it runnable here, or the start-up error it must give.
 NEEDS = {
     "data/folder": lambda tmp: [
@@ -76,6 +85,13 @@ NEEDS = {
         "data.num_workers=0",
     ],
     "data/hf": lambda tmp: [f"data.source.name={_hf(tmp)}", "data.resolution=8", "data.num_workers=0"],
+    "data/streaming": lambda tmp: [
+        f"data.source.path={_shards(tmp)}",
+        "data.channels=3",
+        "data.resolution=8",
+        "data.batch_size=4",
+        "data.num_workers=0",
+    ],
     "data/fashion_mnist": lambda tmp: ["data.source.max_items=64", "data.resolution=8"],
     "data/mnist": lambda tmp: ["data.resolution=8"],
     "data/cifar10": lambda tmp: ["data.resolution=8"],

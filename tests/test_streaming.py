@@ -3,6 +3,7 @@ DDP ranks, exact under kill -9, with one line for every bad shard set."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -78,20 +79,28 @@ def test_prepare_overwrite_replaces_a_shard_set(tmp_path):
     assert len(ShardSource(str(out))) == 50
 
 
-def test_prepare_command_line_errors_are_one_line(tmp_path):
-    for args, expected in [
-        (["data=digits"], "out is required"),
-        (["data=digits", f"out={tmp_path}/x", "encoding=webp"], "encoding=webp"),
-        (["data=digits", f"out={tmp_path}/x", "quality=0"], "quality=0"),
-        (["data=digits", f"out={tmp_path}/x", "num_workers=0"], "num_workers=0"),
-        (["data=digits", f"out={tmp_path}/x", "resolutoin=8"], "did you mean resolution?"),
-        (["data=folder", f"out={tmp_path}/x", f"data.source.path={tmp_path}/nope"], "data.source.path"),
-    ]:
+BAD_PREPARE_LINES = [
+    (["data=digits"], "out is required"),
+    (["data=digits", "out=x", "encoding=webp"], "encoding=webp"),
+    (["data=digits", "out=x", "quality=0"], "quality=0"),
+    (["data=digits", "out=x", "num_workers=0"], "num_workers=0"),
+    (["data=digits", "out=x", "resolutoin=8"], "did you mean resolution?"),
+    (["data=digits", "out=x", "resolution=-3"], "resolution=-3"),
+    (["data=folder", "out=x", "data.source.path=nope"], "data.source.path"),
+]
+
+
+def test_prepare_command_line_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args, expected in BAD_PREPARE_LINES:  # the start-up checks, in-process
+        with pytest.raises(DifflabError, match=re.escape(expected)):
+            PREPARE.call(args)
+    for args, expected in (BAD_PREPARE_LINES[1], BAD_PREPARE_LINES[-1]):  # ... and as the console script
         p = difflab_cli("prepare", *args, cwd=tmp_path)
         assert p.returncode == 2, (args, p.stderr[-1000:])
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (args, p.stderr)
-    assert not (tmp_path / "x").exists()
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 # ------------------------------------------------------------------------------------- bad shard sets
@@ -155,7 +164,8 @@ def streaming_run(shards: Path, *extra: str) -> tuple[str, ...]:
 def test_kill9_mid_epoch_resumes_exactly_from_shards(tmp_path, digit_shards, workers):
     args = streaming_run(digit_shards, f"data.num_workers={workers}")
     reference = uninterrupted(tmp_path / "straight", args)
-    for step, moment in [(28, "after_save"), (45, "step")]:
+    # Killed 3 steps past the checkpoint of step 42 in epoch 1; the resume crosses into epoch 2.
+    for step, moment in [(45, "step")]:
         final = kill_then_rerun(tmp_path / f"kill_{step}", args, step, moment)
         assert_same_end(reference, final)
 
