@@ -33,7 +33,7 @@ def make_folder(folder: Path, n: int, size: int = 64) -> float:
     """``n`` distinct RGB PNGs: smooth random colour fields (compress like photos, unlike noise)."""
     from PIL import Image
 
-    done = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
+    done = len(list(folder.rglob("*.png"))) if folder.is_dir() else 0
     if done >= n:
         return 0.0
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,6 +89,7 @@ print(json.dumps({{"img_s": n / (time.perf_counter() - t0)}}))
 
 
 def loader_rate(overrides: list[str], tmp: Path, batches: int) -> float:
+    tmp.mkdir(parents=True, exist_ok=True)
     code = LOADER.format(repo=str(REPO), tmp=str(tmp), overrides=overrides, batches=batches)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp)
     if p.returncode:
@@ -96,14 +97,32 @@ def loader_rate(overrides: list[str], tmp: Path, batches: int) -> float:
     return json.loads(p.stdout.strip().splitlines()[-1])["img_s"]
 
 
-def train_rate(data_args: list[str], tmp: Path, steps: int) -> dict:
-    cmd = [sys.executable, str(HERE / "bench_worker.py"), "difflab", "--tmp", str(tmp), "--steps", str(steps)]
-    for a in data_args:
-        cmd += ["--override", a] if "=" in a and not a.startswith("--") else [a]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+def train_rate(data_args: list[str], run_dir: Path, steps: int) -> float:
+    """img/s of a real difflab-train run (`small`, batch 32): the throughput callback's logged
+    perf/images_per_sec, median of the windows after the first (warm-up)."""
+    import csv
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    args = [
+        *data_args,
+        "model/unet=small",
+        "data.batch_size=32",
+        f"trainer.max_steps={steps}",
+        "trainer.log_every_n_steps=10",
+        "logger=csv",
+        "callbacks.sample_grid=null",
+        "callbacks.progress_bar=null",
+        f"hydra.run.dir={run_dir}",
+    ]
+    p = subprocess.run(
+        [str(BIN / "difflab-train"), *args], capture_output=True, text=True, cwd=run_dir.parent
+    )
     if p.returncode:
         raise SystemExit(p.stderr[-2000:])
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rates = [float(r["perf/images_per_sec"]) for r in csv.DictReader(f) if r.get("perf/images_per_sec")]
+    return statistics.median(rates[1:])
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -156,16 +175,26 @@ def main() -> None:
 
     # 1. Prepare throughput (the folder source checks every file first, as training does).
     shards = work / "shards64"
-    prep = prepare(
-        ["data=folder", f"data.source.path={folder}", "resolution=64", f"out={shards}", "overwrite=true"],
-        work,
+    prep = (
+        json.loads((work / "prepare.json").read_text())
+        if (work / "prepare.json").is_file()
+        else prepare(
+            ["data=folder", f"data.source.path={folder}", "resolution=64", f"out={shards}", "overwrite=true"],
+            work,
+        )
     )
+    (work / "prepare.json").write_text(json.dumps(prep))
     print("prepare", prep)
 
     # 2. Loader throughput, same images, same transforms (64 px, flip), batch 64.
     common = ["data.resolution=64", "data.channels=3", "data.batch_size=64", "data.flip=true"]
     rates: dict[tuple[str, int], float] = {}
-    for workers in (0, 1, 2):
+    cached = work / "loader.json"  # a rerun (e.g. after a later step failed) keeps these figures
+    if cached.is_file():
+        rates = {
+            (k.split("/")[0], int(k.split("/")[1])): v for k, v in json.loads(cached.read_text()).items()
+        }
+    for workers in (0, 1, 2) if not rates else ():
         for kind, extra in (
             ("folder", ["data=folder", f"data.source.path={folder}"]),
             ("streaming", ["data=streaming", f"data.source.path={shards}"]),
@@ -174,6 +203,7 @@ def main() -> None:
                 [*extra, *common, f"data.num_workers={workers}"], work / "loader", batches=150
             )
             print(kind, workers, f"{rates[kind, workers]:.0f} img/s")
+    cached.write_text(json.dumps({f"{k}/{w}": v for (k, w), v in rates.items()}))
 
     # 3. Training img/s: the default job's data in memory vs the same images from shards.
     fm_shards = work / "shards_fashion"
@@ -181,19 +211,18 @@ def main() -> None:
         prepare(["data=fashion_mnist", f"out={fm_shards}"], work)
     ratios, runs = [], {"in-memory": [], "shards": []}
     for _ in range(opts.repeats):
-        mem = train_rate(["--data", "fashion_mnist"], work / "train_mem", steps=40)["images_per_sec"]
+        mem = train_rate(["data=fashion_mnist"], work / "train_mem", steps=70)
         shard = train_rate(
             [
-                "--data",
-                "streaming",
+                "data=streaming",
                 f"data.source.path={fm_shards}",
                 "data.resolution=28",
                 "data.channels=1",
                 "data.num_workers=0",
             ],
             work / "train_shards",
-            steps=40,
-        )["images_per_sec"]
+            steps=70,
+        )
         runs["in-memory"].append(mem)
         runs["shards"].append(shard)
         ratios.append(shard / mem)
