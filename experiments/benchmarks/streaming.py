@@ -4,9 +4,9 @@ than the run's RSS.
 
     .venv/bin/python experiments/benchmarks/streaming.py [--images 50000] [--work DIR]
 
-Every figure comes from the real commands or datamodules; training figures come from fresh
-processes (bench_worker.py), alternating the two sources. ~25 min on 2 cores. Prints markdown
-tables for RESULTS.md.
+Every figure comes from the real commands or datamodules in fresh processes; training figures from
+real difflab-train runs, alternating the two sources; memory from streaming_rss.py. ~25 min on 2
+cores. Prints markdown tables for RESULTS.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -125,42 +124,6 @@ def train_rate(data_args: list[str], run_dir: Path, steps: int) -> float:
     return statistics.median(rates[1:])
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (loader workers), MB."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(re.search(r"VmRSS:\s+(\d+)", status)[1])
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, TypeError):
-            continue
-    return total / 1024
-
-
-def rss_over_run(args: list[str], cwd: Path) -> list[tuple[float, float]]:
-    """(seconds, tree RSS MB) every 2 s over a difflab-train run."""
-    p = subprocess.Popen(
-        [str(BIN / "difflab-train"), *args],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    samples, t0 = [], time.perf_counter()
-    stderr: list[str] = []
-    reader = threading.Thread(target=lambda: stderr.extend(p.stderr), daemon=True)
-    reader.start()
-    while p.poll() is None:
-        samples.append((time.perf_counter() - t0, tree_rss_mb(p.pid)))
-        time.sleep(2)
-    if p.returncode:
-        raise SystemExit("".join(stderr)[-2000:])
-    return samples
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=50_000)
@@ -236,25 +199,12 @@ def main() -> None:
             ["data=fashion_mnist", "data.channels=3", "resolution=128", "encoding=raw", f"out={big}"], work
         )
     big_mb = sum(f.stat().st_size for f in big.glob("chunk-*.bin")) / 2**20
-    rss = rss_over_run(
-        [
-            "data=streaming",
-            f"data.source.path={big}",
-            "data.resolution=128",
-            "data.channels=3",
-            "data.num_workers=2",
-            "data.batch_size=64",
-            "model/unet=tiny",
-            "trainer.max_steps=400",
-            "logger=none",
-            "callbacks.sample_grid=null",
-            "callbacks.progress_bar=null",
-            f"hydra.run.dir={work / 'rss_run'}",
-        ],
-        work,
+    p = subprocess.run(
+        [sys.executable, str(HERE / "streaming_rss.py"), str(big)], capture_output=True, text=True, cwd=work
     )
-    steady = [m for t, m in rss if t > 30]
-
+    if p.returncode:
+        raise SystemExit(p.stderr[-2000:])
+    rss = json.loads(p.stdout.strip().splitlines()[-1])["samples"]
     print("\n| step | figure |\n| --- | --- |")
     print(
         f"| `difflab-prepare`, {prep['images']:,} 64 px PNGs → PNG shards ({prep['mb']:.0f} MB), 2 workers "
@@ -274,10 +224,13 @@ def main() -> None:
     for k, v in runs.items():
         print(f"| {k} | {statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f}) |")
     print(f"| shards ÷ in-memory | {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |")
+    anon = [m["anon"] for _, m in rss]
+    mapped = [m["file"] for _, m in rss]
     print(
-        f"\nRSS over a {big_mb:,.0f} MB shard set (60,000 images, 128 px RGB raw), tiny UNet, 2 workers, "
-        f"400 steps x 64 = 25,600 images read: process tree {min(steady):.0f}-{max(steady):.0f} MB after "
-        f"the first 30 s (peak {max(m for _, m in rss):.0f} MB over {rss[-1][0]:.0f} s)"
+        f"\nShard loader (2 workers, batch 64) over a {big_mb:,.0f} MB shard set (60,000 images, 128 px RGB, "
+        f"raw), {rss[-1][0]:,} images read: anonymous RSS of the process tree "
+        f"{min(anon):.0f}-{max(anon):.0f} MB, "
+        f"mmapped chunk pages {min(mapped):.0f}-{max(mapped):.0f} MB"
     )
     (work / "results.json").write_text(
         json.dumps(
