@@ -226,17 +226,20 @@ class ImageDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def _check_images_per_device(self, count: int) -> None:
+        if count < self.batch_size and self.drop_last:
+            raise DifflabError(
+                f"each device gets {count} images, fewer than data.batch_size={self.batch_size} "
+                "with data.drop_last=true; lower the batch size or set data.drop_last=false"
+            )
+
     def train_dataloader(self) -> StatefulDataLoader:
         self.setup()
         rank, world = self._rank_world()
         sampler = ShardedShuffleSampler(
             len(self.train_set), self.seed, self.shuffle, self.drop_last, rank, world
         )
-        if len(sampler) < self.batch_size and self.drop_last:
-            raise DifflabError(
-                f"each device gets {len(sampler)} images, fewer than data.batch_size={self.batch_size} "
-                "with data.drop_last=true; lower the batch size or set data.drop_last=false"
-            )
+        self._check_images_per_device(len(sampler))
         return StatefulDataLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -274,11 +277,7 @@ class StreamingImageDataModule(ImageDataModule):
 
         self.setup()
         _, world = self._rank_world()
-        if len(self.train_set) // world < self.batch_size and self.drop_last:
-            raise DifflabError(
-                f"each device gets {len(self.train_set) // world} images, fewer than "
-                f"data.batch_size={self.batch_size} with data.drop_last=true; lower the batch size"
-            )
+        self._check_images_per_device(len(self.train_set) // world)
         shards = self.source.streaming_dataset(
             ImageShards, images=self.train_set, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last
         )
