@@ -10,7 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.data.datamodule import ImageDataModule, ShardedShuffleSampler
+from difflab.data.datamodule import (
+    ChunkedShuffleSampler,
+    ImageDataModule,
+    ResumableLoader,
+    ShardedShuffleSampler,
+)
 from difflab.data.sources import FolderSource, digits_source, fashion_mnist_source
 from difflab.data.transforms import pil_to_tensor
 from difflab.errors import DifflabError
@@ -194,29 +199,93 @@ def test_hf_source_from_a_saved_dataset(tmp_path):
         HFSource(str(tmp_path / "saved"))
 
 
-def test_sampler_state_restores_the_epoch_before_lightning_sets_it():
-    # Lightning creates the resumed loader's iterator before it calls set_epoch: the sampler's own
-    # saved epoch must decide the order (the bug: epoch 0's order replayed in epoch 1).
-    s = ShardedShuffleSampler(10, seed=3)
-    s.set_epoch(1)
-    it = iter(s)
-    first = [next(it) for _ in range(4)]
-    state = s.state_dict()
-    assert state == {"epoch": 1, "yielded": 4}
-    resumed = ShardedShuffleSampler(10, seed=3)
+class _Keys(torch.utils.data.Dataset):
+    """The sampler's (index, epoch) keys themselves, to compare orders."""
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        return torch.tensor(key)
+
+
+def _loader(workers: int, num_items: int = 50, rank: int = 0, world: int = 1) -> ResumableLoader:
+    sampler = ShardedShuffleSampler(num_items, seed=3, drop_last=True, rank=rank, world_size=world)
+    return ResumableLoader(_Keys(), sampler, batch_size=4, num_workers=workers, drop_last=True)
+
+
+@pytest.mark.parametrize("before,after", [(0, 2), (2, 0), (2, 1)])
+def test_loader_position_resumes_exactly_with_another_worker_count(before, after):
+    """The checkpointed state is (epoch, batches served): Lightning creates the resumed loader's
+    iterator before it calls set_epoch, and the workers may be more or fewer than before."""
+    straight = _loader(before)
+    straight.sampler.set_epoch(1)
+    it = iter(straight)
+    first = [next(it) for _ in range(3)]
+    state = straight.state_dict()
+    assert state == {"epoch": 1, "batches": 3}
+    rest = list(it)
+    resumed = _loader(after)
     resumed.load_state_dict(state)
     it = iter(resumed)  # created first ...
-    resumed.set_epoch(1)  # ... then Lightning sets the same epoch: the position is kept
-    assert first + list(it) == [(i, 1) for i in s.order(1)]
-    assert s.order(1) != s.order(0)
+    resumed.sampler.set_epoch(1)  # ... then Lightning sets the same epoch: the position is kept
+    again = list(it)
+    assert len(again) == len(rest) == 12 - 3 and all(
+        torch.equal(x, y) for x, y in zip(again, rest, strict=True)
+    )
+    keys = torch.cat(first + again)
+    assert keys[:, 1].eq(1).all() and keys[:, 0].tolist() == straight.sampler.order(1)[:48]
+    assert straight.sampler.order(1) != straight.sampler.order(0)
 
 
-def test_sampler_state_saved_at_the_end_of_an_epoch_resumes_at_the_next():
-    s = ShardedShuffleSampler(10, seed=3, rank=1, world_size=2)
-    list(s)
-    assert s.state_dict() == {"epoch": 0, "yielded": 5}
-    resumed = ShardedShuffleSampler(10, seed=3, rank=1, world_size=2)
-    resumed.load_state_dict(s.state_dict())
-    assert list(resumed) == [(i, 1) for i in s.order(1)]
-    resumed.set_epoch(2)  # a new epoch always starts at its beginning
-    assert list(resumed) == [(i, 2) for i in s.order(2)]
+def test_loader_state_at_the_end_of_an_epoch_resumes_at_the_next():
+    """50 items, batch 4, drop_last: the epoch ends after 12 batches with 2 items left over; the
+    state then names the next epoch, not the left-over items."""
+    loader = _loader(0, rank=1, world=2)
+    assert len(list(loader)) == 6
+    assert loader.state_dict() == {"epoch": 1, "batches": 0}
+    resumed = _loader(0, rank=1, world=2)
+    resumed.load_state_dict(loader.state_dict())
+    assert torch.cat(list(resumed))[:, 0].tolist() == loader.sampler.order(1)[:24]
+    resumed.sampler.set_epoch(2)  # a new epoch always starts at its beginning
+    assert torch.cat(list(resumed))[:, 1].eq(2).all()
+
+
+def test_loader_reads_the_state_torchdatas_loader_wrote():
+    """Checkpoints from before ResumableLoader hold torchdata StatefulDataLoader states."""
+    for state in (
+        {"_sampler_iter_state": {"epoch": 2, "yielded": 8}, "_num_yielded": 2},
+        {
+            "_snapshot": {
+                "_main_snapshot": {"_sampler_iter_state": {"epoch": 2, "yielded": 12}, "_num_yielded": 2}
+            }
+        },
+    ):
+        loader = _loader(0)
+        loader.load_state_dict(state)
+        assert torch.cat(list(loader))[:, 0].tolist() == loader.sampler.order(2)[8:48]
+
+
+def test_chunked_order_reads_block_by_block_and_splits_ranks_by_chunk():
+    sizes, block = [700, 300, 1000, 5], 256
+    starts = [0, 700, 1000, 2000]
+    chunk_of = lambda i: max(c for c in range(4) if starts[c] <= i)  # noqa: E731
+    orders = {
+        (e, r): ChunkedShuffleSampler(sizes, 7, block, rank=r, world_size=2).order(e)
+        for e in (0, 1)
+        for r in (0, 1)
+    }
+    for e in (0, 1):
+        both = orders[e, 0] + orders[e, 1]
+        # equal halves that cover the epoch, one image padded (drop_last=false)
+        assert len(orders[e, 0]) == len(orders[e, 1]) == 1003 and sorted(set(both)) == list(range(2005))
+        for r in (0, 1):
+            o = orders[e, r]
+            # each chunk's items, and each aligned block's, come in one contiguous run
+            for key in (chunk_of, lambda i: (chunk_of(i), (i - starts[chunk_of(i)]) // block)):
+                runs = [key(i) for k, i in enumerate(o) if k == 0 or key(o[k - 1]) != key(i)]
+                assert len(runs) == len(set(runs)), runs
+            assert o != sorted(o)  # shuffled inside blocks too
+    assert orders[0, 0] != orders[1, 0]  # a new order every epoch
+    plain = ChunkedShuffleSampler(sizes, 7, block, shuffle=False).order(0)
+    assert plain == list(range(2005))

@@ -39,15 +39,18 @@ RUN = (
 )
 
 
-def kill_then_rerun(run_dir: Path, args: tuple[str, ...], step: int, moment: str) -> dict:
-    """Run ``args`` until KillAt SIGKILLs it at (step, moment), rerun the *same* command; final ckpt."""
+def kill_then_rerun(
+    run_dir: Path, args: tuple[str, ...], step: int, moment: str, rerun_with: tuple[str, ...] = ()
+) -> dict:
+    """Run ``args`` until KillAt SIGKILLs it at (step, moment), rerun the same command (plus
+    ``rerun_with``, e.g. another worker count); the final checkpoint."""
     cmd = (*args, f"hydra.run.dir={run_dir}")
     kill = ("+callbacks.kill._target_=tests.helpers.KillAt", f"+callbacks.kill.step={step}")
     p = difflab_cli(
         "train", *cmd, *kill, f"+callbacks.kill.moment={moment}", cwd=run_dir.parent, new_group=True
     )
     assert p.returncode == -9, f"not killed (exit {p.returncode}): {p.stderr[-2000:]}"
-    p = difflab_cli("train", *cmd, cwd=run_dir.parent)
+    p = difflab_cli("train", *cmd, *rerun_with, cwd=run_dir.parent)
     assert p.returncode == 0, p.stderr[-3000:]
     return load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 

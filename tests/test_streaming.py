@@ -19,7 +19,7 @@ from difflab.prepare import COMMAND as PREPARE
 from tests.helpers import difflab_cli, image_digest
 from tests.test_reliability import assert_same_end, kill_then_rerun, uninterrupted
 
-# 1,797 digits in ~12 chunks of 5 KB: LitData shuffles chunk order and blocks inside chunks.
+# 1,797 digits in ~12 chunks of 5 KB: training shuffles chunk order, blocks and items inside chunks.
 SMALL_CHUNKS = "chunk_bytes=5KB"
 
 
@@ -160,58 +160,18 @@ def streaming_run(shards: Path, *extra: str) -> tuple[str, ...]:
     )
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_kill9_mid_epoch_resumes_exactly_from_shards(tmp_path, digit_shards, workers):
+@pytest.mark.parametrize(
+    "workers,resumed_with",
+    [(0, 2), pytest.param(2, 2, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow)],
+)
+def test_kill9_mid_epoch_resumes_exactly_from_shards(tmp_path, digit_shards, workers, resumed_with):
+    """Killed 3 steps past the checkpoint of step 42 in epoch 1 and resumed with data.num_workers
+    changed (the order does not depend on it): the resume crosses into epoch 2 and ends identical."""
     args = streaming_run(digit_shards, f"data.num_workers={workers}")
     reference = uninterrupted(tmp_path / "straight", args)
-    # Killed 3 steps past the checkpoint of step 42 in epoch 1; the resume crosses into epoch 2.
-    for step, moment in [(45, "step")]:
-        final = kill_then_rerun(tmp_path / f"kill_{step}", args, step, moment)
-        assert_same_end(reference, final)
-
-
-@pytest.mark.slow
-def test_resume_with_other_num_workers_finishes_the_epoch_without_repeats(tmp_path, digit_shards):
-    """Killed mid-epoch with 0 workers, resumed with 2: LitData re-splits the rest of the epoch over
-    the new workers; no image is seen twice, and only what drop_last drops (under one batch per
-    worker) is left out."""
-    dump = ("+callbacks.dump._target_=tests.helpers.DumpRankState",)
-    no_flip = ("data.flip=false", "trainer.max_steps=56")
-    args = streaming_run(digit_shards, *no_flip, "data.num_workers=0")
-    straight = tmp_path / "straight"
-    uninterrupted(straight, (*args, *dump, f"+callbacks.dump.path={straight / 'dump'}"))
-    seen = torch.load(straight / "dump" / "rank0.pt")["seen"]
-    epoch1 = Counter(h for batch in seen[28:56] for h in batch)  # steps 28..55: the second epoch
-    run = tmp_path / "killed"
-    p = difflab_cli(
-        "train",
-        *args,
-        f"hydra.run.dir={run}",
-        "+callbacks.kill._target_=tests.helpers.KillAt",
-        "+callbacks.kill.step=35",
-        "+callbacks.kill.moment=after_save",
-        cwd=tmp_path,
-        new_group=True,
-    )
-    assert p.returncode == -9, p.stderr[-2000:]
-    resumed = streaming_run(digit_shards, *no_flip, "data.num_workers=2")
-    p = difflab_cli(
-        "train", *resumed, *dump, f"+callbacks.dump.path={run / 'dump'}", f"hydra.run.dir={run}", cwd=tmp_path
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    after = torch.load(run / "dump" / "rank0.pt")["seen"]
-    assert len(after) == 21  # steps 35..55
-    before = Counter(h for batch in seen[28:35] for h in batch)  # the killed run's steps 28..34
-
-    def epoch_so_far(k: int) -> Counter:
-        return before + Counter(h for batch in after[:k] for h in batch)
-
-    # The resumed epoch: the longest run of batches that repeats nothing of the epoch (the next
-    # epoch's first batch would).
-    k = max(i for i in range(len(after) + 1) if not epoch_so_far(i) - epoch1)
-    assert k >= 28 - 7 - 2, k  # at most one batch per worker dropped
-    assert sum((epoch1 - epoch_so_far(k)).values()) < 2 * 64  # ... and nothing else missing
-    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 56
+    rerun = (f"data.num_workers={resumed_with}",)
+    final = kill_then_rerun(tmp_path / "kill_45", args, 45, "step", rerun_with=rerun)
+    assert_same_end(reference, final)
 
 
 def test_ddp_ranks_read_disjoint_shards_that_cover_the_epoch(tmp_path, make_cfg):

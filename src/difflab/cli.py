@@ -66,13 +66,9 @@ def rewrite_group_aliases(argv: list[str]) -> list[str]:
 
 def quiet_third_party_noise() -> None:
     """Lines printed at every start that say nothing about this run, silenced so that the first lines
-    a user reads are difflab's: torchdata calling a deprecated torch API, Lightning's pytree check
-    deprecated by torch 2.14, Lightning's advertisement for its cloud logger, and LitData's set-up notes."""
-    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
+    a user reads are difflab's: Lightning's pytree check deprecated by torch 2.14, Lightning's
+    advertisement for its cloud logger, and LitData's set-up notes."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    # LitData's shards are split per worker by LitData itself, so Lightning's generic warning about an
-    # IterableDataset with __len__ does not apply; LitData's INFO lines describe its cache set-up.
-    warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined")
     logging.getLogger("litdata").setLevel(logging.WARNING)
     tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     tips.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))

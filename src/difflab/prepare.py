@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from omegaconf import DictConfig
 
 from difflab.cli import Command, keywords
@@ -75,7 +76,10 @@ def prepare(
     try:
         optimize(
             fn=items,
-            inputs=list(range(n)),
+            # A seeded shuffle: each chunk, and each block LitData decodes, is then a random sample of
+            # the set, which the chunk-by-chunk training order relies on (a folder sorted by class
+            # would otherwise give one-class batches).
+            inputs=torch.randperm(n, generator=torch.Generator().manual_seed(data.seed)).tolist(),
             output_dir=str(local) if local is not None else out,
             chunk_bytes=chunk_bytes,
             num_workers=num_workers,

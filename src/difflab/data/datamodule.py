@@ -9,8 +9,7 @@ from typing import Annotated, Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset, Sampler
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from difflab.data.transforms import Crop, ImageTransform, flip_decision, normalize_batch, to_model_input
 from difflab.errors import DifflabError
@@ -44,22 +43,17 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def base_image(self, index: int, raw: Any = None) -> torch.Tensor:
-        """Image ``index`` (or its already-read ``raw`` image) after conversion and the deterministic
-        transform, before augmentation."""
+    def base_image(self, index: int) -> torch.Tensor:
+        """Image ``index`` after conversion and the deterministic transform, before augmentation."""
         if self.prepared is not None:
             return self.prepared[index]
-        img = to_model_input(self.source[index] if raw is None else raw, self.channels, self.background)
+        img = to_model_input(self.source[index], self.channels, self.background)
         if img.shape[0] != self.channels:
             raise DifflabError(
                 f"image {index} has {img.shape[0]} channels after conversion, "
                 f"expected data.channels={self.channels}"
             )
         return self.transform.deterministic(img)
-
-    def transformed(self, raw: Any, index: int, epoch: int) -> torch.Tensor:
-        """``raw`` (image ``index``, read by a streaming loader) as ``self[(index, epoch)]`` gives it."""
-        return self.transform.augment(self.base_image(index, raw), derive_seed(self.seed, epoch, index))
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         """One image, augmented, not yet normalised (uint8, or float in [0, 1] for 16-bit sources)."""
@@ -90,10 +84,9 @@ class ShardedShuffleSampler(Sampler[tuple[int, int]]):
     Written here rather than using DistributedSampler because the epoch must reach the dataset
     (per-sample augmentation seeds) and the same class must serve 1 and N ranks identically.
 
-    It is Stateful (``state_dict``: epoch and position) because of the order Lightning resumes in:
-    the fit loop creates the loader's iterator (and a worker loader already draws its first indices)
-    *before* it calls ``set_epoch``, so a sampler that only learned its epoch from ``set_epoch`` would
-    replay epoch 0's order in any epoch after the first. Its own saved epoch cannot be stale.
+    ``resume`` sets an epoch and position that survive the order Lightning resumes in (it creates the
+    loader's iterator before it calls ``set_epoch`` with the same epoch), so a sampler that only
+    learned its epoch from ``set_epoch`` cannot replay the wrong epoch's order.
     """
 
     def __init__(
@@ -108,21 +101,17 @@ class ShardedShuffleSampler(Sampler[tuple[int, int]]):
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
-        self.yielded = 0  # indices handed out so far in this epoch (what the checkpoint records)
-        self._resume_at = 0  # where the next iterator starts: > 0 only right after load_state_dict
+        self.start = 0  # where the next iterator starts in the epoch: > 0 only right after resume()
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:  # a new epoch starts at its beginning; the same one keeps a restored position
-            self.epoch, self._resume_at = epoch, 0
+        if epoch != self.epoch:  # a new epoch starts at its beginning; the same one keeps a resumed position
+            self.epoch, self.start = epoch, 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self.yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, yielded = int(state["epoch"]), int(state["yielded"])
-        if yielded >= len(self):  # saved after the last index of an epoch: what follows is the next one
-            epoch, yielded = epoch + 1, 0
-        self.epoch, self._resume_at = epoch, yielded
+    def resume(self, epoch: int, position: int) -> None:
+        """The next iterator starts at ``position`` (indices already used) of ``epoch``."""
+        if position >= len(self):  # saved after the last index of an epoch: what follows is the next one
+            epoch, position = epoch + 1, 0
+        self.epoch, self.start = epoch, position
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -142,12 +131,97 @@ class ShardedShuffleSampler(Sampler[tuple[int, int]]):
         return order[self.rank : total : self.world_size].tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, start = self.epoch, self._resume_at
-        self._resume_at = 0
-        self.yielded = start
+        epoch, start = self.epoch, self.start
+        self.start = 0
         for i in self.order(epoch)[start:]:
-            self.yielded += 1
             yield i, epoch
+
+
+class ChunkedShuffleSampler(ShardedShuffleSampler):
+    """``ShardedShuffleSampler`` for a chunked store (LitData shards): an order that reads block by block.
+
+    LitData decodes a chunk's items in aligned blocks (``block`` rows, one record batch each) and
+    keeps the last block decoded: a fully random order decodes a block per item and reads ~40x
+    slower. So, as in LitData's own loader, the order is hierarchical: chunks are permuted per epoch,
+    ranks take equal contiguous slices of that stream (a rank reads only its own chunks, sharing at
+    most two at the seams), and inside a rank's part of each chunk the blocks are permuted, then the
+    items inside each block. ``difflab-prepare`` writes images in a shuffled order, so a block is a
+    random sample of the whole set. Like the base class, the order is a pure function of (seed,
+    epoch, rank, world size) and the DataLoader's workers only fetch: that is what makes a resume
+    with another ``num_workers`` exact (LitData's loader assigns chunks to workers, so its order is
+    not).
+    """
+
+    def __init__(self, chunk_sizes: Sequence[int], seed: int, block: int, **kwargs: Any) -> None:
+        super().__init__(sum(chunk_sizes), seed, **kwargs)
+        self.chunk_sizes, self.block = torch.tensor(list(chunk_sizes)), block
+
+    def order(self, epoch: int) -> list[int]:
+        sizes = self.chunk_sizes
+        if self.shuffle:
+            chunks = torch.randperm(
+                len(sizes), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            )
+        else:
+            chunks = torch.arange(len(sizes))
+        starts = torch.cumsum(sizes, 0) - sizes
+        stream = torch.cat([torch.arange(starts[c], starts[c] + sizes[c]) for c in chunks.tolist()])
+        part = torch.repeat_interleave(torch.arange(len(sizes)), sizes[chunks])  # chunk position per item
+        extra = len(self) * self.world_size - self.num_items
+        if extra > 0:  # pad so every rank gets the same number of items (drop_last=false)
+            stream, part = torch.cat([stream, stream[:extra]]), torch.cat([part, part[:extra] + len(sizes)])
+        lo = self.rank * len(self)
+        stream, part = stream[lo : lo + len(self)], part[lo : lo + len(self)]
+        if self.shuffle:  # sort by (chunk position, random block key, random item key)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank))
+            blocks_per_chunk = -(-int(sizes.max()) // self.block)
+            block = part * blocks_per_chunk + (stream - starts[chunks.repeat(2)[part]]) // self.block
+            block_key = torch.rand(int(block.max()) + 1, generator=g)[block]
+            perm = torch.randperm(len(stream), generator=g)
+            perm = perm[torch.argsort(block_key[perm], stable=True)]
+            perm = perm[torch.argsort(part[perm], stable=True)]
+            stream = stream[perm]
+        return stream.tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose checkpointed state is (epoch, batches served), whatever ``num_workers`` is.
+
+    Written here rather than using torchdata's StatefulDataLoader because that one's state is a
+    snapshot per worker process and refuses to load into another worker count; here the dataset is
+    stateless and the sampler's order is a pure function of the epoch, so the position alone resumes
+    exactly, with any number of workers. Lightning saves it like any stateful loader.
+    """
+
+    sampler: ShardedShuffleSampler
+
+    def __init__(self, dataset: Dataset, sampler: ShardedShuffleSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._epoch, self._served = getattr(sampler, "epoch", 0), 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: runs from the first next(), i.e. after Lightning's set_epoch, and counts what
+        # the training loop has actually received (workers prefetch ahead of it). Lightning swaps in
+        # a plain sampler for overfit_batches: then this is a plain DataLoader.
+        self._epoch = getattr(self.sampler, "epoch", self._epoch)
+        self._served = getattr(self.sampler, "start", 0) // self.batch_size
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if self._served >= len(self):  # the epoch is over (a remainder below drop_last's batch too)
+            return {"epoch": self._epoch + 1, "batches": 0}
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "batches" not in state:  # a checkpoint written with torchdata's StatefulDataLoader
+            main = state.get("_snapshot", {}).get("_main_snapshot", state)
+            state = {"epoch": main["_sampler_iter_state"]["epoch"], "batches": main["_num_yielded"]}
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if isinstance(self.sampler, ShardedShuffleSampler):
+            self.sampler.resume(epoch, batches * self.batch_size)
+        self._epoch, self._served = self.sampler.epoch, batches
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -233,17 +307,19 @@ class ImageDataModule(L.LightningDataModule):
                 "with data.drop_last=true; lower the batch size or set data.drop_last=false"
             )
 
-    def train_dataloader(self) -> StatefulDataLoader:
-        self.setup()
-        rank, world = self._rank_world()
-        sampler = ShardedShuffleSampler(
+    def _sampler(self, rank: int, world: int) -> ShardedShuffleSampler:
+        return ShardedShuffleSampler(
             len(self.train_set), self.seed, self.shuffle, self.drop_last, rank, world
         )
+
+    def train_dataloader(self) -> ResumableLoader:
+        self.setup()
+        sampler = self._sampler(*self._rank_world())
         self._check_images_per_device(len(sampler))
-        return StatefulDataLoader(
+        return ResumableLoader(
             self.train_set,
+            sampler=sampler,  # by name: Lightning re-creates the loader with its own (overfit_batches)
             batch_size=self.batch_size,
-            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -257,13 +333,11 @@ class ImageDataModule(L.LightningDataModule):
 
 
 class StreamingImageDataModule(ImageDataModule):
-    """Images from LitData shards (``difflab-prepare``), read by LitData's StreamingDataLoader.
+    """Images from LitData shards (``difflab-prepare``): LitData reads the chunks (and, from object
+    storage, downloads them into a bounded cache); the order is ``ChunkedShuffleSampler``'s.
 
-    Same transforms, normalisation and FID reference images as ``ImageDataModule``; what changes is
-    the loader: chunks are read (and, from object storage, downloaded into a bounded cache) as the
-    epoch goes, each rank reads its own part, and the loader's position goes into every checkpoint
-    (LitData's ``state_dict``, saved by Lightning like any stateful loader). Shuffling is LitData's:
-    chunk order and blocks within a chunk, reproducible from ``data.seed``.
+    Same transforms, normalisation, FID reference images and checkpointed position as
+    ``ImageDataModule``; each rank reads its own chunks, one chunk at a time.
     """
 
     def setup(self, stage: str | None = None) -> None:
@@ -272,21 +346,13 @@ class StreamingImageDataModule(ImageDataModule):
         super().setup(stage)
         self.source.check_against(self.resolution, self.channels)
 
-    def train_dataloader(self) -> Any:
-        from difflab.data.shards import ImageShards, ShardLoader
-
-        self.setup()
-        _, world = self._rank_world()
-        self._check_images_per_device(len(self.train_set) // world)
-        shards = self.source.streaming_dataset(
-            ImageShards, images=self.train_set, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last
-        )
-        return ShardLoader(
-            shards,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
+    def _sampler(self, rank: int, world: int) -> ShardedShuffleSampler:
+        return ChunkedShuffleSampler(
+            self.source.chunk_sizes,
+            self.seed,
+            self.source.decode_block,
+            shuffle=self.shuffle,
             drop_last=self.drop_last,
-            collate_fn=collate_images,
+            rank=rank,
+            world_size=world,
         )

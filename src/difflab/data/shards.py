@@ -1,8 +1,8 @@
 """LitData shards of images: the format `difflab-prepare` writes and `data=streaming` reads.
 
 Shards are LitData's own chunked format (``litdata.optimize`` writes ``index.json`` + ``chunk-*.bin``
-locally or to object storage; ``StreamingDataset`` reads them with per-rank splitting, shuffling and a
-resumable loader state), so a shard set can be read by any LitData tool. One item per image::
+locally or to object storage; ``StreamingDataset`` reads them, downloading remote chunks into a
+bounded local cache), so a shard set can be read by any LitData tool. One item per image::
 
     {"image": PNG/JPEG bytes or a uint8 CHW tensor, "label": class id or -1,
      "size": shorter side the image was resized to (0: original size), "channels": 1 or 3}
@@ -23,14 +23,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from litdata import StreamingDataLoader, StreamingDataset
-from litdata.streaming.sampler import ChunkedIndex
+from litdata import StreamingDataset
 from torchvision.io import decode_image, encode_jpeg, encode_png
 from torchvision.transforms import v2
 
 from difflab.data.transforms import to_model_input
 from difflab.errors import DifflabError
 from difflab.rules import AtLeast, Between
+
+# LitData decodes a chunk's items in aligned blocks of this many (the record batches `optimize` writes,
+# 256 in LitData 0.2; passed as `batch_decode` so both agree): reading a block's items together decodes
+# it once (ChunkedShuffleSampler).
+DECODE_BLOCK = 256
 
 # png: lossless, compact; raw: lossless, fastest to read, largest; jpeg: lossy, smallest (quality).
 Encoding = Literal["png", "raw", "jpeg"]
@@ -134,8 +138,8 @@ class ShardSource:
     """A shard set as a difflab source: ``len``, ``[i]`` (a decoded uint8 CHW image), ``identity``,
     ``labels`` and the settings the images were prepared with (``channels``, ``size``).
 
-    Random access here serves the FID reference images and the classifier; training reads the same
-    shards sequentially through ``ImageShards`` and a ``StreamingDataLoader``.
+    Training reads it through ``ImageDataset`` in ``ChunkedShuffleSampler``'s chunk-by-chunk order
+    (``chunk_sizes``); the FID reference images and the classifier's labels come from it too.
     """
 
     def __init__(
@@ -157,10 +161,10 @@ class ShardSource:
             self.path = str(local.resolve())
             index = _index_of(local)
             check_chunks(local, index)
+            if not sum(chunk["chunk_size"] for chunk in index.get("chunks", [])):
+                raise DifflabError(f"data.source.path={path} holds no images")
             digest = json.dumps(index.get("chunks", []), sort_keys=True)
         self._reader: StreamingDataset | None = None
-        if len(self.reader) == 0:
-            raise DifflabError(f"data.source.path={path} holds no images")
         first = self.reader[0]
         self.channels, self.size = int(first["channels"]), int(first["size"])
         self._labels: torch.Tensor | None = None
@@ -172,16 +176,30 @@ class ShardSource:
     def reader(self) -> StreamingDataset:
         """Random access to the items (opened on first use, in each process that uses it)."""
         if self._reader is None:
-            self._reader = self.streaming_dataset()
+            reader = self.streaming_dataset()
+            reader[0]  # opens LitData's cache (index and chunk reader), which the setting below needs
+            # Remote chunks are downloaded whole into the cache (reads go chunk by chunk), not fetched
+            # item by item with two range requests each (LitData's default for random access).
+            reader.on_demand_bytes = False
+            self._reader = reader
         return self._reader
+
+    decode_block = DECODE_BLOCK
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        """Images per chunk, in index order (chunk k holds the next ``chunk_sizes[k]`` indices)."""
+        return [end - start for _, start, end, _ in self.reader.cache.get_chunk_intervals()]
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to spawned ranks and loader workers without the open reader (its cache holds file
         # handles and threads); each process opens its own.
         return {**self.__dict__, "_reader": None}
 
-    def streaming_dataset(self, cls: type[StreamingDataset] = StreamingDataset, **kwargs: Any) -> Any:
-        return cls(self.path, cache_dir=self.cache_dir, max_cache_size=self.max_cache_size, **kwargs)
+    def streaming_dataset(self) -> StreamingDataset:
+        return StreamingDataset(
+            self.path, cache_dir=self.cache_dir, max_cache_size=self.max_cache_size, batch_decode=DECODE_BLOCK
+        )
 
     def check_against(self, resolution: int, channels: int) -> None:
         """The shards were prepared for this config (one line naming the path when not)."""
@@ -197,7 +215,8 @@ class ShardSource:
             )
 
     def __len__(self) -> int:
-        return len(self.reader)
+        # The cache's length: the whole set. len(StreamingDataset) is this rank's share under DDP.
+        return len(self.reader.cache)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return decode(self.reader[int(i)]["image"])
@@ -212,45 +231,6 @@ class ShardSource:
         return self._labels
 
 
-class ImageShards(StreamingDataset):
-    """LitData's StreamingDataset yielding transformed training images.
-
-    ``images`` (an ``ImageDataset`` over the same shards) applies the same conversion, deterministic
-    transform and per-sample seeded augmentation as every other source, keyed by (epoch, index).
-    """
-
-    def __init__(self, path: str, images: Any, **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self.images = images
-
-    def __getitem__(self, index: ChunkedIndex | int) -> Any:
-        item = super().__getitem__(index)
-        i = index.index if isinstance(index, ChunkedIndex) else int(index)
-        return self.images.transformed(decode(item["image"]), i, self.current_epoch)
-
-
 def shard_bytes(path: str) -> int:
     """Bytes of the chunk files of a local shard set."""
     return sum(f.stat().st_size for f in Path(path).glob("chunk-*.bin"))
-
-
-class ShardLoader(StreamingDataLoader):
-    """LitData's StreamingDataLoader, with a resumed epoch replayed once only.
-
-    After ``load_state_dict`` LitData replays the saved position on the next ``iter()`` and stops
-    doing so when that epoch's iterator is exhausted. Lightning ends an epoch after ``len(loader)``
-    batches without exhausting it (the remainder below a batch is dropped), so the next epoch would
-    start from the saved position again: the epoch after a resume would repeat the resumed one. Here a
-    restored position serves exactly one ``iter()``.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._restored_epoch_started = False
-
-    def __iter__(self) -> Any:
-        if self._restored_epoch_started:
-            self.restore, self._restored_epoch_started = False, False
-        elif self.restore:
-            self._restored_epoch_started = True
-        return super().__iter__()
