@@ -160,9 +160,17 @@ def check_resume_compatible(
     ckpt: dict[str, Any], unet_config: dict[str, Any], scheduler_config: dict[str, Any], path: str = ""
 ) -> None:
     """Refuse to resume when the network or the noise schedule differs from the checkpoint's."""
+    from difflab.diffusion.noise import objective_of  # here: diffusers is slow to import
+
     meta = ckpt["difflab"]
+    theirs, mine = objective_of(meta["scheduler_config"]), objective_of(scheduler_config)
+    if theirs != mine:
+        raise DifflabError(
+            f"cannot resume from {path}: it was trained with model={theirs}, this run is model={mine}"
+        )
     diffs = [f"model.unet.{d}" for d in _differences(meta["unet_config"], unet_config)]
     sched_keys = {
+        "shift",
         "num_train_timesteps",
         "beta_schedule",
         "beta_start",
@@ -209,7 +217,11 @@ def load_trained_unet(
                 f"{p} is neither a checkpoint file nor an exported pipeline (no model_index.json)"
             )
         unet = unet_class.from_pretrained(p / "unet")
-        sched_cfg, run_cfg = dict(DDPMScheduler.from_pretrained(p / "scheduler").config), {}
+        # The config as saved (a DDPM or a flow scheduler's): the objective is read from its keys.
+        sched_cfg = {
+            k: v for k, v in DDPMScheduler.load_config(p / "scheduler").items() if not k.startswith("_")
+        }
+        run_cfg = {}
     else:
         unet, sched_cfg, run_cfg = _unet_from_checkpoint(p, use_ema, unet_class, ema_std)
     if channels_last:

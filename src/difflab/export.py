@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, UNet2DModel
 from omegaconf import DictConfig
 
 from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, keywords
+from difflab.diffusion.noise import objective_of, scheduler_class
 from difflab.diffusion.posthoc import EMAStd
 from difflab.rules import Exists
 
@@ -47,7 +48,10 @@ def export(
     # model_index.json names each component's class: write diffusers' own UNet2DModel (difflab's
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
     unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, unet_class=UNet2DModel, ema_std=ema_std)
-    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(sched_cfg))
+    # DDPMPipeline's loop (noise, then step() over the timesteps) runs a flow model with diffusers'
+    # flow Euler scheduler as well: the export of either objective loads with from_pretrained.
+    scheduler = scheduler_class(objective_of(sched_cfg)).from_config(sched_cfg)
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
     if push_to_hub:
         from huggingface_hub import create_repo, upload_folder

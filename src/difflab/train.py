@@ -54,7 +54,7 @@ def _precision_problems(cfg: DictConfig) -> list[str]:
 def cross_group_problems(cfg: DictConfig) -> list[str]:
     """The start-up checks that span config groups (each group's own values are its constructors'
     rules, checked from their signatures): image size vs UNet depth, precision vs hardware, a
-    callback's sampler vs the model's noise schedule."""
+    callback's sampler vs the model's objective and schedule, immiscible noise vs the batch size."""
     problems: list[str] = []
     unet = cfg.model.get("unet")
     if not isinstance(unet, DictConfig):
@@ -75,6 +75,11 @@ def cross_group_problems(cfg: DictConfig) -> list[str]:
         )
         if why:
             problems.append(f"callbacks.{name}.sampler={cb.sampler}: {why}")
+    if cfg.model.get("immiscible") and cfg.data.get("batch_size", 2) < 2:
+        problems.append(
+            f"model.immiscible=true pairs the noise to the images of a batch and data.batch_size="
+            f"{cfg.data.batch_size} leaves nothing to pair; use data.batch_size>=2 or model.immiscible=false"
+        )
     return problems
 
 

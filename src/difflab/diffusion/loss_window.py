@@ -28,7 +28,7 @@ class LossWindow(nn.Module):
     @torch.no_grad()
     def add(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> None:
         """One micro-batch: its (weighted) loss and each sample's loss at its timestep ``t``."""
-        q = (t * 4 // self.num_timesteps).clamp(max=3)
+        q = (t * 4 // self.num_timesteps).long().clamp(max=3)  # float timesteps under flow matching
         self.loss_sum.add_(loss.detach().float())
         self.q_sum.index_add_(0, q, per_sample.detach().float())
         self.q_count.index_add_(0, q, torch.ones_like(per_sample, dtype=torch.float32))

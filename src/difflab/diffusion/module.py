@@ -12,13 +12,13 @@ from typing import Annotated, Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from difflab.diffusion.ema import swapped_in
 from difflab.diffusion.loss_window import LossWindow
-from difflab.diffusion.noise import NoiseProcess
+from difflab.diffusion.noise import TimestepDensity, TrainScheduler, immiscible_noise, noise_process
 from difflab.diffusion.posthoc import PowerFunctionEMA
 from difflab.errors import DifflabError
 from difflab.rules import Above, AtLeast
@@ -42,16 +42,21 @@ def uses_channels_last(setting: ChannelsLast, precision: str, device_type: str) 
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains ``unet`` to denoise under ``noise_scheduler``; keeps an EMA copy of its weights."""
+    """Trains ``unet`` to denoise under ``noise_scheduler`` (its class picks the objective: DDPM or
+    flow matching); keeps an EMA copy of its weights."""
 
     def __init__(
         self,
         unet: UNet2DModel,
-        noise_scheduler: DDPMScheduler,
+        noise_scheduler: TrainScheduler,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_schedule: LRSchedule = "cosine",
         warmup_steps: Annotated[int, AtLeast(0)] = 100,
         min_snr_gamma: Annotated[float, Above(0)] | None = None,
+        timesteps: TimestepDensity = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: Annotated[float, Above(0)] = 1.0,
+        immiscible: bool = False,
         ema: Callable[[torch.nn.Module], EMAModel | PowerFunctionEMA] | None = None,
         seed: int | None = 0,
         channels_last: ChannelsLast = "auto",
@@ -62,7 +67,8 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.unet = unet
         self.noise_scheduler = noise_scheduler
-        self.process = NoiseProcess(noise_scheduler, min_snr_gamma)
+        self.process = noise_process(noise_scheduler, min_snr_gamma, timesteps, logit_mean, logit_std)
+        self.immiscible = immiscible
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.channels_last_setting = channels_last
@@ -121,7 +127,9 @@ class DiffusionModule(L.LightningModule):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         g = self._step_generator(batch_idx)
         noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
-        t = torch.randint(0, self.process.num_timesteps, (x0.shape[0],), generator=g, device=x0.device)
+        t = self.process.timesteps(x0.shape[0], g, x0.device)
+        if self.immiscible:
+            noise = immiscible_noise(x0, noise)
         xt = self.process.add_noise(x0, noise, t)
         pred = self.unet(xt, t).sample
         target = self.process.target(x0, noise, t)

@@ -1,7 +1,24 @@
 """The forward noise process and the training objective, kept apart from the network.
 
-The diffusers ``DDPMScheduler`` owns the schedule (betas, alphas_cumprod); this module turns it into
-a training target per prediction type and the min-SNR-γ loss weights (Hang et al. 2023).
+Two objectives, each defined by the diffusers scheduler that owns its schedule:
+
+- ``ddpm`` (``DDPMScheduler``): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε at an integer t in [0, T); the network
+  predicts ε, x0 ("sample") or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0.
+- ``flow`` (``FlowMatchEulerDiscreteScheduler``; rectified flow, Liu et al. 2023 / Lipman et al.
+  2023): x_σ = (1−σ)·x0 + σ·ε for σ in (0, 1); the network sees the timestep σ·T (diffusers'
+  convention, so its flow samplers drive it) and predicts the velocity v = ε − x0.
+
+Both draw u in (0, 1) from one timestep density (uniform, or logit-normal as in SD3, Esser et al.
+2024, which spends the steps on mid noise levels) and map it to t = ⌊u·T⌋ or σ = u.
+
+Loss weighting, all in ``loss_weights``: plain MSE on the network's target (weight 1), or min-SNR-γ
+(Hang et al. 2023), which weights the x0-error by min(SNR, γ). Per target that is, with
+SNR = signal²/noise² at the timestep:
+
+    ddpm ε        min(SNR, γ) / SNR       (ε-error = SNR · x0-error)
+    ddpm x0       min(SNR, γ)
+    ddpm v        min(SNR, γ) / (SNR+1)   (v-error = (SNR+1) · x0-error)
+    flow v        min(SNR, γ) · σ²        (v-error = x0-error / σ², SNR = ((1−σ)/σ)²)
 """
 
 from __future__ import annotations
@@ -9,7 +26,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, get_args
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_snr
 
 from difflab.rules import Above, AtLeast, Between
@@ -17,6 +34,20 @@ from difflab.rules import Above, AtLeast, Between
 # What the network predicts, and the β schedules diffusers' DDPMScheduler computes (difflab tests each).
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+Objective = Literal["ddpm", "flow"]
+# How training draws noise levels: u ~ U(0, 1), or u = sigmoid(n), n ~ N(logit_mean, logit_std²).
+TimestepDensity = Literal["uniform", "logit_normal"]
+TrainScheduler = DDPMScheduler | FlowMatchEulerDiscreteScheduler
+
+
+def objective_of(scheduler_config: Any) -> Objective:
+    """The objective a (checkpoint's, pipeline's or config's) training scheduler config belongs to:
+    flow configs carry a ``shift`` and no betas."""
+    return "flow" if "shift" in scheduler_config and "beta_start" not in scheduler_config else "ddpm"
+
+
+def scheduler_class(objective: Objective) -> type[TrainScheduler]:
+    return FlowMatchEulerDiscreteScheduler if objective == "flow" else DDPMScheduler
 
 
 def noise_schedule(
@@ -45,10 +76,46 @@ def noise_schedule(
     )
 
 
-class NoiseProcess:
-    """q(x_t | x_0) plus the regression target and per-timestep loss weights for one prediction type."""
+def flow_schedule(
+    *, num_train_timesteps: Annotated[int, AtLeast(2)], shift: Annotated[float, Above(0)], **more: Any
+) -> FlowMatchEulerDiscreteScheduler:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` (model.noise_scheduler under model=flow): the
+    timestep scale T and the sampling shift (σ → shift·σ/(1 + (shift−1)·σ), more steps at high noise).
+    ``more``: any other setting of it, passed on."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift, **more)
 
-    def __init__(self, scheduler: DDPMScheduler, min_snr_gamma: float | None = None) -> None:
+
+def draw_levels(
+    n: int,
+    generator: torch.Generator,
+    device: torch.device,
+    density: TimestepDensity,
+    mean: float,
+    std: float,
+) -> torch.Tensor:
+    """n noise levels u in (0, 1), float32. Written here rather than with diffusers'
+    ``compute_density_for_timestep_sampling``: that one draws from the global RNG, and every draw
+    here comes from the step's own generator (an exact resume redraws them)."""
+    if density == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+
+
+class NoiseProcess:
+    """q(x_t | x_0) plus the regression target and per-timestep loss weights for one prediction type
+    of the ``ddpm`` objective; ``FlowProcess`` is the same job for ``flow``."""
+
+    objective: Objective = "ddpm"
+
+    def __init__(
+        self,
+        scheduler: DDPMScheduler,
+        min_snr_gamma: float | None = None,
+        density: TimestepDensity = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+    ) -> None:
+        self.density, self.logit_mean, self.logit_std = density, logit_mean, logit_std
         pt = scheduler.config.prediction_type
         if pt not in get_args(PredictionType):
             allowed = ", ".join(get_args(PredictionType))
@@ -60,6 +127,13 @@ class NoiseProcess:
         # SNR(t) = ᾱ_t / (1 - ᾱ_t), tabulated once by diffusers' own helper; infinite SNR never occurs
         # (ᾱ < 1), zero SNR can (zero-terminal-SNR).
         self.snr = compute_snr(scheduler, torch.arange(self.num_timesteps)).float()
+
+    def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """The network's timestep input for n samples: integers in [0, T)."""
+        if self.density == "uniform":  # integers drawn directly: the same stream as before densities existed
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+        u = draw_levels(n, generator, device, self.density, self.logit_mean, self.logit_std)
+        return (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, t)
@@ -83,3 +157,70 @@ class NoiseProcess:
         if self.prediction_type == "sample":
             return clipped
         return clipped / (snr + 1)  # v-loss = (SNR + 1)·x0-loss
+
+
+class FlowProcess(NoiseProcess):
+    """The ``flow`` objective: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, timestep input σ·T."""
+
+    objective: Objective = "flow"
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        min_snr_gamma: float | None = None,
+        density: TimestepDensity = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+    ) -> None:
+        self.density, self.logit_mean, self.logit_std = density, logit_mean, logit_std
+        self.scheduler = scheduler
+        self.prediction_type = "velocity"
+        self.num_timesteps = scheduler.config.num_train_timesteps
+        self.min_snr_gamma = min_snr_gamma
+
+    def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """σ·T, float, with σ in (0, 1): the network never sees σ = 0 exactly (nothing to denoise)."""
+        u = draw_levels(n, generator, device, self.density, self.logit_mean, self.logit_std)
+        return u.clamp(1e-5, 1.0) * self.num_timesteps
+
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (t / self.num_timesteps).to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = self._sigma(t, x0)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        if self.min_snr_gamma is None:
+            return torch.ones(t.shape, device=t.device)
+        sigma = (t / self.num_timesteps).float()
+        snr = ((1 - sigma) / sigma) ** 2
+        return snr.clamp(max=self.min_snr_gamma) * sigma**2
+
+
+def noise_process(
+    scheduler: TrainScheduler,
+    min_snr_gamma: float | None = None,
+    density: TimestepDensity = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> NoiseProcess:
+    """The process for the training scheduler's objective."""
+    cls = FlowProcess if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else NoiseProcess
+    return cls(scheduler, min_snr_gamma, density, logit_mean, logit_std)
+
+
+def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``noise`` reordered so the batch's images and noises are paired by a minimum total L2 distance
+    (Immiscible Diffusion, Li et al. 2024): each image is noised towards a nearby noise, which
+    untangles the noise-to-image mapping the network must learn. The assignment is Hungarian
+    (``scipy.optimize.linear_sum_assignment``) on the host: one sync and O(B³) per step, the cost
+    of this option (measured in experiments/benchmarks)."""
+    from scipy.optimize import linear_sum_assignment
+
+    dist = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float())
+    _, cols = linear_sum_assignment(dist.cpu().numpy())
+    return noise[torch.as_tensor(cols, device=noise.device)]

@@ -15,11 +15,12 @@ import diffusers
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from difflab.diffusion.noise import objective_of
 from difflab.errors import DifflabError
 from difflab.seeds import derive_seed
 
-# name → (diffusers class, extra config). All are built from the training DDPMScheduler's config, so
-# the beta schedule, prediction type and timestep count always match what the network learned.
+# name → (diffusers class, extra config). All are built from the training scheduler's config, so
+# the beta schedule (or flow shift), prediction type and timestep count match what the network learned.
 SAMPLERS: dict[str, tuple[str, dict]] = {
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
@@ -35,21 +36,41 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    # Flow matching (model=flow): diffusers' flow Euler and Heun, plus the two multistep solvers above,
+    # which diffusers runs on flow sigmas with a velocity ("flow_prediction") network.
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
 # The names as a type, for the signatures that take one (the start-up check reads it: rules.py).
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+FLOW_SAMPLERS = ("flow_euler", "flow_heun", "dpmsolver++", "unipc")
 
 
 def sampler_problem(name: str, train_scheduler_config: dict) -> str | None:
     """Why sampler ``name`` cannot sample a model trained under this noise schedule, or None. Measured
     over every sampler x prediction type x zero-terminal-SNR (tests/test_every_choice.py): diffusers'
     PNDM and Euler-ancestral have no x0 ("sample") parameterisation, and Heun and PNDM divide by
-    the zero terminal ᾱ of a rescaled schedule (NaN images)."""
+    the zero terminal ᾱ of a rescaled schedule (NaN images). Flow models take the flow samplers only."""
+    if objective_of(train_scheduler_config) == "flow":
+        if name not in FLOW_SAMPLERS:
+            return (
+                f"the {name} sampler is for DDPM models; a flow-matching model (model=flow) samples with "
+                + ", ".join(FLOW_SAMPLERS)
+            )
+        return None
+    if name.startswith("flow_"):
+        return f"the {name} sampler is for flow-matching models (model=flow); this model is a DDPM one"
     prediction = train_scheduler_config.get("prediction_type", "epsilon")
     if name in ("euler_a", "pndm") and prediction == "sample":
-        return f"the {name} sampler cannot sample a model with prediction_type=sample"
+        return (
+            f"the {name} sampler cannot sample a model with prediction_type=sample; "
+            "use ddim, dpmsolver++ or unipc"
+        )
     if name in ("heun", "pndm") and train_scheduler_config.get("rescale_betas_zero_snr"):
-        return f"the {name} sampler cannot sample a zero-terminal-SNR schedule (rescale_betas_zero_snr=true)"
+        return (
+            f"the {name} sampler cannot sample a zero-terminal-SNR schedule (rescale_betas_zero_snr=true); "
+            "use ddim, dpmsolver++ or unipc"
+        )
     return None
 
 
@@ -102,12 +123,18 @@ def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) 
         raise DifflabError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
     problem = sampler_problem(name, train_scheduler_config)
     if problem:
-        raise DifflabError(f"{problem}; use ddim, dpmsolver++ or unipc")
+        raise DifflabError(problem)
     cls_name, extra = SAMPLERS[name]
     cls = EulerAncestralDiscreteScheduler if name == "euler_a" else getattr(diffusers, cls_name)
     # Private keys go: diffusers drops the `_use_default_values` keys from a config, so a checkpoint's
     # config and the same config re-read from an exported pipeline would give different samplers.
     config = {k: v for k, v in dict(train_scheduler_config).items() if not k.startswith("_")}
+    if objective_of(config) == "flow":
+        if name.startswith("flow_"):  # Heun takes fewer settings than the Euler config holds
+            params = inspect.signature(cls.__init__).parameters
+            return cls.from_config({k: v for k, v in config.items() if k in params}, **overrides)
+        flow = {"use_flow_sigmas": True, "flow_shift": config["shift"], "prediction_type": "flow_prediction"}
+        return cls(num_train_timesteps=config["num_train_timesteps"], **{**extra, **flow, **overrides})
     # Few-step sampling must start at the last training timestep (pure noise): "trailing" spacing
     # does; DDPM's default "leading" starts 10% early at 10 steps (Lin et al. 2023, table 2).
     config["timestep_spacing"] = "trailing"
@@ -148,10 +175,12 @@ def sample_batch(
     gens = image_generators(seed, indices, "cpu" if device.type != "cuda" else device)
     x = randn_tensor(shape, generator=gens, device=device, dtype=dtype)
     sampler.set_timesteps(steps, device=device)
-    x = x * sampler.init_noise_sigma
+    # Flow samplers start from unit noise and scale no model input.
+    x = x * getattr(sampler, "init_noise_sigma", 1.0)
+    scale = getattr(sampler, "scale_model_input", lambda x, t: x)
     step_kwargs = {"generator": gens} if _accepts(sampler.step, "generator") else {}
     for t in sampler.timesteps:
-        model_in = sampler.scale_model_input(x, t)
+        model_in = scale(x, t)
         out = unet(model_in, t).sample
         x = sampler.step(out, t, x, **step_kwargs).prev_sample
     return (x.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,229 @@
+"""Objectives: flow matching beside DDPM, the timestep densities, min-SNR-γ weighting per target,
+immiscible noise; flow models through sample, export and eval; mismatches refused at start-up."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from PIL import Image
+
+from difflab.diffusion.noise import (
+    FlowProcess,
+    NoiseProcess,
+    draw_levels,
+    flow_schedule,
+    immiscible_noise,
+    noise_process,
+    objective_of,
+)
+from difflab.diffusion.sampling import FLOW_SAMPLERS, SAMPLERS, build_sampler, image_generators, sample_batch
+from difflab.errors import DifflabError
+from difflab.export import COMMAND as EXPORT
+from difflab.sample import COMMAND as SAMPLE
+from difflab.train import train
+from tests.conftest import FAST, FAST_DIGITS
+
+FLOW = dict(flow_schedule(num_train_timesteps=1000, shift=1.0).config)
+POINT = torch.linspace(-0.8, 0.8, 64).view(1, 1, 8, 8)  # the whole "data set": one image
+
+
+class _Out:
+    def __init__(self, sample: torch.Tensor) -> None:
+        self.sample = sample
+
+
+class FlowOracle(torch.nn.Module):
+    """The exact velocity field of a one-image data set: x_σ = (1−σ)·c + σ·ε ⇒ v = ε − c = (x_σ − c)/σ."""
+
+    config = type("Config", (), {"in_channels": 1, "sample_size": 8})()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> _Out:
+        sigma = (torch.as_tensor(t, dtype=torch.float32) / 1000).clamp(min=1e-6)
+        return _Out((x - POINT) / sigma)
+
+
+@pytest.mark.parametrize("name", FLOW_SAMPLERS)
+@pytest.mark.parametrize("steps", [4, 10])
+def test_every_flow_sampler_follows_the_exact_velocity_to_the_data(name, steps):
+    """Timestep conventions checked end to end: with the exact velocity every flow sampler must land
+    on the data (the multistep solvers see timesteps rounded to integers: within 1/255)."""
+    x = sample_batch(FlowOracle(), build_sampler(name, FLOW), range(3), seed=0, steps=steps)
+    assert (x - (POINT / 2 + 0.5)).abs().max() < 2e-3, name
+
+
+def test_flow_process_interpolates_and_targets_the_velocity():
+    process = noise_process(flow_schedule(num_train_timesteps=1000, shift=1.0))
+    assert isinstance(process, FlowProcess) and process.objective == "flow"
+    x0, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0.0, 250.0, 1000.0])
+    xt = process.add_noise(x0, noise, t)
+    assert torch.allclose(xt[0], x0[0]) and torch.allclose(xt[2], noise[2])
+    assert torch.allclose(xt[1], 0.75 * x0[1] + 0.25 * noise[1])
+    assert torch.equal(process.target(x0, noise, t), noise - x0)
+    g = torch.Generator().manual_seed(0)
+    ts = process.timesteps(10_000, g, torch.device("cpu"))
+    assert ts.dtype == torch.float32 and ts.min() > 0 and ts.max() <= 1000
+
+
+def test_logit_normal_density_favours_mid_noise_levels():
+    g = torch.Generator().manual_seed(0)
+    uniform = draw_levels(20_000, g, torch.device("cpu"), "uniform", 0.0, 1.0)
+    logit = draw_levels(20_000, g, torch.device("cpu"), "logit_normal", 0.0, 1.0)
+    mid = lambda u: ((u > 0.25) & (u < 0.75)).float().mean()  # noqa: E731
+    assert abs(mid(uniform) - 0.5) < 0.02 and mid(logit) > 0.7
+    ddpm = NoiseProcess(DDPMScheduler(), density="logit_normal")
+    t = ddpm.timesteps(20_000, g, torch.device("cpu"))
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999 and abs(t.float().mean() - 500) < 15
+
+
+def _x0_from_target(
+    process: NoiseProcess, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """The x0 a prediction implies, written from the definitions (not from the code under test)."""
+    if process.objective == "flow":
+        sigma = (t / 1000).view(-1, 1, 1, 1)
+        return xt - sigma * pred  # x_σ = (1−σ)x0 + σε and v = ε − x0
+    abar = process.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if process.prediction_type == "epsilon":
+        return (xt - s * pred) / a
+    if process.prediction_type == "sample":
+        return pred
+    return a * xt - s * pred  # v = a·ε − s·x0 ⇒ x0 = a·x_t − s·v
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction", "flow"])
+def test_min_snr_weights_every_target_as_min_snr_times_the_x0_error(kind):
+    """min-SNR-γ means: loss = min(SNR, γ)·|x0 error|², whatever the network predicts."""
+    gamma = 5.0
+    if kind == "flow":
+        process = noise_process(flow_schedule(num_train_timesteps=1000, shift=1.0), min_snr_gamma=gamma)
+        t = torch.tensor([50.0, 300.0, 600.0, 950.0])
+        snr = ((1 - t / 1000) / (t / 1000)) ** 2
+    else:
+        process = noise_process(DDPMScheduler(prediction_type=kind), min_snr_gamma=gamma)
+        t = torch.tensor([10, 200, 500, 900])
+        abar = process.scheduler.alphas_cumprod[t]
+        snr = abar / (1 - abar)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    xt = process.add_noise(x0, noise, t)
+    target = process.target(x0, noise, t)
+    pred = target + 0.1 * torch.randn(target.shape, generator=g)
+    weighted = process.loss_weights(t) * (pred - target).pow(2).mean(dim=(1, 2, 3))
+    x0_error = (_x0_from_target(process, xt, pred, t) - x0).pow(2).mean(dim=(1, 2, 3))
+    assert torch.allclose(weighted, snr.clamp(max=gamma) * x0_error, rtol=1e-3), kind
+    assert torch.equal(noise_process(process.scheduler).loss_weights(t), torch.ones(4))  # γ unset: plain MSE
+
+
+def test_immiscible_pairs_noise_to_images_by_a_minimal_total_distance():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(16, 3, 8, 8, generator=g), torch.randn(16, 3, 8, 8, generator=g)
+    paired = immiscible_noise(x0, noise)
+    assert sorted(map(tuple, paired.flatten(1)[:, :2].tolist())) == sorted(
+        map(tuple, noise.flatten(1)[:, :2].tolist())
+    )
+    total = lambda n: (x0 - n).flatten(1).norm(dim=1).sum()  # noqa: E731
+    assert total(paired) < total(noise)
+    for _ in range(20):  # no other pairing is closer
+        assert total(paired) <= total(noise[torch.randperm(16, generator=g)]) + 1e-4
+
+
+def test_objective_is_read_from_the_scheduler_config():
+    assert objective_of(FLOW) == "flow" and objective_of(dict(DDPMScheduler().config)) == "ddpm"
+    assert {"flow_euler", "flow_heun"} <= set(SAMPLERS)
+
+
+# ------------------------------------------------------------------------------- a trained flow model
+@pytest.fixture(scope="module")
+def flow_ckpt(tmp_path_factory):
+    from tests.conftest import compose_config
+
+    run = tmp_path_factory.mktemp("flow") / "run"
+    train(compose_config(run, [*FAST_DIGITS, "model=flow", "model.immiscible=true", "trainer.max_steps=30"]))
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_flow_export_loads_with_diffusers_and_matches_difflab_sample(flow_ckpt, tmp_path):
+    out = EXPORT.call([f"ckpt={flow_ckpt}", f"out={tmp_path / 'pipe'}"])
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    pipe = DiffusionPipeline.from_pretrained(out)
+    ref = pipe(
+        batch_size=3, generator=image_generators(7, range(3)), num_inference_steps=8, output_type="np"
+    ).images
+    ours = SAMPLE.call(
+        [
+            f"ckpt={flow_ckpt}",
+            "num_images=3",
+            "seed=7",
+            "steps=8",
+            "sampler=flow_euler",
+            f"out={tmp_path / 's'}",
+        ]
+    )
+    for i, p in enumerate(ours):
+        assert (
+            np.abs(np.asarray(Image.open(p))[..., 0].astype(float) - np.round(ref[i, ..., 0] * 255)).max()
+            <= 1
+        )
+    again = SAMPLE.call(
+        [f"ckpt={out}", "num_images=3", "seed=7", "steps=8", "sampler=flow_euler", f"out={tmp_path / 'e'}"]
+    )
+    for p, q in zip(ours, again, strict=True):
+        assert (
+            np.abs(np.asarray(Image.open(p)).astype(int) - np.asarray(Image.open(q)).astype(int)).max() <= 1
+        )
+    heun = SAMPLE.call(
+        [f"ckpt={flow_ckpt}", "num_images=2", "steps=4", "sampler=flow_heun", f"out={tmp_path / 'h'}"]
+    )
+    assert len(heun) == 2
+
+
+def test_flow_and_ddpm_samplers_refused_across_objectives(flow_ckpt, tmp_path):
+    with pytest.raises(
+        DifflabError, match=r"the ddim sampler is for DDPM models; a flow-matching model .*flow_euler"
+    ):
+        SAMPLE.call([f"ckpt={flow_ckpt}", "sampler=ddim", f"out={tmp_path / 'x'}"])
+    with pytest.raises(DifflabError, match=r"the flow_euler sampler is for flow-matching models"):
+        build_sampler("flow_euler", dict(DDPMScheduler().config))
+
+
+BAD_OBJECTIVE_LINES = [
+    (
+        ["model=flow", "callbacks.sample_grid.sampler=ddpm"],
+        "callbacks.sample_grid.sampler=ddpm: the ddpm sampler is for DDPM",
+    ),
+    (["callbacks.sample_grid.sampler=flow_heun"], "the flow_heun sampler is for flow-matching models"),
+    (["model.immiscible=true", "data.batch_size=1"], "model.immiscible=true pairs the noise"),
+    (["model=flw"], "did you mean flow"),
+    (["model.timesteps=lognormal"], "model.timesteps=lognormal"),
+    (["model=flow", "model.noise_scheduler.shift=0"], "model.noise_scheduler.shift=0"),
+]
+
+
+@pytest.mark.parametrize("args,expected", BAD_OBJECTIVE_LINES)
+def test_objective_mistakes_are_one_line_at_start_up(args, expected, tmp_path):
+    from difflab.train import COMMAND as TRAIN
+
+    with pytest.raises(DifflabError, match=expected.replace("(", r"\(").replace("+", r"\+")):
+        TRAIN.call([*FAST, f"hydra.run.dir={tmp_path / 'run'}", *args])
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_flow_checkpoint_as_ddpm_is_refused(flow_ckpt, tmp_path):
+    from tests.conftest import compose_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(flow_ckpt.read_bytes())
+    with pytest.raises(DifflabError, match=r"trained with model=flow, this run is model=ddpm"):
+        train(compose_config(run, [*FAST_DIGITS, "trainer.max_steps=40"]))
