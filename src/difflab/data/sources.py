@@ -143,9 +143,17 @@ def torchvision_source(
     allowed = {"mnist": "MNIST", "cifar10": "CIFAR10", "fashion_mnist": "FashionMNIST"}
     found = _torchvision_images(allowed[name], root, split == "train")
     if found is None:
+        idx = (
+            "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+        )
+        where = {  # the standard files where torchvision reads them offline
+            "cifar10": f"cifar-10-python.tar.gz (the original archive: its md5 is checked) into {root}",
+            "mnist": f"the 4 IDX files {idx} (gunzipped) into {root}/MNIST/raw",
+            "fashion_mnist": f"the 4 IDX files {idx} (gunzipped) into {root}/FashionMNIST/raw",
+        }[name]
         raise DifflabError(
-            f"{name} is not in {root} and could not be downloaded (no network?); copy torchvision's "
-            f"{allowed[name]} files into {root} or run once where the network is reachable"
+            f"{name} is not in data.source.root={root} and could not be downloaded (no network?); "
+            f"put {where}, or run once where the network is reachable"
         )
     images = _limit(found[0], max_items)
     return InMemorySource(images, identity=f"{name}:{split}:n={len(images)}", labels=found[1][: len(images)])
