@@ -1,4 +1,4 @@
-"""Bad command lines, as users type them, for each of the four commands: every one ends in one short
+"""Bad command lines, as users type them, for each of the five commands: every one ends in one short
 line on stderr naming the key (or file), a non-zero exit, and no directory left behind.
 
 Run in this process through each command's console-script function (the same code path as the
@@ -14,6 +14,7 @@ import torch
 
 from difflab.evaluate import COMMAND as EVAL
 from difflab.export import COMMAND as EXPORT
+from difflab.prepare import COMMAND as PREPARE
 from difflab.sample import COMMAND as SAMPLE
 from difflab.train import COMMAND as TRAIN
 
@@ -172,13 +173,42 @@ EXPORT_LINES = [
 ]
 
 
+PREPARE_LINES = [
+    ([], "out is required (give out=...)"),
+    (["out=x", "encoding=webp"], "encoding=webp is not valid; allowed: png, raw, jpeg"),
+    (["out=x", "quality=0"], "quality=0 must be between 1 and 100"),
+    (["out=x", "quality=101"], "quality=101 must be between 1 and 100"),
+    (["out=x", "quality=high"], "quality=high must be an integer"),
+    (["out=x", "num_workers=0"], "num_workers=0 must be at least 1"),
+    (["out=x", "num_workers=two"], "num_workers=two must be an integer"),
+    (["out=x", "resolutoin=8"], "unknown key resolutoin; did you mean resolution?"),
+    (["out=x", "resolution=-3"], "resolution=-3 must be at least 1"),
+    (["out=x", "resolution=big"], "resolution=big must be an integer or null"),
+    (["out=x", "overwrite=maybe"], "overwrite=maybe must be true or false"),
+    (["out=x", "data=fashon_mnist"], "data=fashon_mnist is not a choice; did you mean fashion_mnist?"),
+    (["out=x", "data=folder"], "data.source.path is required"),
+    (
+        ["out=x", "data=folder", "data.source.path=/no/such/dir"],
+        "data.source.path=/no/such/dir does not exist",
+    ),
+    (["out=x", "data.channels=2"], "data.channels=2 is not valid; allowed: 1, 3"),
+    (["out={full}"], "is not empty; choose a new directory or give overwrite=true"),
+    (["out={full}", "overwrite=true"], "holds files that are not shards (notes.txt)"),
+    (["out={file}"], "is a file, not a directory"),
+    (["out={file}/sub"], "cannot be created"),
+    (["out=[a,b]"], "out=[a,b] must be a string"),
+    (["out=x", "+extra=1"], "unknown key extra"),
+    (["-m", "out=x", "encoding=png,webp"], "encoding=webp is not valid"),
+]
+
+
 def _cases(command, lines):
     for line in lines:
         if hasattr(line, "marks"):  # pytest.param
             (args, message), marks = line.values, line.marks
         else:
             (args, message), marks = line, ()
-        prefix = ["experiment=digits"] if command is TRAIN else []
+        prefix = ["experiment=digits"] if command is TRAIN else ["data=digits"] if command is PREPARE else []
         flags = [a for a in args if a.startswith("-")]  # Hydra reads flags before overrides
         ordered = [*flags, *prefix, *(a for a in args if not a.startswith("-"))]
         yield pytest.param(command, ordered, message, marks=marks, id=f"{command.name}: {' '.join(args)}")
@@ -189,11 +219,12 @@ CASES = [
     *_cases(SAMPLE, SAMPLE_LINES),
     *_cases(EVAL, EVAL_LINES),
     *_cases(EXPORT, EXPORT_LINES),
+    *_cases(PREPARE, PREPARE_LINES),
 ]
 
 
 def test_at_least_twenty_bad_lines_per_command():
-    for lines in (TRAIN_LINES, SAMPLE_LINES, EVAL_LINES, EXPORT_LINES):
+    for lines in (TRAIN_LINES, SAMPLE_LINES, EVAL_LINES, EXPORT_LINES, PREPARE_LINES):
         assert len(lines) >= 20
 
 

@@ -113,3 +113,16 @@ def test_readme_sample_eval_export_lines_as_written(tmp_path):
     assert (tmp_path / "exported" / "fashion-phema" / "model_index.json").is_file()
     assert (tmp_path / "ema_sweep" / "fid_vs_ema.png").is_file()
     assert len(list((tmp_path / "samples_ema").glob("*.png"))) == 65
+
+
+def test_readme_error_examples_are_what_the_commands_print(tmp_path):
+    """The README's block of `$ difflab-...` lines and their errors: each run, its one line compared."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("A mistake is one line naming the key", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    lines = [ln for ln in block.strip().splitlines() if ln]
+    pairs = list(zip(lines[::2], lines[1::2], strict=True))
+    assert len(pairs) >= 4
+    for cmd, shown in pairs:
+        program, *args = cmd.removeprefix("$ ").split()
+        p = difflab_cli(program.removeprefix("difflab-"), *args, cwd=tmp_path)
+        assert p.returncode == 2 and p.stderr.strip().splitlines() == [shown], (cmd, p.stderr)

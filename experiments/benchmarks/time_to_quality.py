@@ -1,0 +1,281 @@
+"""Time to quality: classifier-FID against wall time for each training recipe, same UNet, data, batch,
+seeds and step budget; the diffusers example's recipe as the baseline, also as a bare PyTorch loop.
+
+    .venv/bin/python experiments/benchmarks/time_to_quality.py                       # every row, 2 seeds
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --rows baseline default flow --seeds 0
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --steps 40 --eval-every 20 --num-samples 64 \
+        --num-real 256 --rows baseline flow bare --seeds 0 --work /tmp/ttq_smoke       # a smoke run (~6 min)
+
+Each row trains with the real `difflab-train` (checkpoints every --eval-every steps, nothing else in
+the process), then `difflab-eval` measures every checkpoint at 10 and 20 sampler steps
+(dpmsolver++, which samples both objectives). The wall time of a point is the time from launching
+the training command to that checkpoint's file, start-up included: what a user waits. The bare loop
+is the diffusers example's training loop written out (UNet2DModel, DDPMScheduler, AdamW, cosine
+warm-up, EMAModel, clipping) on the same tensors, evaluated with the same FID code in-process.
+Results accumulate in --work (a rerun skips what is done); prints markdown tables for RESULTS.md
+and writes fid_vs_time.png next to this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+BIN = Path(sys.executable).parent
+
+# The diffusers example (train_unconditional.py) as difflab overrides: AdamW lr 1e-4, betas (0.95,
+# 0.999), weight decay 1e-6, cosine with 500 warm-up steps, clipping at 1.0, linear betas over 1,000
+# steps, epsilon prediction, EMA inv_gamma 1.0 / power 0.75 / max decay 0.9999.
+DIFFUSERS = [
+    "model.optimizer.lr=1e-4",
+    "model.optimizer.betas=[0.95,0.999]",
+    "model.optimizer.weight_decay=1e-6",
+    "model.lr_schedule=cosine",
+    "model.warmup_steps=500",
+    "trainer.gradient_clip_val=1.0",
+    "model.noise_scheduler.beta_schedule=linear",
+    "model.noise_scheduler.prediction_type=epsilon",
+    "model.ema.inv_gamma=1.0",
+    "model.ema.power=0.75",
+    "model.ema.max_decay=0.9999",
+]
+# Each lever alone on today's default, then combined. "default" is difflab's default job as of issue 14
+# (lr 1e-3, 100 warm-up steps, epsilon, uniform timesteps).
+ROWS: dict[str, list[str]] = {
+    "baseline": DIFFUSERS,
+    "default": [],
+    "min_snr": ["model.min_snr_gamma=5"],
+    "v_pred": ["model.noise_scheduler.prediction_type=v_prediction"],
+    "v_pred_min_snr": ["model.noise_scheduler.prediction_type=v_prediction", "model.min_snr_gamma=5"],
+    "flow": ["model=flow"],
+    "flow_uniform": ["model=flow", "model.timesteps=uniform"],
+    "flow_immiscible": ["model=flow", "model.immiscible=true"],
+    "immiscible": ["model.immiscible=true"],
+}
+SAMPLER, STEPS = "dpmsolver++", (10, 20)
+
+
+def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
+    """Train one (row, seed); one point per checkpoint: step, wall seconds, FID at 10 and 20 steps."""
+    run = work / f"{name}_seed{seed}"
+    done = run / "points.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if run.exists():
+        shutil.rmtree(run)  # a half-finished run: its timings would be wrong
+    args = [
+        *ROWS[name],
+        f"seed={seed}",
+        f"trainer.max_steps={opts.steps}",
+        f"callbacks.model_checkpoint.every_n_train_steps={opts.eval_every}",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.sample_grid=null",
+        "logger=none",
+        f"hydra.run.dir={run}",
+    ]
+    t0 = time.time()
+    subprocess.run([str(BIN / "difflab-train"), *args], cwd=work, check=True, capture_output=True)
+    points = []
+    for ckpt in sorted((run / "checkpoints").glob("step_*.ckpt")):
+        step = int(ckpt.stem.split("_")[1])
+        fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem)
+        points.append({"step": step, "seconds": ckpt.stat().st_mtime - t0, **fid})
+        print(name, seed, points[-1], flush=True)
+    done.write_text(json.dumps(points))
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):  # the figures are kept; the weights need not be
+        ckpt.unlink()
+    return points
+
+
+def evaluate(ckpt: Path, opts: argparse.Namespace, work: Path, out: Path) -> dict[str, float]:
+    steps = "[" + ",".join(map(str, STEPS)) + "]"
+    subprocess.run(
+        [
+            str(BIN / "difflab-eval"),
+            f"ckpt={ckpt}",
+            f"sampler={SAMPLER}",
+            f"steps={steps}",
+            f"num_samples={opts.num_samples}",
+            f"num_real={opts.num_real}",
+            f"out={out}",
+        ],
+        cwd=work,
+        check=True,
+        capture_output=True,
+    )
+    rows = json.loads((out / "results.json").read_text())
+    key = next(k for k in rows[0] if k.startswith("val/fid_"))
+    return {f"fid{r['steps']}": r[key] for r in rows}
+
+
+def bare_loop(seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
+    """The diffusers example's loop on the default job's images and UNet, FID from difflab's code."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from difflab.cli import register_resolvers
+    from difflab.config import CONF_DIR
+    from difflab.diffusion.sampling import build_sampler
+    from difflab.metrics.fid import FIDEvaluator, real_features
+
+    done = work / f"bare_seed{seed}" / "points.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    done.parent.mkdir(parents=True, exist_ok=True)
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"seed={seed}", f"paths.output_dir={done.parent}"])
+    torch.manual_seed(seed)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    images = torch.cat(list(datamodule.real_images(len(datamodule.train_set), 4096))) * 2 - 1
+    unet_cfg = {k: v for k, v in dict(cfg.model.unet).items() if k != "_target_"}
+    unet = UNet2DModel(**unet_cfg)
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon"
+    )
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8
+    )
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=500, num_training_steps=opts.steps)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    batch = int(cfg.data.batch_size)
+    extractor = instantiate(cfg.metrics.extractor)
+    extractor.prepare(datamodule)
+    feats = real_features(datamodule, extractor, opts.num_real, cfg.metrics.cache_dir, torch.device("cpu"))
+    # The clock starts after the data and the FID features are ready (difflab's rows include their
+    # start-up): the comparison favours the bare loop slightly.
+    t0 = time.time()
+    points, step, eval_seconds = [], 0, 0.0
+    while step < opts.steps:
+        for idx in torch.randperm(len(images)).split(batch):
+            if len(idx) < batch or step >= opts.steps:
+                continue
+            x0 = images[idx]
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (batch,))
+            pred = unet(noise_scheduler.add_noise(x0, noise, t), t).sample
+            loss = F.mse_loss(pred, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            ema.step(unet.parameters())
+            step += 1
+            if step % opts.eval_every == 0:
+                seconds = time.time() - t0 - eval_seconds  # training time only, as for the difflab rows
+                e0 = time.time()
+                ema_unet = UNet2DModel(**unet_cfg)
+                ema.copy_to(ema_unet.parameters())
+                ema_unet.eval()
+                evaluator = FIDEvaluator(extractor, opts.num_samples)
+                evaluator.set_real_features(feats)
+                fid = {}
+                for count in STEPS:
+                    sampler = build_sampler(SAMPLER, dict(noise_scheduler.config))
+                    values = evaluator.evaluate(ema_unet, sampler, count, 1234, 250)
+                    fid[f"fid{count}"] = next(v for k, v in values.items() if k.startswith("val/fid_"))
+                eval_seconds += time.time() - e0
+                points.append({"step": step, "seconds": seconds, **fid})
+                print("bare", seed, points[-1], flush=True)
+    done.write_text(json.dumps(points))
+    return points
+
+
+def first_reaching(points: list[dict], target: float, key: str = "fid20") -> dict | None:
+    return next((p for p in points if p[key] <= target), None)
+
+
+def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespace) -> None:
+    import statistics
+
+    def median_curve(name: str) -> list[dict]:
+        runs = list(results[name].values())
+        out = []
+        for k in range(min(len(r) for r in runs)):
+            out.append(
+                {
+                    "step": runs[0][k]["step"],
+                    "seconds": statistics.median(r[k]["seconds"] for r in runs),
+                    **{f: statistics.median(r[k][f] for r in runs) for f in ("fid10", "fid20")},
+                }
+            )
+        return out
+
+    curves = {name: median_curve(name) for name in results}
+    reference = "baseline" if "baseline" in curves else next(iter(curves))
+    target = curves[reference][-1]["fid20"]
+    seeds = sorted({s for r in results.values() for s in r})
+    print(
+        f"\n{opts.steps} steps, small UNet, Fashion-MNIST, batch 32, seeds {seeds} (medians), "
+        f"classifier-FID of {opts.num_samples} {SAMPLER} samples; target = {reference}'s final FID "
+        f"at 20 steps ({target:.2f})\n"
+    )
+    print("| recipe | steps to target | minutes to target | best FID (20 steps) | final FID 10 / 20 steps |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, curve in curves.items():
+        hit = first_reaching(curve, target)
+        reach = (f"{hit['step']}", f"{hit['seconds'] / 60:.1f}") if hit else ("not reached", "-")
+        best, last = min(p["fid20"] for p in curve), curve[-1]
+        print(
+            f"| {name} | {reach[0]} | {reach[1]} | {best:.2f} | {last['fid10']:.2f} / {last['fid20']:.2f} |"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot([p["seconds"] / 60 for p in curve], [p["fid20"] for p in curve], marker="o", label=name)
+    ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("wall time (minutes, 2 CPU cores)")
+    ax.set_ylabel(f"classifier-FID ({SAMPLER}, 20 steps)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(opts.plot, dpi=120)
+    print(f"\nplot: {opts.plot}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", nargs="+", default=[*ROWS, "bare"], choices=[*ROWS, "bare"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--steps", type=int, default=2000, help="step budget of every run (the default job's)")
+    ap.add_argument("--eval-every", type=int, default=500, help="a FID point every N steps")
+    ap.add_argument("--num-samples", type=int, default=2000)
+    ap.add_argument("--num-real", type=int, default=10000)
+    ap.add_argument("--work", default="/tmp/difflab_time_to_quality")
+    ap.add_argument("--plot", default=str(HERE / "fid_vs_time.png"))
+    opts = ap.parse_args()
+    if opts.steps % opts.eval_every:
+        ap.error("--steps must be a multiple of --eval-every")
+    work = Path(opts.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
+    results: dict[str, dict[int, list[dict]]] = {}
+    for name in opts.rows:
+        for seed in opts.seeds:
+            points = bare_loop(seed, opts, work) if name == "bare" else train_row(name, seed, opts, work)
+            results.setdefault(name, {})[seed] = points
+    assert all(not math.isnan(p["fid20"]) for r in results.values() for ps in r.values() for p in ps)
+    summarise(results, opts)
+
+
+if __name__ == "__main__":
+    main()
