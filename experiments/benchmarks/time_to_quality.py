@@ -60,7 +60,7 @@ ROWS: dict[str, list[str]] = {
     "flow_immiscible": ["model=flow", "model.immiscible=true"],
     "immiscible": ["model.immiscible=true"],
 }
-SAMPLER, STEPS = "dpmsolver++", (10, 20)
+SAMPLER, STEPS = "dpmsolver++", [10, 20]  # --sampler-steps replaces STEPS
 
 
 def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
@@ -211,7 +211,10 @@ def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespac
                 {
                     "step": runs[0][k]["step"],
                     "seconds": statistics.median(r[k]["seconds"] for r in runs),
-                    **{f: statistics.median(r[k][f] for r in runs) for f in ("fid10", "fid20")},
+                    **{
+                        f"fid{n}": statistics.median(r[k].get(f"fid{n}", math.nan) for r in runs)
+                        for n in (10, 20)
+                    },
                 }
             )
         return out
@@ -259,12 +262,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000, help="step budget of every run (the default job's)")
     ap.add_argument("--eval-every", type=int, default=500, help="a FID point every N steps")
     ap.add_argument("--num-samples", type=int, default=2000)
+    ap.add_argument("--sampler-steps", nargs="+", type=int, default=STEPS, help="FID at these sampler steps")
     ap.add_argument("--num-real", type=int, default=10000)
     ap.add_argument("--work", default="/tmp/difflab_time_to_quality")
     ap.add_argument("--plot", default=str(HERE / "fid_vs_time.png"))
     opts = ap.parse_args()
     if opts.steps % opts.eval_every:
         ap.error("--steps must be a multiple of --eval-every")
+    STEPS[:] = opts.sampler_steps
+    if 20 not in STEPS:
+        ap.error("--sampler-steps must include 20 (the steps the summary compares at)")
     work = Path(opts.work)
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
