@@ -115,26 +115,16 @@ def test_readme_sample_eval_export_lines_as_written(tmp_path):
     assert len(list((tmp_path / "samples_ema").glob("*.png"))) == 65
 
 
-def test_readme_error_examples_are_what_the_commands_print(tmp_path, monkeypatch, capsys):
-    """The README's block of `$ difflab-...` lines and their errors: each run (in this process, through
-    the console-script function), its one line compared."""
-    from difflab.evaluate import COMMAND as EVAL
-    from difflab.export import COMMAND as EXPORT
-    from difflab.prepare import COMMAND as PREPARE
-    from difflab.sample import COMMAND as SAMPLE
-    from difflab.train import COMMAND as TRAIN
-
-    commands = {c.name: c for c in (TRAIN, SAMPLE, EVAL, EXPORT, PREPARE)}
+def test_readme_error_examples_are_what_the_commands_print(tmp_path):
+    """The README's block of `$ difflab-...` lines and their errors: each run as the installed script
+    (in a fresh process: in-process, earlier tests' global state adds problems), its one line compared."""
     text = (ROOT / "README.md").read_text()
     block = text.split("A mistake is one line naming the key", 1)[1].split("```text", 1)[1].split("```", 1)[0]
     lines = [ln for ln in block.strip().splitlines() if ln]
     pairs = list(zip(lines[::2], lines[1::2], strict=True))
     assert len(pairs) >= 4
-    monkeypatch.chdir(tmp_path)
     (tmp_path / "last.ckpt").write_bytes(b"")  # the user's checkpoint the sample line names
     for cmd, shown in pairs:
         program, *args = cmd.removeprefix("$ ").split()
-        with pytest.raises(SystemExit) as e:
-            commands[program.removeprefix("difflab-")].main(args)
-        err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
-        assert e.value.code == 2 and err == [shown], (cmd, err)
+        p = difflab_cli(program.removeprefix("difflab-"), *args, cwd=tmp_path)
+        assert p.returncode == 2 and p.stderr.strip().splitlines() == [shown], (cmd, p.stderr)
