@@ -109,21 +109,24 @@ class NoiseProcess:
 
     def __init__(
         self,
-        scheduler: DDPMScheduler,
+        scheduler: TrainScheduler,
         min_snr_gamma: float | None = None,
         density: TimestepDensity = "uniform",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
     ) -> None:
+        self.scheduler, self.min_snr_gamma = scheduler, min_snr_gamma
         self.density, self.logit_mean, self.logit_std = density, logit_mean, logit_std
+        self.num_timesteps = scheduler.config.num_train_timesteps
+        self._prepare(scheduler)
+
+    def _prepare(self, scheduler: DDPMScheduler) -> None:
+        """What this objective needs from its scheduler: the prediction type and the SNR table."""
         pt = scheduler.config.prediction_type
         if pt not in get_args(PredictionType):
             allowed = ", ".join(get_args(PredictionType))
             raise ValueError(f"prediction_type={pt!r} is not valid; allowed: {allowed}")
-        self.scheduler = scheduler
         self.prediction_type = pt
-        self.num_timesteps = scheduler.config.num_train_timesteps
-        self.min_snr_gamma = min_snr_gamma
         # SNR(t) = ᾱ_t / (1 - ᾱ_t), tabulated once by diffusers' own helper; infinite SNR never occurs
         # (ᾱ < 1), zero SNR can (zero-terminal-SNR).
         self.snr = compute_snr(scheduler, torch.arange(self.num_timesteps)).float()
@@ -164,19 +167,8 @@ class FlowProcess(NoiseProcess):
 
     objective: Objective = "flow"
 
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        min_snr_gamma: float | None = None,
-        density: TimestepDensity = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-    ) -> None:
-        self.density, self.logit_mean, self.logit_std = density, logit_mean, logit_std
-        self.scheduler = scheduler
-        self.prediction_type = "velocity"
-        self.num_timesteps = scheduler.config.num_train_timesteps
-        self.min_snr_gamma = min_snr_gamma
+    def _prepare(self, scheduler: FlowMatchEulerDiscreteScheduler) -> None:
+        self.prediction_type = "velocity"  # fixed; SNR((1−σ)/σ)² is computed in loss_weights
 
     def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """σ·T, float, with σ in (0, 1): the network never sees σ = 0 exactly (nothing to denoise)."""
