@@ -155,3 +155,14 @@ def test_model_unet_dot_spelling_selects_the_preset():
         "model/unet=tiny",
         "data=digits",
     ]
+
+
+def test_preflight_ignores_the_hydra_config_an_earlier_run_left(tmp_path):
+    """In one process (tests, notebooks) a composed or finished run leaves Hydra's run config behind;
+    the next command's start-up checks must see what a fresh process sees, not its stale output dir."""
+    from difflab.cli import preflight
+    from difflab.train import COMMAND
+    from tests.conftest import compose_config
+
+    compose_config(tmp_path / "earlier", ["experiment=digits"])  # leaves runtime.output_dir unset (null)
+    preflight(COMMAND, ["experiment=digits", "trainer.max_steps=3"])  # raised: paths.output_dir=null ...

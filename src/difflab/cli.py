@@ -208,6 +208,9 @@ def preflight(command: Command, args: list[str]) -> None:
         return
     if parsed.config_path or parsed.config_dir or parsed.config_name:
         return  # another config tree: Hydra reports its own errors
+    # A fresh process has no Hydra run config yet; one left by an earlier run in this process (a test, a
+    # notebook) would resolve ${hydra:runtime.output_dir} to its stale value (null after a compose).
+    HydraConfig.instance().cfg = None
     problems: list[str] = []
     for overrides in sweep_variants(parsed.overrides):
         try:
