@@ -215,3 +215,56 @@ def test_eval_command_writes_table_and_plot(tmp_path):
 
     with pytest.raises(DifflabError, match=r"sampler=.*warp.* is not valid"):
         COMMAND.call([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=[ddim,warp]"])
+
+
+def test_eval_reference_can_be_the_held_out_split(tmp_path):
+    """real_split=test: the reference statistics come from the test images (their own cache entry), the
+    classifier still from the training images; a source without splits is one line naming the key."""
+    from difflab.errors import DifflabError
+    from difflab.evaluate import COMMAND
+    from tests.conftest import compose_config
+
+    run = tmp_path / "run"
+    small = ["data=fashion_mnist", "data.source.max_items=256", "data.resolution=8", "trainer.max_steps=4"]
+    train(compose_config(run, [*FAST_DIGITS, *small]))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    common = [f"ckpt={ckpt}", "steps=2", "num_samples=40", "num_real=300", "batch_size=40"]
+    common += [f"metrics.cache_dir={tmp_path / 'cache'}"]
+    rows = {
+        split: COMMAND.call([*common, f"real_split={split}", f"out={tmp_path / str(split)}"])[0]
+        for split in ("null", "test")
+    }
+    # 256 training images (the run's max_items), 300 held-out ones (the whole split is open to it).
+    assert (rows["null"]["num_real"], rows["test"]["num_real"]) == (256, 300)
+    assert rows["null"]["extractor"] == rows["test"]["extractor"]  # one classifier
+    assert rows["null"]["val/fid_classifier_40"] != rows["test"]["val/fid_classifier_40"]
+    assert len(list((tmp_path / "cache").glob("fid_real_*.pt"))) == 2
+
+    digits = tmp_path / "digits"
+    train(compose_config(digits, [*FAST_DIGITS, "trainer.max_steps=2"]))
+    with pytest.raises(DifflabError, match=r"real_split=test: .* has no splits"):
+        COMMAND.call([f"ckpt={digits / 'checkpoints' / 'last.ckpt'}", "real_split=test", "num_real=10"])
+
+
+def test_label_free_classifier_tells_images_apart(tmp_path):
+    """labels=auto on data without labels trains one class per image under shifts and flips: a shifted,
+    mirrored copy of an emoji is nearest to its own original among 64; dataset labels are refused."""
+    from difflab.data.datamodule import ImageDataModule
+    from difflab.data.sources import twemoji_source
+    from difflab.errors import DifflabError
+    from difflab.metrics.features import ClassifierFeatures, shift_and_flip
+
+    dm = ImageDataModule(source=lambda: twemoji_source(max_items=64), resolution=16, channels=3, batch_size=8)
+    extractor = ClassifierFeatures(cache_dir=str(tmp_path), epochs=60, width=16, num_features=64)
+    extractor.prepare(dm)
+    assert extractor.label_kind(dm) == "instance"
+    assert (tmp_path / extractor.file_for(dm.identity, "instance").name).is_file()
+    images = torch.cat(list(dm.real_images(64)))
+    moved = shift_and_flip(images, torch.Generator().manual_seed(7))
+    assert not torch.equal(moved, images)
+    a, b = extractor(images), extractor(moved)
+    nearest = torch.cdist(b, a).argmin(1)
+    assert (nearest == torch.arange(64)).float().mean() > 0.8  # chance: 1/64
+
+    with pytest.raises(DifflabError, match="needs class labels.*labels=instance"):
+        ClassifierFeatures(cache_dir=str(tmp_path / "other"), labels="dataset").prepare(dm)

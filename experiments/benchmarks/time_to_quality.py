@@ -3,17 +3,20 @@ seeds and step budget; the diffusers example's recipe as the baseline, also as a
 
     .venv/bin/python experiments/benchmarks/time_to_quality.py                       # every row, 2 seeds
     .venv/bin/python experiments/benchmarks/time_to_quality.py --rows baseline default flow --seeds 0
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --data twemoji --rows default flow
     .venv/bin/python experiments/benchmarks/time_to_quality.py --steps 40 --eval-every 20 --num-samples 64 \
         --num-real 256 --rows baseline flow bare --seeds 0 --work /tmp/ttq_smoke       # a smoke run (~6 min)
 
 Each row trains with the real `difflab-train` (checkpoints every --eval-every steps, nothing else in
-the process), then `difflab-eval` measures every checkpoint at 10 and 20 sampler steps
-(dpmsolver++, which samples both objectives). The wall time of a point is the time from launching
-the training command to that checkpoint's file, start-up included: what a user waits. The bare loop
+the process), then `difflab-eval` measures every checkpoint at 20 sampler steps and the last one also at
+10 (dpmsolver++, which samples both objectives), against the test split (Fashion-MNIST) or the training
+images (twemoji, which has no split; its classifier is trained label-free). The wall time of a point is
+the time from launching the training command to that checkpoint's file, start-up included: what a user
+waits. The bare loop
 is the diffusers example's training loop written out (UNet2DModel, DDPMScheduler, AdamW, cosine
 warm-up, EMAModel, clipping) on the same tensors, evaluated with the same FID code in-process.
 Results accumulate in --work (a rerun skips what is done); prints markdown tables for RESULTS.md
-and writes fid_vs_time.png next to this script.
+and writes fid_vs_time.png (fid_vs_time_twemoji.png) next to this script.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ ROWS: dict[str, list[str]] = {
     "immiscible": ["model.immiscible=true"],
 }
 SAMPLER, STEPS = "dpmsolver++", [10, 20]  # --sampler-steps replaces STEPS
+# The FID reference per --data: its test split, or its training images where it has no split (twemoji's
+# 4,009 emoji leave too few for a held-out reference of 128-d features).
+HELD_OUT = {"fashion_mnist": "test", "twemoji": None}
 
 
 def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
@@ -72,6 +78,7 @@ def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> lis
     if run.exists():
         shutil.rmtree(run)  # a half-finished run: its timings would be wrong
     args = [
+        f"data={opts.data}",
         *ROWS[name],
         f"seed={seed}",
         f"trainer.max_steps={opts.steps}",
@@ -84,9 +91,11 @@ def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> lis
     t0 = time.time()
     subprocess.run([str(BIN / "difflab-train"), *args], cwd=work, check=True, capture_output=True)
     points = []
-    for ckpt in sorted((run / "checkpoints").glob("step_*.ckpt")):
+    ckpts = sorted((run / "checkpoints").glob("step_*.ckpt"), key=lambda c: int(c.stem.split("_")[1]))
+    for ckpt in ckpts:
         step = int(ckpt.stem.split("_")[1])
-        fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem)
+        # Every --sampler-steps count at the end of the budget; along the way only 20 (the compared one).
+        fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem, STEPS if ckpt == ckpts[-1] else [20])
         points.append({"step": step, "seconds": ckpt.stat().st_mtime - t0, **fid})
         print(name, seed, points[-1], flush=True)
     done.write_text(json.dumps(points))
@@ -95,8 +104,10 @@ def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> lis
     return points
 
 
-def evaluate(ckpt: Path, opts: argparse.Namespace, work: Path, out: Path) -> dict[str, float]:
-    steps = "[" + ",".join(map(str, STEPS)) + "]"
+def evaluate(
+    ckpt: Path, opts: argparse.Namespace, work: Path, out: Path, counts: list[int]
+) -> dict[str, float]:
+    steps = "[" + ",".join(map(str, counts)) + "]"
     subprocess.run(
         [
             str(BIN / "difflab-eval"),
@@ -105,6 +116,8 @@ def evaluate(ckpt: Path, opts: argparse.Namespace, work: Path, out: Path) -> dic
             f"steps={steps}",
             f"num_samples={opts.num_samples}",
             f"num_real={opts.num_real}",
+            # Held-out images where the set has them: a recipe cannot score by copying its training set.
+            f"real_split={HELD_OUT[opts.data] or 'null'}",
             f"out={out}",
         ],
         cwd=work,
@@ -125,10 +138,12 @@ def bare_loop(seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
     from diffusers.training_utils import EMAModel
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from difflab.cli import register_resolvers
     from difflab.config import CONF_DIR
     from difflab.diffusion.sampling import build_sampler
+    from difflab.evaluate import reference_split
     from difflab.metrics.fid import FIDEvaluator, real_features
 
     done = work / f"bare_seed{seed}" / "points.json"
@@ -137,7 +152,8 @@ def bare_loop(seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
     done.parent.mkdir(parents=True, exist_ok=True)
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"seed={seed}", f"paths.output_dir={done.parent}"])
+        overrides = [f"data={opts.data}", f"seed={seed}", f"paths.output_dir={done.parent}"]
+        cfg = compose("train", overrides=overrides)
     torch.manual_seed(seed)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
@@ -155,7 +171,9 @@ def bare_loop(seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
     batch = int(cfg.data.batch_size)
     extractor = instantiate(cfg.metrics.extractor)
     extractor.prepare(datamodule)
-    feats = real_features(datamodule, extractor, opts.num_real, cfg.metrics.cache_dir, torch.device("cpu"))
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    held_out = reference_split(data_cfg, HELD_OUT[opts.data], "bare") if HELD_OUT[opts.data] else datamodule
+    feats = real_features(held_out, extractor, opts.num_real, cfg.metrics.cache_dir, torch.device("cpu"))
     # The clock starts after the data and the FID features are ready (difflab's rows include their
     # start-up): the comparison favours the bare loop slightly.
     t0 = time.time()
@@ -224,7 +242,7 @@ def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespac
     target = curves[reference][-1]["fid20"]
     seeds = sorted({s for r in results.values() for s in r})
     print(
-        f"\n{opts.steps} steps, small UNet, Fashion-MNIST, batch 32, seeds {seeds} (medians), "
+        f"\n{opts.steps} steps, small UNet, data={opts.data}, batch 32, seeds {seeds} (medians), "
         f"classifier-FID of {opts.num_samples} {SAMPLER} samples; target = {reference}'s final FID "
         f"at 20 steps ({target:.2f})\n"
     )
@@ -264,15 +282,18 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=2000)
     ap.add_argument("--sampler-steps", nargs="+", type=int, default=STEPS, help="FID at these sampler steps")
     ap.add_argument("--num-real", type=int, default=10000)
-    ap.add_argument("--work", default="/tmp/difflab_time_to_quality")
-    ap.add_argument("--plot", default=str(HERE / "fid_vs_time.png"))
+    ap.add_argument("--data", default="fashion_mnist", choices=list(HELD_OUT), help="the data= of every run")
+    ap.add_argument("--work", default=None, help="results accumulate here (default /tmp/difflab_ttq_<data>)")
+    ap.add_argument("--plot", default=None, help="default: fid_vs_time[_<data>].png next to this script")
     opts = ap.parse_args()
     if opts.steps % opts.eval_every:
         ap.error("--steps must be a multiple of --eval-every")
     STEPS[:] = opts.sampler_steps
     if 20 not in STEPS:
         ap.error("--sampler-steps must include 20 (the steps the summary compares at)")
-    work = Path(opts.work)
+    suffix = "" if opts.data == "fashion_mnist" else f"_{opts.data}"
+    opts.plot = opts.plot or str(HERE / f"fid_vs_time{suffix}.png")
+    work = Path(opts.work or f"/tmp/difflab_ttq_{opts.data}")
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
     results: dict[str, dict[int, list[dict]]] = {}

@@ -42,6 +42,7 @@ def evaluate(
     use_ema: bool,
     ema_std: EMAStd | list[EMAStd] | None,
     channels_last: ChannelsLast,
+    real_split: str | None = None,
 ) -> list[dict]:
     """One row per (EMA length, sampler, steps): FID (and KID), seconds; written to ``out``
     (conf/eval.yaml documents each setting). ``extractor`` comes from the metrics group, as in training."""
@@ -60,8 +61,9 @@ def evaluate(
     if "data" not in run_cfg:
         raise DifflabError(f"{ckpt} carries no data config; evaluate a training .ckpt, not an export")
     datamodule = instantiate(OmegaConf.create(run_cfg["data"]))
-    extractor.prepare(datamodule)
-    feats = real_features(datamodule, extractor, num_real, cache_dir, torch.device("cpu"))
+    extractor.prepare(datamodule)  # a classifier learns from the training images, whatever real_split
+    reference = datamodule if real_split is None else reference_split(run_cfg["data"], real_split, ckpt)
+    feats = real_features(reference, extractor, num_real, cache_dir, torch.device("cpu"))
     evaluator = FIDEvaluator(extractor, num_samples, kid=kid)
     evaluator.set_real_features(feats)
     evaluator.to(torch.device(device))
@@ -96,6 +98,20 @@ def evaluate(
             f"{fid_key.removeprefix('val/')}={best[fid_key]:.3f}; plot: {Path(out) / 'fid_vs_ema.png'}"
         )
     return rows
+
+
+def reference_split(data_cfg: dict, split: str, ckpt: str) -> object:
+    """The run's data module reading another split of its source (held-out images for the reference)."""
+    source = data_cfg.get("source", {})
+    if "split" not in source:
+        raise DifflabError(
+            f"real_split={split}: the data source of {ckpt} ({source.get('_target_')}) has no splits; "
+            "leave real_split=null (the training images)"
+        )
+    cfg = OmegaConf.create(data_cfg)
+    cfg.source.split = split
+    cfg.source.max_items = None  # the whole held-out split, whatever the training run limited itself to
+    return instantiate(cfg)
 
 
 def plot_fid_vs_ema(rows: list[dict], out: Path, fid_key: str) -> None:
