@@ -93,6 +93,7 @@ NEEDS = {
         "data.num_workers=0",
     ],
     "data/fashion_mnist": lambda tmp: ["data.source.max_items=64", "data.resolution=8"],
+    "data/twemoji": lambda tmp: ["data.source.max_items=64", "data.resolution=8"],
     "data/mnist": lambda tmp: ["data.resolution=8"],
     "data/cifar10": lambda tmp: ["data.resolution=8"],
     "model/unet/small": lambda tmp: ["data.resolution=8"],

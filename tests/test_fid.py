@@ -266,5 +266,5 @@ def test_label_free_classifier_tells_images_apart(tmp_path):
     nearest = torch.cdist(b, a).argmin(1)
     assert (nearest == torch.arange(64)).float().mean() > 0.8  # chance: 1/64
 
-    with pytest.raises(DifflabError, match="needs class labels.*labels=instance"):
+    with pytest.raises(DifflabError, match=r"needs class labels.*labels=instance"):
         ClassifierFeatures(cache_dir=str(tmp_path / "other"), labels="dataset").prepare(dm)

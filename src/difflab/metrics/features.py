@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +97,31 @@ class SmallClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-class ClassifierFeatures(nn.Module):
-    """Features from a small classifier trained on the dataset's labels: FID without downloads.
+Labels = Literal["auto", "dataset", "instance"]
+# Training passes per label kind: class labels are learnt in a few; one class per image needs many.
+DEFAULT_EPOCHS = {"dataset": 3, "instance": 40}
 
+
+def shift_and_flip(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image moved by up to 1/8 of its size (edges replicated) and mirrored with probability 1/2."""
+    n, _, h, w = images.shape
+    pad = max(1, h // 8)
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, images.shape[1], h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, images.shape[1], h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(n, generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+class ClassifierFeatures(nn.Module):
+    """Features from a small classifier difflab trains offline: FID without downloads.
+
+    ``labels``: ``dataset`` learns the dataset's classes; ``instance`` makes every image its own class
+    under random shifts and flips (exemplar training, Dosovitskiy et al. 2014), so folders without
+    labels get a feature space that tells images apart; ``auto`` is the first when the data has labels.
     ``prepare(datamodule)`` loads the classifier cached for that dataset (file named by the dataset's
     identity) or trains one (seconds on digits, about a minute on Fashion-MNIST with 2 cores) and caches
     it. Numbers are comparable only between runs using the same classifier file, whose hash is in
@@ -112,7 +134,8 @@ class ClassifierFeatures(nn.Module):
         self,
         cache_dir: str,
         path: Annotated[str, Exists("file")] | None = None,
-        epochs: Annotated[int, AtLeast(1)] = 3,
+        labels: Labels = "auto",
+        epochs: Annotated[int, AtLeast(1)] | None = None,
         width: Annotated[int, AtLeast(1)] = 32,
         num_features: Annotated[int, AtLeast(1)] = 128,
         max_train_images: Annotated[int, AtLeast(1)] | None = 60000,
@@ -120,25 +143,40 @@ class ClassifierFeatures(nn.Module):
     ) -> None:
         super().__init__()
         self.cache_dir, self.path = Path(cache_dir), Path(path) if path else None
-        self.epochs, self.width, self.max_train_images, self.seed = epochs, width, max_train_images, seed
+        self.labels, self.epochs = labels, epochs
+        self.width, self.max_train_images, self.seed = width, max_train_images, seed
         self.num_features = num_features
         self.net: SmallClassifier | None = None
         self.identity = "classifier:unprepared"
 
-    def file_for(self, data_identity: str) -> Path:
+    def label_kind(self, datamodule: object) -> str:
+        """``dataset`` or ``instance``: what ``auto`` means for this data."""
+        if self.labels != "auto":
+            return self.labels
+        return "dataset" if getattr(datamodule.source, "labels", None) is not None else "instance"
+
+    def file_for(self, data_identity: str, kind: str = "dataset") -> Path:
         if self.path is not None:
             return self.path
-        return self.cache_dir / f"classifier_{hashlib.sha1(data_identity.encode()).hexdigest()[:16]}.pt"
+        key = data_identity if kind == "dataset" else f"{data_identity}|instance"  # old names stay valid
+        return self.cache_dir / f"classifier_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
     def prepare(self, datamodule: object, train_if_missing: bool = True) -> None:
         """Load this dataset's classifier, training and caching it first if there is none."""
-        path = self.file_for(datamodule.identity)
+        kind = self.label_kind(datamodule)
+        path = self.file_for(datamodule.identity, kind)
         if not path.is_file():
             if not train_if_missing:
                 raise DifflabError(f"FID classifier {path} is missing (it is trained by rank 0 first)")
-            images, labels = datamodule.labelled_images(self.max_train_images)
+            if kind == "dataset":
+                images, labels = datamodule.labelled_images(self.max_train_images)
+            else:
+                num = min(self.max_train_images or len(datamodule.train_set), len(datamodule.train_set))
+                images = torch.cat(list(datamodule.real_images(num, 4096)))
+                labels = torch.arange(len(images))
             self._build(images.shape[1], int(labels.max()) + 1)
-            self.fit(images, labels, path)
+            epochs = self.epochs or DEFAULT_EPOCHS[kind]
+            self.fit(images, labels, path, augment=kind == "instance", epochs=epochs)
         self.load(path)
 
     def _build(self, channels: int, num_classes: int) -> None:
@@ -159,18 +197,27 @@ class ClassifierFeatures(nn.Module):
         return self.net.body(images * 2 - 1).double()
 
     def fit(
-        self, images: torch.Tensor, labels: torch.Tensor, path: Path, batch_size: int = 128, lr: float = 2e-3
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        path: Path,
+        batch_size: int = 128,
+        lr: float = 2e-3,
+        augment: bool = False,
+        epochs: int | None = None,
     ) -> float:
-        """Train on float images in [0, 1] and integer labels, save to ``path``; returns train accuracy."""
+        """Train on float images in [0, 1] and integer labels, save to ``path``; returns train accuracy
+        (of the last pass, on augmented images when ``augment``)."""
         g = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         net = self.net.train().requires_grad_(True)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
         n, correct = len(images), 0
-        for _ in range(self.epochs):
+        for _ in range(epochs or self.epochs or DEFAULT_EPOCHS["dataset"]):
             correct = 0
             for idx in torch.randperm(n, generator=g).split(batch_size):
-                logits = net(images[idx] * 2 - 1)
+                batch = shift_and_flip(images[idx], g) if augment else images[idx]
+                logits = net(batch * 2 - 1)
                 loss = F.cross_entropy(logits, labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
