@@ -237,6 +237,8 @@ def test_eval_reference_can_be_the_held_out_split(tmp_path):
     # 256 training images (the run's max_items), 300 held-out ones (the whole split is open to it).
     assert (rows["null"]["num_real"], rows["test"]["num_real"]) == (256, 300)
     assert rows["null"]["extractor"] == rows["test"]["extractor"]  # one classifier
+    classifiers = list((tmp_path / "cache").glob("classifier_*.pt"))
+    assert len(classifiers) == 1 and torch.load(classifiers[0])["num_classes"] == 10  # the labels, auto
     assert rows["null"]["val/fid_classifier_40"] != rows["test"]["val/fid_classifier_40"]
     assert len(list((tmp_path / "cache").glob("fid_real_*.pt"))) == 2
 

@@ -75,6 +75,26 @@ def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> lis
     done = run / "points.json"
     if done.is_file():
         return json.loads(done.read_text())
+    launched, last = run / "launched.json", run / "checkpoints" / f"step_{opts.steps:07d}.ckpt"
+    if not (launched.is_file() and last.is_file()):  # trained to the end: only its evaluation is left
+        train(name, seed, opts, work, run, launched)
+    t0 = json.loads(launched.read_text())["t0"]
+    points = []
+    ckpts = sorted((run / "checkpoints").glob("step_*.ckpt"), key=lambda c: int(c.stem.split("_")[1]))
+    for ckpt in ckpts:
+        step = int(ckpt.stem.split("_")[1])
+        # Every --sampler-steps count at the end of the budget; along the way only 20 (the compared one).
+        fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem, STEPS if ckpt == ckpts[-1] else [20])
+        points.append({"step": step, "seconds": ckpt.stat().st_mtime - t0, **fid})
+        print(name, seed, points[-1], flush=True)
+    done.write_text(json.dumps(points))
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):  # the figures are kept; the weights need not be
+        ckpt.unlink()
+    return points
+
+
+def train(name: str, seed: int, opts: argparse.Namespace, work: Path, run: Path, launched: Path) -> None:
+    """The row's `difflab-train`, its launch time kept in ``launched`` (the clock of every point)."""
     if run.exists():
         shutil.rmtree(run)  # a half-finished run: its timings would be wrong
     args = [
@@ -90,18 +110,7 @@ def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> lis
     ]
     t0 = time.time()
     subprocess.run([str(BIN / "difflab-train"), *args], cwd=work, check=True, capture_output=True)
-    points = []
-    ckpts = sorted((run / "checkpoints").glob("step_*.ckpt"), key=lambda c: int(c.stem.split("_")[1]))
-    for ckpt in ckpts:
-        step = int(ckpt.stem.split("_")[1])
-        # Every --sampler-steps count at the end of the budget; along the way only 20 (the compared one).
-        fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem, STEPS if ckpt == ckpts[-1] else [20])
-        points.append({"step": step, "seconds": ckpt.stat().st_mtime - t0, **fid})
-        print(name, seed, points[-1], flush=True)
-    done.write_text(json.dumps(points))
-    for ckpt in (run / "checkpoints").glob("*.ckpt"):  # the figures are kept; the weights need not be
-        ckpt.unlink()
-    return points
+    launched.write_text(json.dumps({"t0": t0}))
 
 
 def evaluate(

@@ -153,6 +153,7 @@ class ClassifierFeatures(nn.Module):
         """``dataset`` or ``instance``: what ``auto`` means for this data."""
         if self.labels != "auto":
             return self.labels
+        datamodule.setup()  # the source exists only once set up
         return "dataset" if getattr(datamodule.source, "labels", None) is not None else "instance"
 
     def file_for(self, data_identity: str, kind: str = "dataset") -> Path:
