@@ -100,6 +100,9 @@ class SmallClassifier(nn.Module):
 Labels = Literal["auto", "dataset", "instance"]
 # Training passes per label kind: class labels are learnt in a few; one class per image needs many.
 DEFAULT_EPOCHS = {"dataset": 3, "instance": 40}
+# Instance labels use at most this many images: the cost grows as images x passes (all 4,009 twemoji
+# took 16 min on 2 busy cores), so a large folder's first FID would otherwise take hours.
+INSTANCE_IMAGES = 4096
 
 
 def shift_and_flip(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -172,7 +175,8 @@ class ClassifierFeatures(nn.Module):
             if kind == "dataset":
                 images, labels = datamodule.labelled_images(self.max_train_images)
             else:
-                num = min(self.max_train_images or len(datamodule.train_set), len(datamodule.train_set))
+                available = len(datamodule.train_set)
+                num = min(self.max_train_images or available, available, INSTANCE_IMAGES)
                 images = torch.cat(list(datamodule.real_images(num, 4096)))
                 labels = torch.arange(len(images))
             self._build(images.shape[1], int(labels.max()) + 1)
