@@ -106,7 +106,9 @@ INSTANCE_IMAGES = 4096
 
 
 def shift_and_flip(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Each image moved by up to 1/8 of its size (edges replicated) and mirrored with probability 1/2."""
+    """Each image moved by up to 1/8 of its size (edges replicated) and mirrored with probability 1/2.
+    Batched with one generator (torchvision's RandomCrop/RandomHorizontalFlip draw per image from the
+    global RNG), so the classifier file is a function of its seed."""
     n, _, h, w = images.shape
     pad = max(1, h // 8)
     padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
@@ -209,7 +211,7 @@ class ClassifierFeatures(nn.Module):
         batch_size: int = 128,
         lr: float = 2e-3,
         augment: bool = False,
-        epochs: int | None = None,
+        epochs: int = DEFAULT_EPOCHS["dataset"],
     ) -> float:
         """Train on float images in [0, 1] and integer labels, save to ``path``; returns train accuracy
         (of the last pass, on augmented images when ``augment``)."""
@@ -218,7 +220,7 @@ class ClassifierFeatures(nn.Module):
         net = self.net.train().requires_grad_(True)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
         n, correct = len(images), 0
-        for _ in range(epochs or self.epochs or DEFAULT_EPOCHS["dataset"]):
+        for _ in range(epochs):
             correct = 0
             for idx in torch.randperm(n, generator=g).split(batch_size):
                 batch = shift_and_flip(images[idx], g) if augment else images[idx]
