@@ -42,10 +42,15 @@ TRAIN_LINES = [
     (["trainer.precision=17"], "trainer.precision=17 is not valid; allowed: 64, 32, 16"),
     (["data.crop=diag"], "data.crop=diag is not valid; allowed: center, random"),
     (["model.lr_schedule=cosin"], "model.lr_schedule=cosin is not valid; allowed: constant, cosine, linear"),
-    (["model.noise_scheduler.prediction_type=noise"], "allowed: epsilon, sample, v_prediction"),
+    (["model=ddpm", "model.noise_scheduler.prediction_type=noise"], "allowed: epsilon, sample, v_prediction"),
+    (
+        ["model.noise_scheduler.prediction_type=v_prediction"],
+        "model.noise_scheduler.prediction_type is a model=ddpm setting; add model=ddpm (this run's model is "
+        "flow)",
+    ),
     (["callbacks.sample_grid.sampler=ddmp"], "callbacks.sample_grid.sampler=ddmp is not valid"),
     (
-        ["model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.sampler=pndm"],
+        ["model=ddpm", "model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.sampler=pndm"],
         "callbacks.sample_grid.sampler=pndm: the pndm sampler cannot sample a model with prediction_type=",
     ),
     (["model.unet=small", "data.resolution=30"], "data.resolution=30 must be divisible by 4"),

@@ -55,6 +55,7 @@ def test_bad_value_is_one_line_error(tmp_path):
     p = run(
         "difflab-train",
         "experiment=digits",
+        "model=ddpm",
         "model.noise_scheduler.prediction_type=noise",
         f"hydra.run.dir={tmp_path / 'r'}",
         cwd=tmp_path,

@@ -177,18 +177,19 @@ def test_every_group_choice_runs_or_is_refused_at_startup(make_cfg, tmp_path, ca
 
 
 VALUES = [
-    *(f"model.noise_scheduler.beta_schedule={v}" for v in allowed(BetaSchedule)),
-    *(f"model.noise_scheduler.prediction_type={v}" for v in PREDICTION_TYPES),
-    "model.noise_scheduler.rescale_betas_zero_snr=true",
+    *(("model=ddpm", f"model.noise_scheduler.beta_schedule={v}") for v in allowed(BetaSchedule)),
+    *(("model=ddpm", f"model.noise_scheduler.prediction_type={v}") for v in PREDICTION_TYPES),
+    ("model=ddpm", "model.noise_scheduler.rescale_betas_zero_snr=true"),
     *(f"model.lr_schedule={v}" for v in allowed(LRSchedule)),
     *(f"data.crop={v}" for v in allowed(Crop)),
     *(f"model.channels_last={str(v).lower()}" for v in allowed(ChannelsLast)),
-    *(f"callbacks.sample_grid.sampler={v}" for v in SAMPLERS if v not in ("flow_euler", "flow_heun")),
+    *(("model=ddpm", f"callbacks.sample_grid.sampler={v}") for v in SAMPLERS if not v.startswith("flow_")),
     *(("model=flow", f"callbacks.sample_grid.sampler={v}") for v in FLOW_SAMPLERS),
     ("model=flow", "model.min_snr_gamma=5.0", "model.timesteps=uniform"),
-    "model.timesteps=logit_normal",
+    ("model=ddpm", "model.timesteps=logit_normal"),
     "model.immiscible=true",
-    "model.min_snr_gamma=5.0",
+    ("model=ddpm", "model.immiscible=true"),
+    ("model=ddpm", "model.min_snr_gamma=5.0"),
     "model.ema=null",
     "trainer.precision=bf16-mixed",
 ]
@@ -204,13 +205,18 @@ def test_every_allowed_value_runs_to_a_sample_grid(make_cfg, tmp_path, override)
 
 
 REFUSED_COMBOS = [
-    (("model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.sampler=euler_a"), "euler_a"),
-    (("model.noise_scheduler.prediction_type=sample", "callbacks.sample_grid.sampler=pndm"), "pndm"),
-    (("model.noise_scheduler.rescale_betas_zero_snr=true", "callbacks.sample_grid.sampler=heun"), "heun"),
-    (("model.noise_scheduler.rescale_betas_zero_snr=true", "callbacks.sample_grid.sampler=pndm"), "pndm"),
-    (("model=flow", "callbacks.sample_grid.sampler=ddim"), "ddim"),
+    *(
+        (("model=ddpm", f"model.noise_scheduler.{key}", f"callbacks.sample_grid.sampler={name}"), name)
+        for key, name in [
+            ("prediction_type=sample", "euler_a"),
+            ("prediction_type=sample", "pndm"),
+            ("rescale_betas_zero_snr=true", "heun"),
+            ("rescale_betas_zero_snr=true", "pndm"),
+        ]
+    ),
+    (("callbacks.sample_grid.sampler=ddim",), "ddim"),  # the default model is a flow one
     (("model=flow", "callbacks.sample_grid.sampler=heun"), "heun"),
-    (("callbacks.sample_grid.sampler=flow_euler",), "flow_euler"),
+    (("model=ddpm", "callbacks.sample_grid.sampler=flow_euler"), "flow_euler"),
 ]
 
 

@@ -191,7 +191,7 @@ def test_eval_command_writes_table_and_plot(tmp_path):
     rows = COMMAND.call(
         [
             f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
-            "sampler=[ddim,dpmsolver++]",
+            "sampler=[unipc,dpmsolver++]",
             "steps=[2,4]",
             "num_samples=40",
             "num_real=300",
@@ -201,8 +201,8 @@ def test_eval_command_writes_table_and_plot(tmp_path):
         ]
     )
     assert [(r["sampler"], r["steps"]) for r in rows] == [
-        ("ddim", 2),
-        ("ddim", 4),
+        ("unipc", 2),
+        ("unipc", 4),
         ("dpmsolver++", 2),
         ("dpmsolver++", 4),
     ]

@@ -32,7 +32,7 @@ def test_wandb_offline_fallback_and_same_run_on_resume(make_cfg, tmp_path, monke
     assert len(grids) == 1 and grids[0]["trainer/global_step"] == 4
     assert (first[0] / "files" / grids[0]["samples/grid/filenames"][0]).is_file()
     config = wandb_config(first[0])  # the resolved config, logged as hyperparameters
-    assert config["model"]["noise_scheduler"]["prediction_type"] == "epsilon"
+    assert config["model"]["noise_scheduler"]["num_train_timesteps"] == 1000
     assert config["data"]["batch_size"] == 64 and config["seed"] == 42
     time.sleep(1.1)  # wandb names offline folders to the second: a resume within it would share one
     cfg = make_cfg(*args, "trainer.max_steps=8", run_dir=run)  # ckpt_path=last: resume this run dir

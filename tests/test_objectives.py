@@ -202,7 +202,10 @@ BAD_OBJECTIVE_LINES = [
         ["model=flow", "callbacks.sample_grid.sampler=ddpm"],
         "callbacks.sample_grid.sampler=ddpm: the ddpm sampler is for DDPM",
     ),
-    (["callbacks.sample_grid.sampler=flow_heun"], "the flow_heun sampler is for flow-matching models"),
+    (
+        ["model=ddpm", "callbacks.sample_grid.sampler=flow_heun"],
+        "the flow_heun sampler is for flow-matching models",
+    ),
     (["model.immiscible=true", "data.batch_size=1"], "model.immiscible=true pairs the noise"),
     (["model=flw"], "did you mean flow"),
     (["model.timesteps=lognormal"], "model.timesteps=lognormal"),

@@ -180,7 +180,7 @@ def test_sample_export_and_eval_take_ema_std(posthoc_run, tmp_path):
         [
             f"ckpt={ckpt}",
             "ema_std=[0.03,0.08,0.15]",
-            "sampler=ddim",
+            "sampler=unipc",
             "steps=3",
             "num_samples=20",
             "num_real=100",

@@ -104,12 +104,12 @@ def test_readme_sample_eval_export_lines_as_written(tmp_path):
     assert len(list((tmp_path / "samples").glob("*.png"))) == 65  # 64 images + grid.png
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert [(r["sampler"], r["steps"]) for r in rows] == [
-        (s, n) for s in ("dpmsolver++", "ddim") for n in (10, 20, 50)
+        (s, n) for s in ("dpmsolver++", "unipc") for n in (10, 20, 50)
     ]
     jobs = sorted(p.name for p in (tmp_path / "eval_sweep").iterdir() if p.is_dir())
-    assert jobs == [f"sampler={s},steps={n}" for s in ("ddim", "dpmsolver++") for n in (10, 20)]
+    assert jobs == [f"sampler={s},steps={n}" for s in ("dpmsolver++", "unipc") for n in (10, 20)]
     assert all((tmp_path / "eval_sweep" / j / "results.json").is_file() for j in jobs)
-    assert (tmp_path / "exported" / "fashion-ddpm" / "model_index.json").is_file()
+    assert (tmp_path / "exported" / "fashion-flow" / "model_index.json").is_file()
     assert (tmp_path / "exported" / "fashion-phema" / "model_index.json").is_file()
     assert (tmp_path / "ema_sweep" / "fid_vs_ema.png").is_file()
     assert len(list((tmp_path / "samples_ema").glob("*.png"))) == 65

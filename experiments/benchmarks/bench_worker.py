@@ -62,6 +62,7 @@ def run_difflab(args) -> dict:
     from difflab.train import train
 
     overrides = [
+        "model=ddpm",  # the same objective as the bare DDPM loop it is timed against
         f"model/unet={args.preset}",
         f"data={args.data}",
         f"data.batch_size={args.batch}",
@@ -133,7 +134,7 @@ def run_bare(args) -> dict:
 
     from difflab.diffusion.module import uses_channels_last
 
-    overrides = [f"model/unet={args.preset}", f"data={args.data}"]
+    overrides = ["model=ddpm", f"model/unet={args.preset}", f"data={args.data}"]
     if args.resolution:
         overrides += [f"data.resolution={args.resolution}", f"data.channels={args.channels}"]
     cfg = compose(overrides, Path(args.tmp) / "bare")

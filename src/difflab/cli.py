@@ -296,8 +296,22 @@ def _unknown_key(name: str, overrides: list[str], key: str) -> str:
     except DifflabError:
         return f"unknown key {key}"
     keys = [k for k in dotted_keys(cfg) if not k.startswith("hydra.")] if not key.startswith("hydra.") else []
+    if key.startswith("model.") and key not in keys:
+        # A key of the other objective (prediction_type on the default flow model): name the choice.
+        chosen = OmegaConf.select(cfg, "hydra.runtime.choices.model")
+        for other in sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml")):
+            if other != chosen and key in _model_keys(name, rest, other):
+                return f"{key} is a model={other} setting; add model={other} (this run's model is {chosen})"
     near = closest(key, keys)
     return f"unknown key {key}" + (f"; did you mean {near}?" if near else "")
+
+
+def _model_keys(name: str, overrides: list[str], model: str) -> list[str]:
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "model"]
+    try:
+        return dotted_keys(compose(name, [*rest, f"model={model}"]))
+    except DifflabError:
+        return []
 
 
 def compose_command(command: Command, overrides: list[str]) -> DictConfig:
