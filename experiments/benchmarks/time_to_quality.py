@@ -2,10 +2,13 @@
 seeds and step budget; the diffusers example's recipe as the baseline, also as a bare PyTorch loop.
 
     .venv/bin/python experiments/benchmarks/time_to_quality.py                       # every row, 2 seeds
-    .venv/bin/python experiments/benchmarks/time_to_quality.py --rows baseline default flow --seeds 0
-    .venv/bin/python experiments/benchmarks/time_to_quality.py --data twemoji --rows default flow
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --rows ddpm default --seeds 0 --train-only
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --rows ddpm default --seeds 0   # then evaluate
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --data twemoji --rows ddpm default
     .venv/bin/python experiments/benchmarks/time_to_quality.py --steps 40 --eval-every 20 --num-samples 64 \
-        --num-real 256 --rows baseline flow bare --seeds 0 --work /tmp/ttq_smoke       # a smoke run (~6 min)
+        --num-real 256 --rows baseline default bare --seeds 0 --work /tmp/ttq_smoke    # a smoke run (~6 min)
+
+The target of the summary is the baseline's final FID, or the first row's when the baseline is not run.
 
 Each row trains with the real `difflab-train` (checkpoints every --eval-every steps, nothing else in
 the process), then `difflab-eval` measures every checkpoint at 20 sampler steps and the last one also at
