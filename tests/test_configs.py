@@ -121,8 +121,8 @@ def test_experiment_digits_overrides_groups(make_cfg):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.noise_scheduler.prediction_type=eps", "allowed: epsilon, sample, v_prediction"),
-        ("model.noise_scheduler.beta_schedule=cosine", "allowed: linear, scaled_linear"),
+        ("model=ddpm model.noise_scheduler.prediction_type=eps", "allowed: epsilon, sample, v_prediction"),
+        ("model=ddpm model.noise_scheduler.beta_schedule=cosine", "allowed: linear, scaled_linear"),
         ("data.crop=middle", "data.crop=middle is not valid; allowed: center, random"),
         ("data.channels=2", "data.channels=2 is not valid; allowed: 1, 3"),
         ("trainer.precision=8-bit", "trainer.precision=8-bit is not valid"),
@@ -133,7 +133,7 @@ def test_experiment_digits_overrides_groups(make_cfg):
     ],
 )
 def test_invalid_values_name_the_key_and_allowed_values(make_cfg, override, message):
-    cfg = make_cfg(override)
+    cfg = make_cfg(*override.split())
     with pytest.raises(DifflabError) as e:
         validate(cfg)
     assert message in str(e.value)

@@ -229,4 +229,4 @@ def test_resuming_a_flow_checkpoint_as_ddpm_is_refused(flow_ckpt, tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(flow_ckpt.read_bytes())
     with pytest.raises(DifflabError, match=r"trained with model=flow, this run is model=ddpm"):
-        train(compose_config(run, [*FAST_DIGITS, "trainer.max_steps=40"]))
+        train(compose_config(run, [*FAST_DIGITS, "model=ddpm", "trainer.max_steps=40"]))
