@@ -307,6 +307,7 @@ def _unknown_key(name: str, overrides: list[str], key: str) -> str:
 
 
 def _model_keys(name: str, overrides: list[str], model: str) -> list[str]:
+    """The keys of ``name``'s config with ``model=<model>`` instead of the chosen one (none if it fails)."""
     rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "model"]
     try:
         return dotted_keys(compose(name, [*rest, f"model={model}"]))
