@@ -314,7 +314,7 @@ def main() -> None:
         "--train-only",
         action="store_true",
         help="train every row, evaluate nothing: a later run evaluates them while other work may share the "
-        "machine (only training is timed)",
+        "machine (only training is timed); the bare loop evaluates as it trains either way (untimed)",
     )
     opts = ap.parse_args()
     if opts.steps % opts.eval_every:

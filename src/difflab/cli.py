@@ -296,9 +296,9 @@ def _unknown_key(name: str, overrides: list[str], key: str) -> str:
     except DifflabError:
         return f"unknown key {key}"
     keys = [k for k in dotted_keys(cfg) if not k.startswith("hydra.")] if not key.startswith("hydra.") else []
-    if key.startswith("model.") and key not in keys:
+    chosen = OmegaConf.select(cfg, "hydra.runtime.choices.model")  # None: the command has no model group
+    if chosen and key.startswith("model.") and key not in keys:
         # A key of the other objective (prediction_type on the default flow model): name the choice.
-        chosen = OmegaConf.select(cfg, "hydra.runtime.choices.model")
         for other in sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml")):
             if other != chosen and key in _model_keys(name, rest, other):
                 return f"{key} is a model={other} setting; add model={other} (this run's model is {chosen})"
