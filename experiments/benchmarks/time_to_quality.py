@@ -4,6 +4,7 @@ seeds and step budget; the diffusers example's recipe as the baseline, also as a
     .venv/bin/python experiments/benchmarks/time_to_quality.py                       # every row, 2 seeds
     .venv/bin/python experiments/benchmarks/time_to_quality.py --rows ddpm default --seeds 0 --train-only
     .venv/bin/python experiments/benchmarks/time_to_quality.py --rows ddpm default --seeds 0   # then evaluate
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --report --reference ddpm   # tabulate the done
     .venv/bin/python experiments/benchmarks/time_to_quality.py --data twemoji --rows ddpm default
     .venv/bin/python experiments/benchmarks/time_to_quality.py --steps 40 --eval-every 20 --num-samples 64 \
         --num-real 256 --rows baseline default bare --seeds 0 --work /tmp/ttq_smoke    # a smoke run (~6 min)
@@ -257,7 +258,7 @@ def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespac
         return out
 
     curves = {name: median_curve(name) for name in results}
-    reference = "baseline" if "baseline" in curves else next(iter(curves))
+    reference = opts.reference or ("baseline" if "baseline" in curves else next(iter(curves)))
     target = curves[reference][-1]["fid20"]
     seeds = sorted({s for r in results.values() for s in r})
     print(
@@ -267,10 +268,10 @@ def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespac
     )
     budget = curves[reference][-1]["seconds"]  # the reference's wall time for the whole budget
     print(
-        f"| recipe | steps to target | minutes to target | ÷ {reference}'s time | best FID (20 steps) "
-        "| final FID 10 / 20 steps |"
+        f"| recipe | seeds | steps to target | minutes to target | ÷ {reference}'s time "
+        "| per seed (same seed's target and time) | best FID (20 steps) | final FID 10 / 20 steps |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, curve in curves.items():
         hit = first_reaching(curve, target)
         reach = (
@@ -278,8 +279,18 @@ def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespac
             if hit
             else ("not reached", "-", "-")
         )
+        # Seeds paired: a row's seed s against the reference's seed s (its target and its time, measured in
+        # the same session), so that the VM's drift between sessions cancels.
+        paired = []
+        for seed, points in sorted(results[name].items()):
+            ref = results[reference].get(seed)
+            if ref:
+                hit_s = first_reaching(points, ref[-1]["fid20"])
+                paired.append(f"{hit_s['seconds'] / ref[-1]['seconds']:.2f}" if hit_s else "not reached")
         best, last = min(p["fid20"] for p in curve), curve[-1]
-        print(f"| {name} | {' | '.join(reach)} | {best:.2f} | {last['fid10']:.2f} / {last['fid20']:.2f} |")
+        final = f"{last['fid10']:.2f} / {last['fid20']:.2f}"
+        cells = [name, str(len(results[name])), *reach, ", ".join(paired) or "-", f"{best:.2f}", final]
+        print(f"| {' | '.join(cells)} |")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,6 +322,14 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="results accumulate here (default /tmp/difflab_ttq_<data>)")
     ap.add_argument("--plot", default=None, help="default: fid_vs_time[_<data>].png next to this script")
     ap.add_argument(
+        "--reference", default=None, help="the row whose final FID is the target (default baseline)"
+    )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="tabulate the (row, seed) runs already evaluated in --work, train and evaluate nothing",
+    )
+    ap.add_argument(
         "--train-only",
         action="store_true",
         help="train every row, evaluate nothing: a later run evaluates them while other work may share the "
@@ -322,6 +341,8 @@ def main() -> None:
     STEPS[:] = opts.sampler_steps
     if 20 not in STEPS:
         ap.error("--sampler-steps must include 20 (the steps the summary compares at)")
+    if opts.reference and opts.reference not in opts.rows:
+        ap.error(f"--reference {opts.reference} is not one of --rows")
     suffix = "" if opts.data == "fashion_mnist" else f"_{opts.data}"
     opts.plot = opts.plot or str(HERE / f"fid_vs_time{suffix}.png")
     work = Path(opts.work or f"/tmp/difflab_ttq_{opts.data}")
@@ -330,6 +351,11 @@ def main() -> None:
     results: dict[str, dict[int, list[dict]]] = {}
     for name in opts.rows:
         for seed in opts.seeds:
+            if opts.report:  # rows may have different seed counts (medians over what each has)
+                done = work / f"{name}_seed{seed}" / "points.json"
+                if done.is_file():
+                    results.setdefault(name, {})[seed] = json.loads(done.read_text())
+                continue
             points = bare_loop(seed, opts, work) if name == "bare" else train_row(name, seed, opts, work)
             results.setdefault(name, {})[seed] = points
     if opts.train_only:
