@@ -78,10 +78,15 @@ SAMPLER, STEPS = "dpmsolver++", [10, 20]  # --sampler-steps replaces STEPS
 HELD_OUT = {"fashion_mnist": "test", "twemoji": None}
 
 
+def points_file(work: Path, name: str, seed: int) -> Path:
+    """Where a (row, seed)'s evaluated points are kept: its presence means the pair is done."""
+    return work / f"{name}_seed{seed}" / "points.json"
+
+
 def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
     """Train one (row, seed); one point per checkpoint: step, wall seconds, FID at 10 and 20 steps."""
-    run = work / f"{name}_seed{seed}"
-    done = run / "points.json"
+    done = points_file(work, name, seed)
+    run = done.parent
     if done.is_file():
         return json.loads(done.read_text())
     launched, last = run / "launched.json", run / "checkpoints" / f"step_{opts.steps:07d}.ckpt"
@@ -166,7 +171,7 @@ def bare_loop(seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
     from difflab.evaluate import reference_split
     from difflab.metrics.fid import FIDEvaluator, real_features
 
-    done = work / f"bare_seed{seed}" / "points.json"
+    done = points_file(work, "bare", seed)
     if done.is_file():
         return json.loads(done.read_text())
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +357,7 @@ def main() -> None:
     for name in opts.rows:
         for seed in opts.seeds:
             if opts.report:  # rows may have different seed counts (medians over what each has)
-                done = work / f"{name}_seed{seed}" / "points.json"
+                done = points_file(work, name, seed)
                 if done.is_file():
                     results.setdefault(name, {})[seed] = json.loads(done.read_text())
                 continue
@@ -360,6 +365,8 @@ def main() -> None:
             results.setdefault(name, {})[seed] = points
     if opts.train_only:
         return
+    if opts.report and opts.reference and opts.reference not in results:
+        sys.exit(f"--report: no evaluated run of --reference {opts.reference} in {work}")
     assert all(not math.isnan(p["fid20"]) for r in results.values() for ps in r.values() for p in ps)
     summarise(results, opts)
 
