@@ -187,6 +187,8 @@ VALUES = [
     *(("model=flow", f"callbacks.sample_grid.sampler={v}") for v in FLOW_SAMPLERS),
     ("model=flow", "model.min_snr_gamma=5.0", "model.timesteps=uniform"),
     ("model=ddpm", "model.timesteps=logit_normal"),
+    "model.stratified=true",
+    ("model=ddpm", "model.stratified=true"),
     "model.immiscible=true",
     ("model=ddpm", "model.immiscible=true"),
     ("model=ddpm", "model.min_snr_gamma=5.0"),

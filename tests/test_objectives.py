@@ -84,6 +84,33 @@ def test_logit_normal_density_favours_mid_noise_levels():
     assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999 and abs(t.float().mean() - 500) < 15
 
 
+def test_stratified_levels_cover_every_quantile_and_keep_the_density():
+    g, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
+    u = draw_levels(32, g, cpu, "uniform", 0.0, 1.0, stratified=True)
+    # One level in each of the 32 equal bins of [0, 1) (i.i.d. draws leave ~12 bins empty).
+    assert torch.equal(torch.sort((u * 32).long()).values, torch.arange(32))
+    # Over many batches the marginal is still the density: logit-normal's quartiles at sigmoid(±0.674).
+    levels = torch.cat(
+        [draw_levels(32, g, cpu, "logit_normal", 0.0, 1.0, stratified=True) for _ in range(500)]
+    )
+    quartiles = torch.quantile(levels, torch.tensor([0.25, 0.5, 0.75]))
+    assert torch.allclose(quartiles, torch.sigmoid(torch.tensor([-0.6745, 0.0, 0.6745])), atol=0.01)
+    # Each batch spans the density: its logit-normal levels sorted are the 32 quantiles, one shift apart.
+    one = torch.sort(draw_levels(32, g, cpu, "logit_normal", 0.0, 1.0, stratified=True)).values
+    assert one[0] < torch.sigmoid(torch.special.ndtri(torch.tensor(1 / 32))) < one[1]
+    # The step's generator alone decides the draw (an exact resume redraws it).
+    again = [
+        draw_levels(8, torch.Generator().manual_seed(7), cpu, "logit_normal", 0.0, 1.0, True) for _ in "ab"
+    ]
+    assert torch.equal(*again)
+    for process in (
+        NoiseProcess(DDPMScheduler(), stratified=True),
+        FlowProcess(flow_schedule(num_train_timesteps=1000, shift=1.0), stratified=True),
+    ):
+        t = process.timesteps(10, g, cpu)
+        assert torch.equal(torch.sort((t / 100).long()).values, torch.arange(10))  # one per tenth of [0, T)
+
+
 def _x0_from_target(
     process: NoiseProcess, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:

@@ -56,6 +56,7 @@ class DiffusionModule(L.LightningModule):
         timesteps: TimestepDensity = "uniform",
         logit_mean: float = 0.0,
         logit_std: Annotated[float, Above(0)] = 1.0,
+        stratified: bool = False,
         immiscible: bool = False,
         ema: Callable[[torch.nn.Module], EMAModel | PowerFunctionEMA] | None = None,
         seed: int | None = 0,
@@ -67,7 +68,9 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.unet = unet
         self.noise_scheduler = noise_scheduler
-        self.process = noise_process(noise_scheduler, min_snr_gamma, timesteps, logit_mean, logit_std)
+        self.process = noise_process(
+            noise_scheduler, min_snr_gamma, timesteps, logit_mean, logit_std, stratified
+        )
         self.immiscible = immiscible
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps

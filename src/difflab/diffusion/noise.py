@@ -9,7 +9,10 @@ Two objectives, each defined by the diffusers scheduler that owns its schedule:
   convention, so its flow samplers drive it) and predicts the velocity v = ε − x0.
 
 Both draw u in (0, 1) from one timestep density (uniform, or logit-normal as in SD3, Esser et al.
-2024, which spends the steps on mid noise levels) and map it to t = ⌊u·T⌋ or σ = u.
+2024, which spends the steps on mid noise levels) and map it to t = ⌊u·T⌋ or σ = u. Stratified, a
+batch of n takes the density's quantiles at (r + i)/n mod 1 for one uniform r (the low-discrepancy
+sampler of Kingma et al. 2021): each draw is still from the density, but every batch covers it
+evenly, so the batch's loss (which depends strongly on the noise level) varies less between steps.
 
 Loss weighting, all in ``loss_weights``: plain MSE on the network's target (weight 1), or min-SNR-γ
 (Hang et al. 2023), which weights the x0-error by min(SNR, γ). Per target that is, with
@@ -92,13 +95,19 @@ def draw_levels(
     density: TimestepDensity,
     mean: float,
     std: float,
+    stratified: bool = False,
 ) -> torch.Tensor:
-    """n noise levels u in (0, 1), float32. Written here rather than with diffusers'
+    """n noise levels u in [0, 1), float32. Written here rather than with diffusers'
     ``compute_density_for_timestep_sampling``: that one draws from the global RNG, and every draw
     here comes from the step's own generator (an exact resume redraws them)."""
-    if density == "uniform":
-        return torch.rand(n, generator=generator, device=device)
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    if not stratified:  # i.i.d. (the draws of runs made before stratified existed)
+        if density == "uniform":
+            return torch.rand(n, generator=generator, device=device)
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    offset = torch.rand(1, generator=generator, device=device)
+    q = (offset + torch.arange(n, device=device) / n) % 1  # n evenly spaced quantiles, one random shift
+    # Through the density's inverse CDF; q = 0 gives u = 0, which the processes clamp or floor.
+    return q if density == "uniform" else torch.sigmoid(mean + std * torch.special.ndtri(q))
 
 
 class NoiseProcess:
@@ -114,9 +123,11 @@ class NoiseProcess:
         density: TimestepDensity = "uniform",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
+        stratified: bool = False,
     ) -> None:
         self.scheduler, self.min_snr_gamma = scheduler, min_snr_gamma
         self.density, self.logit_mean, self.logit_std = density, logit_mean, logit_std
+        self.stratified = stratified
         self.num_timesteps = scheduler.config.num_train_timesteps
         self._prepare(scheduler)
 
@@ -133,10 +144,16 @@ class NoiseProcess:
 
     def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """The network's timestep input for n samples: integers in [0, T)."""
-        if self.density == "uniform":  # integers drawn directly: the same stream as before densities existed
+        if self.density == "uniform" and not self.stratified:  # the same stream as before densities existed
             return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
-        u = draw_levels(n, generator, device, self.density, self.logit_mean, self.logit_std)
-        return (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
+        return (
+            (self._levels(n, generator, device) * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
+        )
+
+    def _levels(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return draw_levels(
+            n, generator, device, self.density, self.logit_mean, self.logit_std, self.stratified
+        )
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, t)
@@ -172,8 +189,7 @@ class FlowProcess(NoiseProcess):
 
     def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """σ·T, float, with σ in (0, 1): the network never sees σ = 0 exactly (nothing to denoise)."""
-        u = draw_levels(n, generator, device, self.density, self.logit_mean, self.logit_std)
-        return u.clamp(1e-5, 1.0) * self.num_timesteps
+        return self._levels(n, generator, device).clamp(1e-5, 1.0) * self.num_timesteps
 
     def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return (t / self.num_timesteps).to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
@@ -199,10 +215,11 @@ def noise_process(
     density: TimestepDensity = "uniform",
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    stratified: bool = False,
 ) -> NoiseProcess:
     """The process for the training scheduler's objective."""
     cls = FlowProcess if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else NoiseProcess
-    return cls(scheduler, min_snr_gamma, density, logit_mean, logit_std)
+    return cls(scheduler, min_snr_gamma, density, logit_mean, logit_std, stratified)
 
 
 def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
