@@ -6,10 +6,14 @@ seeds and step budget; the diffusers example's recipe as the baseline, also as a
     .venv/bin/python experiments/benchmarks/time_to_quality.py --rows ddpm default --seeds 0   # then evaluate
     .venv/bin/python experiments/benchmarks/time_to_quality.py --report --reference ddpm   # tabulate the done
     .venv/bin/python experiments/benchmarks/time_to_quality.py --data twemoji --rows ddpm default
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --rows ddpm default@600 --seeds 0 1
     .venv/bin/python experiments/benchmarks/time_to_quality.py --steps 40 --eval-every 20 --num-samples 64 \
         --num-real 256 --rows baseline default bare --seeds 0 --work /tmp/ttq_smoke    # a smoke run (~6 min)
 
 The target of the summary is the baseline's final FID, or the first row's when the baseline is not run.
+A row written ROW@STEPS trains ROW with a budget of STEPS instead of --steps: its cosine LR decays to zero
+and its EMA ends there, as for a user who has that much time. A checkpoint of a longer run at STEPS is
+still mid-schedule, so it understates what STEPS steps buy.
 
 Each row trains with the real `difflab-train` (checkpoints every --eval-every steps, nothing else in
 the process), then `difflab-eval` measures every checkpoint at 20 sampler steps and the last one also at
@@ -71,6 +75,10 @@ ROWS: dict[str, list[str]] = {
     "flow_shift1": ["model=flow", "model.noise_scheduler.shift=1.0"],  # sampled without the shift
     "flow_uniform": ["model=flow", "model.timesteps=uniform"],
     "flow_immiscible": ["model=flow", "model.immiscible=true"],
+    "flow_lr2x": ["model=flow", "model.optimizer.lr=2e-3"],
+    "flow_lr_half": ["model=flow", "model.optimizer.lr=5e-4"],
+    "flow_stratified": ["model=flow", "model.stratified=true"],
+    "flow_min_snr": ["model=flow", "model.min_snr_gamma=5"],
 }
 SAMPLER, STEPS = "dpmsolver++", [10, 20]  # --sampler-steps replaces STEPS
 # The FID reference per --data: its test split, or its training images where it has no split (twemoji's
@@ -78,20 +86,30 @@ SAMPLER, STEPS = "dpmsolver++", [10, 20]  # --sampler-steps replaces STEPS
 HELD_OUT = {"fashion_mnist": "test", "twemoji": None}
 
 
-def points_file(work: Path, name: str, seed: int) -> Path:
+def parse_row(spec: str, default_steps: int) -> tuple[str, int]:
+    """``ROW`` or ``ROW@STEPS`` -> (row, step budget)."""
+    name, _, steps = spec.partition("@")
+    if name not in [*ROWS, "bare"] or (steps and not steps.isdigit()) or (steps and name == "bare"):
+        raise ValueError(f"row {spec!r}: expected ROW or ROW@STEPS with ROW one of {[*ROWS, 'bare']}")
+    return name, int(steps) if steps else default_steps
+
+
+def points_file(work: Path, spec: str, seed: int) -> Path:
     """Where a (row, seed)'s evaluated points are kept: its presence means the pair is done."""
-    return work / f"{name}_seed{seed}" / "points.json"
+    name, _, steps = spec.partition("@")
+    return work / (f"{name}_{steps}steps_seed{seed}" if steps else f"{name}_seed{seed}") / "points.json"
 
 
-def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
+def train_row(spec: str, seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
     """Train one (row, seed); one point per checkpoint: step, wall seconds, FID at 10 and 20 steps."""
-    done = points_file(work, name, seed)
+    name, budget = parse_row(spec, opts.steps)
+    done = points_file(work, spec, seed)
     run = done.parent
     if done.is_file():
         return json.loads(done.read_text())
-    launched, last = run / "launched.json", run / "checkpoints" / f"step_{opts.steps:07d}.ckpt"
+    launched, last = run / "launched.json", run / "checkpoints" / f"step_{budget:07d}.ckpt"
     if not (launched.is_file() and last.is_file()):  # trained to the end: only its evaluation is left
-        train(name, seed, opts, work, run, launched)
+        train(name, budget, seed, opts, run, launched)
     if opts.train_only:
         return []
     t0 = json.loads(launched.read_text())["t0"]
@@ -102,30 +120,31 @@ def train_row(name: str, seed: int, opts: argparse.Namespace, work: Path) -> lis
         # Every --sampler-steps count at the end of the budget; along the way only 20 (the compared one).
         fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem, STEPS if ckpt == ckpts[-1] else [20])
         points.append({"step": step, "seconds": ckpt.stat().st_mtime - t0, **fid})
-        print(name, seed, points[-1], flush=True)
+        print(spec, seed, points[-1], flush=True)
     done.write_text(json.dumps(points))
     for ckpt in (run / "checkpoints").glob("*.ckpt"):  # the figures are kept; the weights need not be
         ckpt.unlink()
     return points
 
 
-def train(name: str, seed: int, opts: argparse.Namespace, work: Path, run: Path, launched: Path) -> None:
+def train(name: str, budget: int, seed: int, opts: argparse.Namespace, run: Path, launched: Path) -> None:
     """The row's `difflab-train`, its launch time kept in ``launched`` (the clock of every point)."""
     if run.exists():
         shutil.rmtree(run)  # a half-finished run: its timings would be wrong
+    every = opts.eval_every if budget % opts.eval_every == 0 else budget  # else one point, at its end
     args = [
         f"data={opts.data}",
         *ROWS[name],
         f"seed={seed}",
-        f"trainer.max_steps={opts.steps}",
-        f"callbacks.model_checkpoint.every_n_train_steps={opts.eval_every}",
+        f"trainer.max_steps={budget}",
+        f"callbacks.model_checkpoint.every_n_train_steps={every}",
         "callbacks.model_checkpoint.save_top_k=-1",
         "callbacks.sample_grid=null",
         "logger=none",
         f"hydra.run.dir={run}",
     ]
     t0 = time.time()
-    subprocess.run([str(BIN / "difflab-train"), *args], cwd=work, check=True, capture_output=True)
+    subprocess.run([str(BIN / "difflab-train"), *args], cwd=run.parent, check=True, capture_output=True)
     launched.write_text(json.dumps({"t0": t0}))
 
 
@@ -267,7 +286,8 @@ def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespac
     target = curves[reference][-1]["fid20"]
     seeds = sorted({s for r in results.values() for s in r})
     print(
-        f"\n{opts.steps} steps, small UNet, data={opts.data}, batch 32, seeds {seeds} (medians), "
+        f"\n{opts.steps} steps (ROW@STEPS: STEPS), small UNet, data={opts.data}, batch 32, seeds {seeds} "
+        "(medians), "
         f"classifier-FID of {opts.num_samples} {SAMPLER} samples; target = {reference}'s final FID "
         f"at 20 steps ({target:.2f})\n"
     )
@@ -316,7 +336,12 @@ def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespac
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", nargs="+", default=[*ROWS, "bare"], choices=[*ROWS, "bare"])
+    ap.add_argument(
+        "--rows",
+        nargs="+",
+        default=[*ROWS, "bare"],
+        help=f"ROW or ROW@STEPS (a budget), ROW one of {[*ROWS, 'bare']}",
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--steps", type=int, default=2000, help="step budget of every run (the default job's)")
     ap.add_argument("--eval-every", type=int, default=500, help="a FID point every N steps")
@@ -346,6 +371,11 @@ def main() -> None:
     STEPS[:] = opts.sampler_steps
     if 20 not in STEPS:
         ap.error("--sampler-steps must include 20 (the steps the summary compares at)")
+    for spec in opts.rows:
+        try:
+            parse_row(spec, opts.steps)
+        except ValueError as err:
+            ap.error(str(err))
     if opts.reference and opts.reference not in opts.rows:
         ap.error(f"--reference {opts.reference} is not one of --rows")
     suffix = "" if opts.data == "fashion_mnist" else f"_{opts.data}"
