@@ -313,7 +313,8 @@ def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespac
                 hit_s = first_reaching(points, ref[-1]["fid20"])
                 paired.append(f"{hit_s['seconds'] / ref[-1]['seconds']:.2f}" if hit_s else "not reached")
         best, last = min(p["fid20"] for p in curve), curve[-1]
-        final = f"{last['fid10']:.2f} / {last['fid20']:.2f}"
+        fid10 = "-" if math.isnan(last["fid10"]) else f"{last['fid10']:.2f}"  # --sampler-steps 20 alone
+        final = f"{fid10} / {last['fid20']:.2f}"
         cells = [name, str(len(results[name])), *reach, ", ".join(paired) or "-", f"{best:.2f}", final]
         print(f"| {' | '.join(cells)} |")
     import matplotlib
