@@ -189,6 +189,8 @@ VALUES = [
     ("model=ddpm", "model.timesteps=logit_normal"),
     "model.stratified=true",
     ("model=ddpm", "model.stratified=true"),
+    "model.learned_weighting=true",
+    ("model=ddpm", "model.learned_weighting=true", "model.min_snr_gamma=5.0"),
     "model.immiscible=true",
     ("model=ddpm", "model.immiscible=true"),
     ("model=ddpm", "model.min_snr_gamma=5.0"),

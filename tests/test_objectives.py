@@ -21,6 +21,7 @@ from difflab.diffusion.noise import (
     objective_of,
 )
 from difflab.diffusion.sampling import FLOW_SAMPLERS, SAMPLERS, build_sampler, image_generators, sample_batch
+from difflab.diffusion.weighting import LearnedWeighting
 from difflab.errors import DifflabError
 from difflab.export import COMMAND as EXPORT
 from difflab.sample import COMMAND as SAMPLE
@@ -109,6 +110,62 @@ def test_stratified_levels_cover_every_quantile_and_keep_the_density():
     ):
         t = process.timesteps(10, g, cpu)
         assert torch.equal(torch.sort((t / 100).long()).values, torch.arange(10))  # one per tenth of [0, T)
+
+
+def test_learned_weighting_learns_each_levels_mean_loss():
+    # Per-sample losses whose mean depends on the noise level (a 7x range, like flow's v-error from
+    # mid to extreme levels) and that scatter around it (unit-mean χ²): u(λ) must find log E[L | λ].
+    torch.manual_seed(0)
+    weighting = LearnedWeighting()
+    mean_at = lambda lam: torch.exp(torch.sin(lam / 3))  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    lam = 4 * torch.randn(256, generator=g)
+    loss = mean_at(lam) * torch.randn(256, 8, generator=g).pow(2).mean(dim=1)
+    assert torch.equal(weighting(loss, lam), loss)  # u = 0 at the start: the plain loss
+    optimizer = torch.optim.Adam(weighting.parameters(), lr=1e-2)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 1500)  # so the end is not Adam's noise
+    for _ in range(1500):
+        lam = 4 * torch.randn(256, generator=g)
+        loss = mean_at(lam) * torch.randn(256, 8, generator=g).pow(2).mean(dim=1)
+        optimizer.zero_grad()
+        weighting(loss, lam).mean().backward()
+        optimizer.step()
+        decay.step()
+    probe = torch.linspace(-6, 6, 13)
+    with torch.no_grad():
+        u = weighting.log_variance(probe)
+    assert (u - mean_at(probe).log()).abs().max() < 0.06, u - mean_at(probe).log()  # measured 0.02
+    # Infinite log-SNR (σ = 0 or 1, a zero-terminal-SNR step) gives a finite weight, not NaN.
+    assert weighting.log_variance(torch.tensor([-float("inf"), float("inf")])).isfinite().all()
+
+
+def test_log_snr_of_both_objectives():
+    ddpm = NoiseProcess(DDPMScheduler())
+    t = torch.tensor([0, 250, 999])
+    abar = ddpm.scheduler.alphas_cumprod[t]
+    assert torch.allclose(ddpm.log_snr(t), (abar / (1 - abar)).log(), rtol=1e-4)
+    flow = FlowProcess(flow_schedule(num_train_timesteps=1000, shift=3.0))
+    sigma = torch.tensor([0.2, 0.5, 0.8])  # SNR = ((1−σ)/σ)²: 16, 1, 1/16 (the shift is for sampling only)
+    assert torch.allclose(flow.log_snr(sigma * 1000), torch.tensor([16.0, 1.0, 1 / 16]).log(), atol=1e-5)
+    zero_snr = NoiseProcess(DDPMScheduler(rescale_betas_zero_snr=True))
+    assert zero_snr.log_snr(torch.tensor([999])).item() == -float("inf")  # clamped by the weighting
+
+
+def test_learned_weighting_trains_with_the_unet_and_stays_out_of_samples(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(make_cfg(*FAST_DIGITS, "model.learned_weighting=true", "trainer.max_steps=30", run_dir=run))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    u = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("weighting.")}
+    assert u["weighting.weight"].abs().max() > 0  # the optimizer moved it away from the plain loss
+    assert (
+        len(ckpt["optimizer_states"][0]["param_groups"][0]["params"])
+        == len([k for k in ckpt["state_dict"] if k.startswith("unet.")]) + 2
+    )  # the UNet's parameters and the weighting's two
+    # Samples and exports read the UNet alone: the weighting's keys do not get in their way.
+    ckpt_path = run / "checkpoints" / "last.ckpt"
+    images = SAMPLE.call([f"ckpt={ckpt_path}", "num_images=2", "steps=2", f"out={tmp_path / 's'}"])
+    assert len(images) == 2
+    assert (EXPORT.call([f"ckpt={ckpt_path}", f"out={tmp_path / 'pipe'}"]) / "unet").is_dir()
 
 
 def _x0_from_target(

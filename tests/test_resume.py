@@ -38,12 +38,15 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
-def test_resume_mid_epoch_equals_uninterrupted(make_cfg, tmp_path):
-    train(make_cfg(*ARGS, "trainer.max_steps=40", run_dir=tmp_path / "straight"))
-    train(make_cfg(*ARGS, "trainer.max_steps=20", run_dir=tmp_path / "split"))
+# The learned loss weighting's parameters (and their Adam moments) are part of the state that resumes.
+@pytest.mark.parametrize("extra", [(), ("model.learned_weighting=true",)], ids=["plain", "learned_weighting"])
+def test_resume_mid_epoch_equals_uninterrupted(make_cfg, tmp_path, extra):
+    args = (*ARGS, *extra)
+    train(make_cfg(*args, "trainer.max_steps=40", run_dir=tmp_path / "straight"))
+    train(make_cfg(*args, "trainer.max_steps=20", run_dir=tmp_path / "split"))
     half = tmp_path / "split" / "checkpoints" / "last.ckpt"
     assert load_checkpoint(half)["global_step"] == 20
-    train(make_cfg(*ARGS, "trainer.max_steps=40", f"ckpt_path={half}", run_dir=tmp_path / "split"))
+    train(make_cfg(*args, "trainer.max_steps=40", f"ckpt_path={half}", run_dir=tmp_path / "split"))
 
     straight = weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     resumed = weights(tmp_path / "split" / "checkpoints" / "last.ckpt")

@@ -79,6 +79,8 @@ ROWS: dict[str, list[str]] = {
     "flow_lr_half": ["model=flow", "model.optimizer.lr=5e-4"],
     "flow_stratified": ["model=flow", "model.stratified=true"],
     "flow_min_snr": ["model=flow", "model.min_snr_gamma=5"],
+    "flow_noclip": ["model=flow", "trainer.gradient_clip_val=null"],
+    "flow_learned": ["model=flow", "model.learned_weighting=true"],
 }
 SAMPLER, STEPS = "dpmsolver++", [10, 20]  # --sampler-steps replaces STEPS
 # The FID reference per --data: its test split, or its training images where it has no split (twemoji's

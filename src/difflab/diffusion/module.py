@@ -20,6 +20,7 @@ from difflab.diffusion.ema import swapped_in
 from difflab.diffusion.loss_window import LossWindow
 from difflab.diffusion.noise import TimestepDensity, TrainScheduler, immiscible_noise, noise_process
 from difflab.diffusion.posthoc import PowerFunctionEMA
+from difflab.diffusion.weighting import LearnedWeighting
 from difflab.errors import DifflabError
 from difflab.rules import Above, AtLeast
 from difflab.seeds import derive_seed
@@ -58,6 +59,7 @@ class DiffusionModule(L.LightningModule):
         logit_std: Annotated[float, Above(0)] = 1.0,
         stratified: bool = False,
         immiscible: bool = False,
+        learned_weighting: bool = False,
         ema: Callable[[torch.nn.Module], EMAModel | PowerFunctionEMA] | None = None,
         seed: int | None = 0,
         channels_last: ChannelsLast = "auto",
@@ -72,6 +74,8 @@ class DiffusionModule(L.LightningModule):
             noise_scheduler, min_snr_gamma, timesteps, logit_mean, logit_std, stratified
         )
         self.immiscible = immiscible
+        # A submodule, so its weights are trained, checkpointed and resumed with the UNet's.
+        self.weighting = LearnedWeighting() if learned_weighting else None
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.channels_last_setting = channels_last
@@ -137,7 +141,13 @@ class DiffusionModule(L.LightningModule):
         pred = self.unet(xt, t).sample
         target = self.process.target(x0, noise, t)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * self.process.loss_weights(t)).mean()
+        weighted = per_sample * self.process.loss_weights(t)
+        loss = weighted.mean()
+        # The loggers keep the fixed-weight loss (comparable across runs); training minimises the
+        # learned weighting's objective, whose u terms make its value no measure of quality.
+        objective = loss
+        if self.weighting is not None:
+            objective = self.weighting(weighted, self.process.log_snr(t)).mean()
 
         self.loss_window.add(loss, per_sample, t)
         if self._trainer is None:
@@ -151,7 +161,7 @@ class DiffusionModule(L.LightningModule):
                 # divergence check costs no extra sync.
                 self._stop_if_diverged(self.loss_window.finite(), "the loss", self.global_step + 1)
                 self._log_window(reset=to_loggers)
-        return loss
+        return objective
 
     def _closes_optimizer_step(self, batch_idx: int) -> bool:
         """Whether this micro-batch is the last of its optimizer step (Lightning steps every
@@ -220,7 +230,9 @@ class DiffusionModule(L.LightningModule):
         return self._trainer is None or self.trainer.is_global_zero
 
     def configure_optimizers(self) -> dict:
-        optimizer = self._optimizer_for_precision()(params=self.unet.parameters())
+        params = list(self.unet.parameters())
+        params += list(self.weighting.parameters()) if self.weighting is not None else []
+        optimizer = self._optimizer_for_precision()(params=params)
         # estimated_stepping_batches counts real optimizer steps: max_steps, or epochs x batches
         # divided by accumulation and sharded over devices, which is what the schedule must span.
         total = int(self.trainer.estimated_stepping_batches)
@@ -253,7 +265,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Raising here stops the write: a diverged model never replaces a good checkpoint. Two host
         # syncs per checkpoint (per-tensor isfinite: a norm would overflow on large finite weights).
-        tensors = [p.detach() for p in self.unet.parameters()]
+        tensors = [p.detach() for p in self.parameters()]  # the UNet's and the loss weighting's
         tensors += self.ema.all_shadows() if self.ema is not None else []
         finite = torch.stack([t.isfinite().all() for t in tensors])
         self._stop_if_diverged(finite, "the weights or EMA", self.global_step)

@@ -22,6 +22,9 @@ SNR = signal²/noise² at the timestep:
     ddpm x0       min(SNR, γ)
     ddpm v        min(SNR, γ) / (SNR+1)   (v-error = (SNR+1) · x0-error)
     flow v        min(SNR, γ) · σ²        (v-error = x0-error / σ², SNR = ((1−σ)/σ)²)
+
+On top of either, ``model.learned_weighting`` divides each level's weighted loss by a learned estimate
+of its mean (diffusion/weighting.py), reading the level as λ = log SNR from ``log_snr``.
 """
 
 from __future__ import annotations
@@ -178,6 +181,11 @@ class NoiseProcess:
             return clipped
         return clipped / (snr + 1)  # v-loss = (SNR + 1)·x0-loss
 
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """λ = log SNR at each timestep (−∞ at a zero-terminal-SNR step): the noise level as the
+        learned loss weighting reads it, the same scale for both objectives."""
+        return self.snr.to(t.device)[t].log()
+
 
 class FlowProcess(NoiseProcess):
     """The ``flow`` objective: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, timestep input σ·T."""
@@ -207,6 +215,10 @@ class FlowProcess(NoiseProcess):
         sigma = (t / self.num_timesteps).float()
         snr = ((1 - sigma) / sigma) ** 2
         return snr.clamp(max=self.min_snr_gamma) * sigma**2
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        sigma = (t / self.num_timesteps).float()
+        return 2 * torch.log((1 - sigma) / sigma)  # SNR = ((1−σ)/σ)²
 
 
 def noise_process(
