@@ -81,6 +81,7 @@ ROWS: dict[str, list[str]] = {
     "flow_min_snr": ["model=flow", "model.min_snr_gamma=5"],
     "flow_noclip": ["model=flow", "trainer.gradient_clip_val=null"],
     "flow_learned": ["model=flow", "model.learned_weighting=true"],
+    "flow_learned_noclip": ["model=flow", "model.learned_weighting=true", "trainer.gradient_clip_val=null"],
 }
 SAMPLER, STEPS = "dpmsolver++", [10, 20]  # --sampler-steps replaces STEPS
 # The FID reference per --data: its test split, or its training images where it has no split (twemoji's
