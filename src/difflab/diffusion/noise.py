@@ -172,7 +172,7 @@ class NoiseProcess:
         """Min-SNR-γ weights expressed for the network's target (all ones when γ is unset)."""
         if self.min_snr_gamma is None:
             return torch.ones(t.shape, device=t.device)
-        snr = self.snr.to(t.device)[t]
+        snr = self.snr_at(t)
         clipped = snr.clamp(max=self.min_snr_gamma)
         if self.prediction_type == "epsilon":
             # ε-loss = SNR·x0-loss, so weight min(SNR, γ)/SNR; at zero SNR the ε target is exact: weight 1.
@@ -181,10 +181,14 @@ class NoiseProcess:
             return clipped
         return clipped / (snr + 1)  # v-loss = (SNR + 1)·x0-loss
 
+    def snr_at(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR = signal²/noise² at each timestep, float32 (min-SNR-γ and the learned weighting read it)."""
+        return self.snr.to(t.device)[t]
+
     def log_snr(self, t: torch.Tensor) -> torch.Tensor:
         """λ = log SNR at each timestep (−∞ at a zero-terminal-SNR step): the noise level as the
         learned loss weighting reads it, the same scale for both objectives."""
-        return self.snr.to(t.device)[t].log()
+        return self.snr_at(t).log()
 
 
 class FlowProcess(NoiseProcess):
@@ -213,12 +217,11 @@ class FlowProcess(NoiseProcess):
         if self.min_snr_gamma is None:
             return torch.ones(t.shape, device=t.device)
         sigma = (t / self.num_timesteps).float()
-        snr = ((1 - sigma) / sigma) ** 2
-        return snr.clamp(max=self.min_snr_gamma) * sigma**2
+        return self.snr_at(t).clamp(max=self.min_snr_gamma) * sigma**2
 
-    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+    def snr_at(self, t: torch.Tensor) -> torch.Tensor:
         sigma = (t / self.num_timesteps).float()
-        return 2 * torch.log((1 - sigma) / sigma)  # SNR = ((1−σ)/σ)²
+        return ((1 - sigma) / sigma) ** 2
 
 
 def noise_process(
