@@ -38,8 +38,13 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
-# The learned loss weighting's parameters (and their Adam moments) are part of the state that resumes.
-@pytest.mark.parametrize("extra", [(), ("model.learned_weighting=true",)], ids=["plain", "learned_weighting"])
+# The learned loss weighting's parameters (and their Adam moments) are part of the state that resumes;
+# bf16-mixed is the default precision on CPUs with AMX (and on GPUs), with foreach AdamW under clipping.
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("model.learned_weighting=true",), ("trainer.precision=bf16-mixed",)],
+    ids=["plain", "learned_weighting", "bf16"],
+)
 def test_resume_mid_epoch_equals_uninterrupted(make_cfg, tmp_path, extra):
     args = (*ARGS, *extra)
     train(make_cfg(*args, "trainer.max_steps=40", run_dir=tmp_path / "straight"))

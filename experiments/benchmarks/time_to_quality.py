@@ -58,20 +58,23 @@ DIFFUSERS = [
     "model.ema.power=0.75",
     "model.ema.max_decay=0.9999",
 ]
-# Each lever alone on "ddpm", difflab's default job before issue 14 (lr 1e-3, 100 warm-up steps, epsilon,
-# uniform timesteps), then combined; "default" is whatever the default job is now (flow matching).
+# difflab's default job before issue 14: DDPM (lr 1e-3, 100 warm-up steps, epsilon, uniform timesteps)
+# in fp32 (its precision then; today's default picks bf16 where the hardware runs it fast).
+OLD_DEFAULT = ["model=ddpm", "trainer.precision=32-true"]
+# Each lever alone on "ddpm", the old default, then combined; "default" is whatever the default job is now.
 ROWS: dict[str, list[str]] = {
-    "baseline": ["model=ddpm", *DIFFUSERS],
-    "ddpm": ["model=ddpm"],
+    "baseline": [*OLD_DEFAULT, *DIFFUSERS],  # the example trains in fp32 by default (--mixed_precision no)
+    "ddpm": OLD_DEFAULT,
+    "default_fp32": ["trainer.precision=32-true"],
     "default": [],
-    "min_snr": ["model=ddpm", "model.min_snr_gamma=5"],
-    "v_pred": ["model=ddpm", "model.noise_scheduler.prediction_type=v_prediction"],
+    "min_snr": [*OLD_DEFAULT, "model.min_snr_gamma=5"],
+    "v_pred": [*OLD_DEFAULT, "model.noise_scheduler.prediction_type=v_prediction"],
     "v_pred_min_snr": [
-        "model=ddpm",
+        *OLD_DEFAULT,
         "model.noise_scheduler.prediction_type=v_prediction",
         "model.min_snr_gamma=5",
     ],
-    "immiscible": ["model=ddpm", "model.immiscible=true"],
+    "immiscible": [*OLD_DEFAULT, "model.immiscible=true"],
     "flow_shift1": ["model=flow", "model.noise_scheduler.shift=1.0"],  # sampled without the shift
     "flow_uniform": ["model=flow", "model.timesteps=uniform"],
     "flow_immiscible": ["model=flow", "model.immiscible=true"],

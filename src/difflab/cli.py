@@ -36,6 +36,7 @@ from difflab.rules import check_arguments, closest, config_problems, dotted_keys
 def register_resolvers() -> None:
     """The ``${difflab_...:}`` resolvers the configs use (before any config is composed)."""
     from difflab.metrics.fid import metric_name_for
+    from difflab.precision import auto_precision
     from difflab.sweeps import study_seed  # imports optuna only when a sweep config resolves it
 
     if not OmegaConf.has_resolver("difflab_run_dir"):
@@ -43,6 +44,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("difflab_unique", config.unique_suffix)
         OmegaConf.register_new_resolver("difflab_fid_name", metric_name_for)
         OmegaConf.register_new_resolver("difflab_mkdir", config.make_dir)
+        OmegaConf.register_new_resolver("difflab_precision", auto_precision)
         # The launch dir (hydra.job.chdir is false, so it stays the cwd); usable before HydraConfig is set.
         OmegaConf.register_new_resolver("difflab_cwd", os.getcwd)
         OmegaConf.register_new_resolver("difflab_study_seed", study_seed)

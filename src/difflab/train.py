@@ -19,36 +19,13 @@ from difflab.cli import Command, instantiate
 from difflab.diffusion.sampling import sampler_problem
 from difflab.errors import DifflabError
 from difflab.loggers import finish_loggers
+from difflab.precision import precision_problems
 
 log = logging.getLogger("difflab.train")
 
 
 def settings(task_name: str, seed: int | None, ckpt_path: str | None, optimized_metric: str | None) -> None:
     """The top-level keys of conf/train.yaml (the start-up check reads these type hints)."""
-
-
-def _precision_problems(cfg: DictConfig) -> list[str]:
-    """Precision or accelerator the hardware cannot run (the precision names are Lightning's rule)."""
-    import torch
-
-    precision = str(cfg.trainer.get("precision"))
-    accelerator = cfg.trainer.get("accelerator")
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        return [f"trainer.accelerator={accelerator} but no CUDA GPU is visible; use trainer=cpu or ddp_cpu"]
-    if precision.startswith("16") and not on_gpu:
-        return [
-            f"trainer.precision={precision} needs a GPU (accelerator={accelerator}); "
-            "on CPU use bf16-mixed or 32-true"
-        ]
-    if (
-        precision.startswith("bf16")
-        and on_gpu
-        and torch.cuda.is_available()
-        and not torch.cuda.is_bf16_supported()
-    ):
-        return [f"trainer.precision={precision}: this GPU has no bf16; use 16-mixed or 32-true"]
-    return []
 
 
 def cross_group_problems(cfg: DictConfig) -> list[str]:
@@ -67,7 +44,7 @@ def cross_group_problems(cfg: DictConfig) -> list[str]:
                 f"data.resolution={res} must be divisible by {2**depth} for a UNet with "
                 f"{depth + 1} blocks (model.unet.block_out_channels)"
             )
-    problems += _precision_problems(cfg)
+    problems += precision_problems(str(cfg.trainer.get("precision")), str(cfg.trainer.get("accelerator")))
     schedule = OmegaConf.to_container(cfg.model.get("noise_scheduler") or DictConfig({}), resolve=True)
     for name, cb in (cfg.get("callbacks") or {}).items():
         why = (
