@@ -33,12 +33,13 @@ def test_auto_precision_follows_the_hardware(monkeypatch, accelerator, cuda, cud
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_default_trainer_precision_is_resolved_and_recorded(make_cfg, monkeypatch, amx):
+def test_default_trainer_precision_is_resolved_at_composition(make_cfg, monkeypatch, amx):
     monkeypatch.setattr(precision, "_cpu_has_amx", lambda: amx)
-    cfg = make_cfg(*FAST_DIGITS)
-    assert cfg.trainer.precision == ("bf16-mixed" if amx else "32-true")  # trainer.accelerator=cpu
-    # An explicit value is taken as given.
-    assert make_cfg(*FAST_DIGITS, "trainer.precision=32-true").trainer.precision == "32-true"
+    cfg = make_cfg("experiment=digits", "trainer.accelerator=cpu")  # FAST_DIGITS pins 32-true
+    assert cfg.trainer.precision == ("bf16-mixed" if amx else "32-true")
+    # An explicit value is taken as given, either way.
+    for value in ("32-true", "bf16-mixed"):
+        assert make_cfg(*FAST_DIGITS, f"trainer.precision={value}").trainer.precision == value
 
 
 def _unet() -> UNet2DModel:
