@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hydra
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -42,23 +43,11 @@ def test_default_trainer_precision_is_resolved_at_composition(make_cfg, monkeypa
         assert make_cfg(*FAST_DIGITS, f"trainer.precision={value}").trainer.precision == value
 
 
-def _unet() -> UNet2DModel:
+def test_cpu_bf16_attention_runs_on_the_math_kernel(make_cfg):
+    # The `small` preset (attention at its lowest level), the UNet the kernel timings were taken on.
     torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-
-
-def test_cpu_bf16_attention_runs_on_the_math_kernel():
-    unet, x, t = _unet(), torch.randn(4, 1, 8, 8), torch.tensor([1, 200, 500, 900])
+    unet = hydra.utils.instantiate(make_cfg(*FAST_DIGITS, "model/unet=small").model.unet)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([1, 200, 500, 900])
 
     def run(backend: SDPBackend | None) -> torch.Tensor:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
