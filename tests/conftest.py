@@ -47,7 +47,8 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
 
 # A digits run that finishes in seconds: no loggers, no progress bar, on the CPU, in fp32 (the default
-# precision follows the hardware, test_precision.py; the suite's figures must not).
+# precision follows the hardware, test_precision.py; in-process figures must not. Console-script runs
+# keep the default: on an AMX CPU they train in bf16-mixed, e.g. the kill -9 resume tests).
 FAST = (
     "experiment=digits",
     "logger=none",
