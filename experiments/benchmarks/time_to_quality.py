@@ -18,7 +18,8 @@ still mid-schedule, so it understates what STEPS steps buy.
 Each row trains with the real `difflab-train` (checkpoints every --eval-every steps, nothing else in
 the process), then `difflab-eval` measures every checkpoint at 20 sampler steps and the last one also at
 10 (dpmsolver++, which samples both objectives), against the test split (Fashion-MNIST) or the training
-images (twemoji, which has no split; its classifier is trained label-free). The wall time of a point is
+images (twemoji, which has no split; its classifier is trained label-free); the `posthoc` row's checkpoints
+at each of --posthoc-stds post-hoc EMA lengths, its point the best. The wall time of a point is
 the time from launching the training command to that checkpoint's file, start-up included: what a user
 waits. The bare loop
 is the diffusers example's training loop written out (UNet2DModel, DDPMScheduler, AdamW, cosine
@@ -85,7 +86,11 @@ ROWS: dict[str, list[str]] = {
     "flow_noclip": ["model=flow", "trainer.gradient_clip_val=null"],
     "flow_learned": ["model=flow", "model.learned_weighting=true"],
     "flow_learned_noclip": ["model=flow", "model.learned_weighting=true", "trainer.gradient_clip_val=null"],
+    "posthoc": ["model/ema=posthoc"],  # the default with EDM2's post-hoc EMA: each point at its best length
 }
+# The post-hoc EMA lengths (σ_rel) each checkpoint of the `posthoc` row is reconstructed at; its point is
+# the best of them (what a user who picks the length after training gets; --posthoc-stds replaces them).
+POSTHOC_STDS = [0.05, 0.10, 0.20]
 SAMPLER, STEPS = "dpmsolver++", [10, 20]  # --sampler-steps replaces STEPS
 # The FID reference per --data: its test split, or its training images where it has no split (twemoji's
 # 4,009 emoji leave too few for a held-out reference of 128-d features).
@@ -124,7 +129,9 @@ def train_row(spec: str, seed: int, opts: argparse.Namespace, work: Path) -> lis
     for ckpt in ckpts:
         step = int(ckpt.stem.split("_")[1])
         # Every --sampler-steps count at the end of the budget; along the way only 20 (the compared one).
-        fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem, STEPS if ckpt == ckpts[-1] else [20])
+        counts = STEPS if ckpt == ckpts[-1] else [20]
+        stds = POSTHOC_STDS if name == "posthoc" else []
+        fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem, counts, stds)
         points.append({"step": step, "seconds": ckpt.stat().st_mtime - t0, **fid})
         print(spec, seed, points[-1], flush=True)
     done.write_text(json.dumps(points))
@@ -155,9 +162,11 @@ def train(name: str, budget: int, seed: int, opts: argparse.Namespace, run: Path
 
 
 def evaluate(
-    ckpt: Path, opts: argparse.Namespace, work: Path, out: Path, counts: list[int]
+    ckpt: Path, opts: argparse.Namespace, work: Path, out: Path, counts: list[int], ema_stds: list[float]
 ) -> dict[str, float]:
+    """FID per sampler-step count; with ``ema_stds`` (post-hoc EMA lengths), the best length's and which."""
     steps = "[" + ",".join(map(str, counts)) + "]"
+    lengths = ["ema_std=[" + ",".join(map(str, ema_stds)) + "]"] if ema_stds else []
     subprocess.run(
         [
             str(BIN / "difflab-eval"),
@@ -169,6 +178,7 @@ def evaluate(
             # Held-out images where the set has them: a recipe cannot score by copying its training set.
             f"real_split={HELD_OUT[opts.data] or 'null'}",
             f"out={out}",
+            *lengths,
         ],
         cwd=work,
         check=True,
@@ -176,7 +186,13 @@ def evaluate(
     )
     rows = json.loads((out / "results.json").read_text())
     key = next(k for k in rows[0] if k.startswith("val/fid_"))
-    return {f"fid{r['steps']}": r[key] for r in rows}
+    fid = {}
+    for count in counts:
+        best = min((r for r in rows if r["steps"] == count), key=lambda r: r[key])
+        fid[f"fid{count}"] = best[key]
+        if "ema_std" in best:
+            fid[f"ema_std{count}"] = best["ema_std"]
+    return fid
 
 
 def bare_loop(seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
@@ -372,7 +388,11 @@ def main() -> None:
         help="train every row, evaluate nothing: a later run evaluates them while other work may share the "
         "machine (only training is timed); the bare loop evaluates as it trains either way (untimed)",
     )
+    ap.add_argument(
+        "--posthoc-stds", nargs="+", type=float, default=POSTHOC_STDS, help="EMA lengths of the posthoc row"
+    )
     opts = ap.parse_args()
+    POSTHOC_STDS[:] = opts.posthoc_stds
     if opts.steps % opts.eval_every:
         ap.error("--steps must be a multiple of --eval-every")
     STEPS[:] = opts.sampler_steps
