@@ -130,7 +130,7 @@ def train_row(spec: str, seed: int, opts: argparse.Namespace, work: Path) -> lis
         step = int(ckpt.stem.split("_")[1])
         # Every --sampler-steps count at the end of the budget; along the way only 20 (the compared one).
         counts = STEPS if ckpt == ckpts[-1] else [20]
-        stds = POSTHOC_STDS if name == "posthoc" else []
+        stds = opts.posthoc_stds if name == "posthoc" else []
         fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem, counts, stds)
         points.append({"step": step, "seconds": ckpt.stat().st_mtime - t0, **fid})
         print(spec, seed, points[-1], flush=True)
@@ -392,7 +392,6 @@ def main() -> None:
         "--posthoc-stds", nargs="+", type=float, default=POSTHOC_STDS, help="EMA lengths of the posthoc row"
     )
     opts = ap.parse_args()
-    POSTHOC_STDS[:] = opts.posthoc_stds
     if opts.steps % opts.eval_every:
         ap.error("--steps must be a multiple of --eval-every")
     STEPS[:] = opts.sampler_steps
