@@ -75,14 +75,77 @@ def test_rgba_is_composited_on_the_background():
     assert abs(int(pil_to_tensor(half, 1)[0, 0, 0]) - 127) <= 1
 
 
-def test_sixteen_bit_images_keep_their_range(tmp_path):
+def png16_rgb(path: Path, arr: np.ndarray) -> None:
+    """A 16-bit RGB PNG written by hand (PIL cannot write one)."""
+    import struct
+    import zlib
+
+    h, w, _ = arr.shape
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_bit_depth_maps_to_the_same_range(tmp_path, channels):
+    """One picture saved as 8-bit grey, 16-bit grey, 8-bit RGB and 16-bit RGB in one folder: the four
+    train on the same tensor in [-1, 1] (8-bit images used to reach 509 beside 16-bit ones)."""
+    grey8 = np.tile(np.array([0, 64, 128, 255], dtype=np.uint8), (8, 2))  # 8 x 8
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(grey8, "L").save(folder / "a_grey8.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(folder / "b_grey16.png")
+    Image.fromarray(np.stack([grey8] * 3, -1), "RGB").save(folder / "c_rgb8.png")
+    png16_rgb(folder / "d_rgb16.png", np.stack([grey8.astype(np.uint16) * 257] * 3, -1))
+    assert Image.open(folder / "b_grey16.png").mode.startswith("I")
+    batch = first_batch(folder_dm(folder, resolution=8, channels=channels, shuffle=False))
+    assert batch.shape == (4, channels, 8, 8) and batch.min() == -1 and batch.max() == 1
+    expected = torch.from_numpy(grey8).float() / 127.5 - 1
+    for image in batch:
+        assert torch.equal(image, expected.expand_as(image))
+
+
+def exif_rotated_jpeg(path: Path) -> np.ndarray:
+    """An upright 32x32 picture (white top-left quadrant) stored rotated a quarter turn with EXIF
+    orientation 6 ("rotate 90 clockwise to display"), as phones write portrait photos. Returns it upright."""
+    upright = np.zeros((32, 32), dtype=np.uint8)
+    upright[:16, :16] = 255
+    stored = Image.fromarray(upright, "L").convert("RGB").transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif, quality=95)
+    return upright
+
+
+def test_exif_orientation_is_applied_in_training_prepare_and_fid(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    upright = torch.from_numpy(exif_rotated_jpeg(folder / "phone.jpg")).float() / 127.5 - 1
+    assert not np.asarray(Image.open(folder / "phone.jpg"))[:16, :16].mean() > 128  # stored sideways
+    dm = folder_dm(folder, resolution=32, channels=1, batch_size=1)
+    trained = first_batch(dm)[0, 0]
+    assert (trained - upright).abs().max() < 0.1
+    reference = next(dm.real_images(1))[0, 0] * 2 - 1  # the FID reference images
+    assert (reference - upright).abs().max() < 0.1
+    from difflab.data.shards import ShardItems, decode
+
+    shard = decode(ShardItems(FolderSource(str(folder)), 1, (255, 255, 255), None, "png", 95)(0)["image"])
+    assert (shard[0].float() / 127.5 - 1 - upright).abs().max() < 0.1
+
+
+def test_sixteen_bit_images_use_their_full_range():
     arr = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
-    path = tmp_path / "deep.png"
-    Image.fromarray(arr).save(path)
-    t = pil_to_tensor(Image.open(path), 1)
-    assert t.dtype == torch.float32
-    expected = torch.tensor([0, 1000, 32768, 65535]) / 65535
-    assert torch.allclose(t[0, 0], expected, atol=1e-6)  # not clipped at 255, not wrapped
+    t = pil_to_tensor(Image.fromarray(arr), 1)
+    assert t.dtype == torch.uint8 and t[0, 0].tolist() == [0, 4, 128, 255]  # not clipped at 255
 
 
 def test_flip_is_random_but_reproducible():

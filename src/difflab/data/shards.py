@@ -7,11 +7,11 @@ bounded local cache), so a shard set can be read by any LitData tool. One item p
     {"image": PNG/JPEG bytes or a uint8 CHW tensor, "label": class id or -1,
      "size": shorter side the image was resized to (0: original size), "channels": 1 or 3}
 
-The images went through the same decoding, mode conversion (alpha on the background colour, 16-bit
-scaled to 8) and bad-image handling as training reads them; cropping and flipping stay training-time
-transforms. ``size`` and ``channels`` travel in every item (a few bytes) rather than a sidecar file
-so that a remote shard set is checked against the config from its first item, with no second
-storage client.
+The images went through the same decoding (EXIF orientation, alpha on the background colour, every
+bit depth scaled to 8) and bad-image handling as training reads them; cropping and flipping stay
+training-time transforms. ``size`` and ``channels`` travel in every item (a few bytes) rather than a
+sidecar file so that a remote shard set is checked against the config from its first item, with no
+second storage client.
 """
 
 from __future__ import annotations
@@ -87,8 +87,6 @@ class ShardItems:
 
     def image(self, index: int) -> torch.Tensor:
         img = to_model_input(self.source[index], self.channels, self.background)
-        if img.dtype != torch.uint8:  # 16-bit sources decode to float in [0, 1]; shards are 8-bit
-            img = (img * 255).round_().clamp_(0, 255).to(torch.uint8)
         if self.resize is not None:
             img = self.resize(img)
         return img

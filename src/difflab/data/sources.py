@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from difflab.data.transforms import pil_to_tensor
 from difflab.errors import DifflabError
 from difflab.rules import AtLeast, Exists
 
@@ -159,22 +162,82 @@ def torchvision_source(
     return InMemorySource(images, identity=f"{name}:{split}:n={len(images)}", labels=found[1][: len(images)])
 
 
+SKIP_HINT = "fix or remove it, or set data.skip_bad_images=true to skip bad files"
+
+
 def _open_image(path: Path) -> Image.Image:
-    """Open and fully decode one file, turning every PIL failure into a message naming the file."""
+    """Open and fully decode one file, turning every failure into a message naming the file."""
     try:
         if path.stat().st_size == 0:
-            raise DifflabError(f"image file is empty (0 bytes): {path}")
+            raise DifflabError(f"image file is empty (0 bytes): {path}; {SKIP_HINT}")
         with Image.open(path) as img:
             img.load()
             return img
     except DifflabError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DifflabError(f"cannot read image {path}: {e}") from e
+    except Image.DecompressionBombError as e:  # not an OSError: PIL's guard against huge images
+        raise DifflabError(f"image {path} is too large to decode safely ({e}); {SKIP_HINT}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DifflabError(f"cannot read image {path}: {reason}; {SKIP_HINT}") from None
+
+
+def _check_image(path: Path) -> None:
+    """``path`` decodes all the way to a tensor (orientation, bit depth, mode), or one line naming it."""
+    img = _open_image(path)
+    try:
+        pil_to_tensor(img, 3)
+    except Exception as e:  # a PIL conversion or a corrupt EXIF block fails in many types
+        raise DifflabError(f"cannot decode image {path} ({img.mode}): {e}; {SKIP_HINT}") from None
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why an entry named like an image cannot be one (None: a regular file, or a link to one)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{path} is a broken symbolic link (its target {os.readlink(path)} does not exist)"
+    except OSError as e:  # ELOOP: a link pointing (through others) at itself
+        return f"{path} cannot be followed: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return None if stat.S_ISDIR(st.st_mode) else f"{path} is not a regular file"
+    return None
+
+
+def _list_images(root: Path, exts: tuple[str, ...]) -> tuple[list[Path], list[str]]:
+    """(image files under ``root``, problems found while listing), both sorted.
+
+    ``os.walk`` rather than ``Path.rglob``: rglob drops dangling links, link loops and unreadable
+    folders without a word, and they must reach the user (or the skip warning).
+    """
+    files: list[Path] = []
+    problems: list[str] = []
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(e: OSError) -> None:
+        problems.append(f"cannot list folder {e.filename}: {e.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a linked folder reached twice (or a loop): once is enough
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.suffix.lower() not in exts:
+                continue
+            problem = _not_a_file(path)
+            if problem is not None:
+                problems.append(problem)
+            elif path.is_file():
+                files.append(path)
+    return sorted(files), sorted(problems)
 
 
 class FolderSource:
-    """Every image under a directory (recursive), decoded lazily in the loader workers."""
+    """Every image under a directory (recursive, following links), decoded lazily in the loader workers."""
 
     def __init__(
         self,
@@ -189,23 +252,25 @@ class FolderSource:
             raise DifflabError(
                 f"data.source.path={str(root)!r} is not a directory; point it at a folder of images"
             )
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
-        if not files:
+        files, problems = _list_images(root, exts)
+        if problems and not skip_bad_images:
+            raise DifflabError(f"{problems[0]}; {SKIP_HINT}")
+        if not files and not problems:
             raise DifflabError(
                 f"no images found under {root} (searched recursively for {', '.join(exts)}); "
                 "check data.source.path or data.source.extensions"
             )
         files = files[:max_items] if max_items is not None else files
-        good, bad = [], []
+        good, bad = [], list(problems)
         # Check every file once up front: a corrupt image found at step 50,000 wastes a run.
         for f in files:
             try:
-                _open_image(f)
+                _check_image(f)
                 good.append(f)
-            except DifflabError:
+            except DifflabError as e:
                 if not skip_bad_images:
                     raise
-                bad.append(f)
+                bad.append(str(e).split("; ")[0])
         if bad:
             log.warning(
                 "skipped %d unreadable image(s) under %s (first: %s); data.skip_bad_images=true",
@@ -214,7 +279,7 @@ class FolderSource:
                 bad[0],
             )
         if not good:
-            raise DifflabError(f"every image under {root} is unreadable ({len(bad)} files)")
+            raise DifflabError(f"every image under {root} is unreadable ({len(bad)} files; first: {bad[0]})")
         self.files = good
         self.skipped = bad
         digest = hashlib.sha1()
@@ -285,6 +350,8 @@ class HFSource:
 
     def __getitem__(self, i: int) -> Image.Image:
         item = self.dataset[int(i)][self.image_column]
-        if isinstance(item, dict) and "path" in item:  # undecoded Image feature
+        if isinstance(item, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
+            if item.get("bytes"):
+                return Image.open(io.BytesIO(item["bytes"]))
             return _open_image(Path(item["path"]))
         return item

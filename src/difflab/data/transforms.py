@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -28,23 +28,38 @@ def _composite_alpha(img: Image.Image, background: Sequence[int]) -> Image.Image
     return Image.alpha_composite(bg, rgba).convert("RGB")
 
 
+def _to_eight_bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth greyscale image scaled to 8-bit "L" (PIL's own conversion clips at 255).
+
+    PIL reads 16-bit RGB(A) PNGs as 8-bit already (their high byte), so only the single-channel
+    integer and float modes need scaling here; every depth then reaches [-1, 1] through one rule.
+    """
+    arr = np.asarray(img)
+    if img.mode == "F":  # float images are taken to be in [0, 1]
+        scaled = arr.astype(np.float64) * 255.0
+    elif img.mode.startswith("I;16") or arr.max(initial=0) <= 65535:  # 16-bit (also read as "I")
+        scaled = arr.astype(np.float64) / 257.0  # 65535 -> 255 exactly
+    else:  # a genuinely 32-bit integer image
+        scaled = arr.astype(np.float64) * (255.0 / (2**31 - 1))
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def pil_to_tensor(
     img: Image.Image, channels: int, background: Sequence[int] = (255, 255, 255)
 ) -> torch.Tensor:
-    """Decode a PIL image into CHW with ``channels`` channels.
+    """Decode a PIL image into a uint8 CHW tensor with ``channels`` channels: the one rule every path
+    that reads image files uses (folder and Hugging Face sources, ``difflab-prepare``, FID references).
 
-    8-bit images give uint8; 16/32-bit integer images give float32 in [0, 1] scaled by their own bit
-    depth (a 16-bit scan keeps its full range instead of being clipped at 255).
+    EXIF orientation applied (a phone photo stored sideways trains upright); 16-bit, 32-bit and
+    float images scaled to 8 bits, so every bit depth maps to the same [-1, 1] range; transparent
+    images composited on ``background``; then converted to grey or RGB.
     """
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        scale = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else 2**31 - 1
-        t = torch.from_numpy(arr / scale).clamp_(0, 1).unsqueeze(0)
-        return t.expand(3, -1, -1).contiguous() if channels == 3 else t
-    if img.mode == "F":
-        t = torch.from_numpy(np.asarray(img, dtype=np.float32)).clamp(0, 1).unsqueeze(0)
-        return t.expand(3, -1, -1).contiguous() if channels == 3 else t
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_eight_bit(img)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
     if has_alpha:
         img = _composite_alpha(img, background)
     img = img.convert("L" if channels == 1 else "RGB")
@@ -66,7 +81,7 @@ def tensor_to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def to_model_input(img: Image.Image | torch.Tensor, channels: int, background: Sequence[int]) -> torch.Tensor:
-    """Any raw image (PIL or tensor) → CHW tensor with the wanted channels (uint8 or float in [0, 1])."""
+    """Any raw image (PIL or uint8 tensor) → uint8 CHW tensor with the wanted channels."""
     if isinstance(img, Image.Image):
         return pil_to_tensor(img, channels, background)
     return tensor_to_channels(img, channels)
