@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,102 @@ def test_bad_images_can_be_skipped_with_one_warning(tmp_path, caplog):
     assert len(src) == 3
     warnings = [r for r in caplog.records if "skipped" in r.message]
     assert len(warnings) == 1 and "skipped 2 unreadable" in warnings[0].getMessage()
+
+
+def _truncated_png(path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _huge_png(path: Path) -> None:
+    Image.new("RGB", (40, 40)).save(path)  # a decompression bomb once PIL's limit is lowered below
+
+
+BAD_ENTRIES = {  # name -> (how to make it, what the one line says)
+    "empty.png": (lambda p: p.write_bytes(b""), r"empty \(0 bytes\)"),
+    "garbage.jpg": (lambda p: p.write_bytes(b"not an image at all"), r"cannot read image"),
+    "cut.png": (_truncated_png, r"cannot read image .*truncated"),
+    "huge.png": (_huge_png, r"too large to decode safely"),
+    "dangling.png": (lambda p: p.symlink_to(p.parent / "gone.png"), r"broken symbolic link .*gone\.png"),
+    "loop.png": (lambda p: p.symlink_to(p), r"cannot be followed: Too many levels of symbolic links"),
+    "fifo.png": (lambda p: os.mkfifo(p), r"is not a regular file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ENTRIES))
+def test_bad_entries_are_one_line_or_one_warning(tmp_path, monkeypatch, caplog, name):
+    """Each kind of bad entry stops the run naming it (never dropped in silence); with
+    data.skip_bad_images=true it is counted in the one summary warning."""
+    if name == "huge.png":  # 40x40 > 2x500 pixels: PIL's DecompressionBombError
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    write_images(tmp_path / "imgs", 3, size=(8, 8))
+    make, message = BAD_ENTRIES[name]
+    make(tmp_path / "imgs" / name)
+    with pytest.raises(DifflabError, match=message) as e:
+        FolderSource(str(tmp_path / "imgs"))
+    assert name in str(e.value) and "\n" not in str(e.value)
+    assert "skip_bad_images=true" in str(e.value)
+    with caplog.at_level(logging.WARNING):
+        src = FolderSource(str(tmp_path / "imgs"), skip_bad_images=True)
+    assert len(src) == 3
+    warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped 1 unreadable" in warnings[0] and name in warnings[0]
+
+
+def _rgb(path: Path, colour=(200, 30, 60)) -> None:
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+def _cmyk_jpeg(path: Path) -> None:
+    Image.new("RGB", (8, 8), (200, 30, 60)).convert("CMYK").save(path, quality=100)
+
+
+def _palette_transparent(path: Path) -> None:  # index 0 transparent: composited on the white background
+    img = Image.new("P", (8, 8), 0)
+    img.putpalette([0, 0, 0, 200, 30, 60] + [0] * 762)
+    img.save(path, transparency=0)
+
+
+def _animated_gif(path: Path) -> None:  # the first frame is the image
+    frames = [
+        Image.new("RGB", (8, 8), c).convert("P", palette=Image.Palette.ADAPTIVE)
+        for c in ((200, 30, 60), (0, 0, 255))
+    ]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+
+
+def _inside_a_folder_named_like_an_image(path: Path) -> None:
+    path.mkdir()
+    _rgb(path / "inner.png")
+
+
+def _linked_folder(path: Path) -> None:  # a symlink to a folder elsewhere is followed
+    target = path.parent.parent / "elsewhere"
+    target.mkdir()
+    _rgb(target / "linked.png")
+    path.symlink_to(target)
+
+
+ODD_BUT_GOOD = {  # name -> (how to make it, the RGB colour the image decodes to)
+    "cmyk.jpg": (_cmyk_jpeg, (200, 30, 60)),
+    "palette.png": (_palette_transparent, (255, 255, 255)),
+    "animated.gif": (_animated_gif, (200, 30, 60)),
+    "dir.png": (_inside_a_folder_named_like_an_image, (200, 30, 60)),
+    "link": (_linked_folder, (200, 30, 60)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_BUT_GOOD))
+def test_odd_but_valid_entries_decode_correctly(tmp_path, name):
+    make, colour = ODD_BUT_GOOD[name]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    make(folder / name)
+    (folder / "loop").symlink_to(folder)  # a folder linked into itself is walked once
+    src = FolderSource(str(folder), extensions=[*FolderSource.__init__.__defaults__[0], ".gif"])
+    assert len(src) == 1
+    pixel = pil_to_tensor(src[0], 3)[:, 4, 4].tolist()
+    assert all(abs(a - b) <= 3 for a, b in zip(pixel, colour, strict=True)), (pixel, colour)
 
 
 def test_fashion_mnist_missing_gives_how_to_fix(tmp_path):
