@@ -10,6 +10,7 @@ are one line too, and a run dir holding nothing but Hydra's own files is removed
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -76,9 +77,47 @@ def quiet_third_party_noise() -> None:
     tips.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
 
 
-def print_error_and_exit(e: Exception) -> None:
+def print_error_and_exit(e: Exception | str) -> None:
     print(f"difflab: error: {e}", file=sys.stderr)
     raise SystemExit(2)
+
+
+# What a user does about a file system error, by errno (the OS's own words say what went wrong).
+_OS_ADVICE = {
+    errno.ENOSPC: "free space there and rerun",
+    errno.EDQUOT: "free space (disk quota exceeded) and rerun",
+    errno.EROFS: "choose a path on a writable file system",
+    errno.EACCES: "choose a path you may write to, or fix its permissions",
+    errno.EPERM: "choose a path you may write to, or fix its permissions",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+    errno.EISDIR: "give a file, not a directory",
+    errno.EEXIST: "move it away or choose another path",
+    errno.ENOENT: "check the path (a directory in it does not exist)",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "the path holds a symbolic link loop; choose another path",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) or use fewer data workers",
+    errno.ENFILE: "too many open files on this machine; close some and rerun",
+    errno.EIO: "the device reported an I/O error; check the disk or choose another path",
+}
+
+
+def os_error_line(e: OSError) -> str | None:
+    """One line for an OSError a user's paths, disk or network caused (None: not one of those, so
+    a bug keeps its traceback). ``OSError`` covers files and sockets alike: the filename or the
+    kind (connection, timeout) says which."""
+    advice = _OS_ADVICE.get(e.errno or -1)
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None:
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{where}: {what}; {advice or 'check the path and rerun'}"
+    if advice is not None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE):
+        return f"{what}; {advice}"  # a write to an open file: the OS does not say which file
+    if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith(
+        ("requests", "urllib")
+    ):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"network error: {first}; check the connection (or work offline) and rerun"
+    return None
 
 
 def instantiate(config: DictConfig, **kwargs: object) -> Any:
@@ -112,6 +151,9 @@ class Command:
     checks: Callable[[DictConfig], list[str]] | None = None
     # ``out`` is Hydra's job dir (one per sweep job); False where ``out`` may be remote (prepare).
     out_is_run_dir: bool = True
+    # Claims a single run's dir before Hydra writes into it (train: its lock, a resume's settings);
+    # without it, the run dir is only checked to be writable.
+    start: Callable[[DictConfig], None] | None = None
 
     def problems(self, cfg: DictConfig) -> list[str]:
         """Every start-up problem of a composed config, one line each (empty: good to go)."""
@@ -150,10 +192,17 @@ class Command:
         args = rewrite_group_aliases(sys.argv[1:] if argv is None else list(argv))
         try:
             preflight(self, args)
+            sys.argv = [sys.argv[0], *args]
+            return self._hydra_main()
         except DifflabError as e:
             print_error_and_exit(e)
-        sys.argv = [sys.argv[0], *args]
-        return self._hydra_main()
+        except KeyboardInterrupt:  # before Hydra's run dir exists, or after app() has cleaned up
+            print_error_and_exit("interrupted; nothing was written")
+        except OSError as e:
+            if (line := os_error_line(e)) is None:
+                raise
+            print_error_and_exit(line)
+        return None
 
     def _hydra_main(self) -> Any:
         @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=self.name)
@@ -162,15 +211,30 @@ class Command:
                 # The job's own output dir: ``out`` in a single run, ``out/<overrides>`` for each job
                 # of a -m sweep (conf/hydra/command.yaml).
                 cfg.out = HydraConfig.get().runtime.output_dir
+            # Hydra prints any exception of this function as a traceback: every one a user's input
+            # causes becomes one line here (a bug, any other exception, keeps its traceback).
             try:
                 return self.run(cfg)
             except DifflabError as e:
-                if self.out_is_run_dir:
-                    _remove_if_only_hydra_files(Path(HydraConfig.get().runtime.output_dir))
-                print_error_and_exit(e)
+                self._fail(str(e))
+            except OSError as e:
+                if (line := os_error_line(e)) is None:
+                    raise
+                self._fail(line)
+            except KeyboardInterrupt:
+                self._fail("interrupted", interrupted=True)
             return None
 
         return app()
+
+    def _fail(self, line: str, interrupted: bool = False) -> None:
+        """Print ``line`` as the one error line (exit 2); a run dir holding only Hydra's files goes."""
+        out = Path(HydraConfig.get().runtime.output_dir)
+        removed = self.out_is_run_dir and _remove_if_only_hydra_files(out)
+        if interrupted:
+            kept = not removed and out.is_dir() and any(out.iterdir())
+            line += f"; what was written so far is in {out}" if kept else "; nothing was written"
+        print_error_and_exit(line)
 
 
 def keywords(fn: Callable[..., Any], cfg: DictConfig) -> dict[str, Any]:
@@ -186,17 +250,21 @@ def _is_node(cfg: DictConfig, key: str) -> bool:
     return isinstance(value, DictConfig) or OmegaConf.is_list(value)
 
 
-def _remove_if_only_hydra_files(run_dir: Path) -> None:
-    """A run that failed before writing anything leaves no dir behind (only Hydra's own files there)."""
-    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
+def _remove_if_only_hydra_files(run_dir: Path) -> bool:
+    """A run that failed before writing anything leaves no dir behind (only Hydra's own files there,
+    and the run dir's lock); True if it was removed."""
+    from difflab.rundir import LOCK_NAME
+
+    own = {".hydra", f"{HydraConfig.get().job.name}.log", LOCK_NAME}
     if not run_dir.is_dir() or any(p.name not in own for p in run_dir.iterdir()):
-        return
+        return False
     shutil.rmtree(run_dir, ignore_errors=True)
     cwd = Path.cwd().resolve()
     parent = run_dir.resolve().parent
     while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
         parent.rmdir()  # logs/runs made for this run alone
         parent = parent.parent
+    return True
 
 
 # ---------------------------------------------------------------------------------------- preflight
@@ -223,6 +291,29 @@ def preflight(command: Command, args: list[str]) -> None:
         problems += [p for p in command.problems(cfg) if p not in problems]
     if problems:
         raise DifflabError("; ".join(problems))
+    _check_run_dir(command, cfg, multirun=bool(parsed.multirun))
+
+
+def _check_run_dir(command: Command, cfg: DictConfig, multirun: bool) -> None:
+    """The dir Hydra is about to write can be written (else one line naming the key, before Hydra
+    fails with a traceback), and a single run's ``command.start`` claims it."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from difflab.rundir import make_writable_dir, remove_dirs
+
+    if not multirun and command.start is not None:
+        command.start(cfg)
+        return
+    if not command.out_is_run_dir:
+        return
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        where = OmegaConf.select(cfg, key)
+    except OmegaConfBaseException:
+        return  # resolved only at run time: Hydra reports it
+    if where:
+        user_key = "out" if "out" in cfg and str(cfg.out) == str(where) else key
+        remove_dirs(make_writable_dir(Path(str(where)), user_key))  # Hydra creates it again at once
 
 
 def sweep_variants(overrides: list[str]) -> Iterator[list[str]]:

@@ -20,6 +20,7 @@ from difflab.diffusion.sampling import sampler_problem
 from difflab.errors import DifflabError
 from difflab.loggers import finish_loggers
 from difflab.precision import precision_problems
+from difflab.rundir import check_resume_settings, log_changed_settings, start_train_run
 
 log = logging.getLogger("difflab.train")
 
@@ -90,6 +91,9 @@ def train(cfg: DictConfig) -> float | None:
         check_resume_compatible(
             resume[1], dict(model.unet.config), dict(model.noise_scheduler.config), ckpt_path
         )
+        # Also checked before Hydra started (rundir.start_train_run); here for in-process calls, and
+        # to log what changed in the run's own log.
+        log_changed_settings(check_resume_settings(resume[1]["difflab"].get("config"), resolved, ckpt_path))
         log.info("resuming from %s", ckpt_path)
         resume = None  # release the loaded copy before Lightning loads the file again
 
@@ -116,7 +120,7 @@ def train(cfg: DictConfig) -> float | None:
     return float(metric) if metric is not None else None
 
 
-COMMAND = Command("train", train, settings, cross_group_problems)
+COMMAND = Command("train", train, settings, cross_group_problems, start=start_train_run)
 
 
 def main(argv: list[str] | None = None) -> None:
