@@ -142,6 +142,22 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: str | os.PathLike) -> tupl
     return str(ckpt_path), load_checkpoint(ckpt_path)
 
 
+def start_next_epoch_after_epoch_end(trainer: Any) -> None:
+    """Call at ``on_train_start``: after a resume from a checkpoint written on an epoch's last batch,
+    start the next epoch as an uninterrupted run does.
+
+    Lightning (2.6) closes the restored epoch in ``FitLoop.reset`` but leaves the loop marked as
+    restarted mid-epoch, so the next epoch begins without counting itself ready and started: every
+    checkpoint of that run is one epoch behind, and a second resume from one of them at an epoch end
+    replays an epoch of data (and noise). Clearing the restart stage lets Lightning's own epoch start
+    run (counters and ``on_train_epoch_start``); the training-epoch loop keeps its own restart state.
+    """
+    loop = trainer.fit_loop
+    epoch = loop.epoch_progress.current
+    if loop.restarted_mid_epoch and epoch.processed == epoch.started:  # reset() closed the epoch
+        loop.reset_restart_stage()
+
+
 def _differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None) -> list[str]:
     keys = keys or (set(saved) | set(current))
     out = []

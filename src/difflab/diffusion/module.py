@@ -16,6 +16,7 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from difflab.checkpoints import start_next_epoch_after_epoch_end
 from difflab.diffusion.ema import swapped_in
 from difflab.diffusion.loss_window import LossWindow
 from difflab.diffusion.noise import TimestepDensity, TrainScheduler, immiscible_noise, noise_process
@@ -121,6 +122,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._last_step = int(self.trainer.estimated_stepping_batches) - 1
+        start_next_epoch_after_epoch_end(self.trainer)
 
     def _step_generator(self, batch_idx: int) -> torch.Generator:
         # Noise and timesteps are a pure function of (seed, epoch, batch, rank): they differ per rank
