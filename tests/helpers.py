@@ -59,11 +59,16 @@ class KillAt(L.Callback):
 
     ``moment``: ``step`` (optimizer step ``step`` done, before its checkpoint is written),
     ``after_save`` (the checkpoint of step ``step`` is on disk, the next step has not begun),
-    ``during_save`` (halfway through writing the checkpoint of step ``step``).
+    ``during_save`` (halfway through writing the checkpoint of step ``step``),
+    ``during_last_save`` (halfway through writing ``last.ckpt`` at step ``step``, its step file done),
+    ``before_remove`` (the checkpoint of step ``step`` is written, the top-k file it replaces not yet
+    deleted).
     """
 
+    MOMENTS = ("step", "after_save", "during_save", "during_last_save", "before_remove")
+
     def __init__(self, step: int, moment: str = "step") -> None:
-        assert moment in ("step", "after_save", "during_save"), moment
+        assert moment in self.MOMENTS, moment
         self.step, self.moment = step, moment
 
     @staticmethod
@@ -74,14 +79,25 @@ class KillAt(L.Callback):
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     def setup(self, trainer, pl_module, stage) -> None:
-        if self.moment != "during_save":
+        if self.moment == "before_remove":
+            io, step = trainer.strategy.checkpoint_io, self.step
+            real_remove = io.remove_checkpoint
+
+            def die_then_remove(path, *args, **kwargs):
+                if trainer.global_step == step:
+                    KillAt._kill()
+                return real_remove(path, *args, **kwargs)
+
+            io.remove_checkpoint = die_then_remove
+        if self.moment not in ("during_save", "during_last_save"):
             return
         import difflab.checkpoints as ckpts
 
-        real_save, step = torch.save, self.step
+        real_save, step, only_last = torch.save, self.step, self.moment == "during_last_save"
 
         def half_then_die(obj, f, *args, **kwargs):  # only checkpoint writes go through this name
-            if trainer.global_step == step:
+            name = str(getattr(getattr(f, "f", f), "name", ""))  # atomic_write's file: .<name>.tmp
+            if trainer.global_step == step and (not only_last or name.endswith("last.ckpt.tmp")):
                 import io
 
                 buf = io.BytesIO()
