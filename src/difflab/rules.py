@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import os
 import types
 import typing
@@ -24,23 +25,33 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 # ------------------------------------------------------------------ rules beyond the type (Annotated)
+def _not_finite(value: Any) -> str | None:
+    # YAML reads .inf and .nan as floats: a bound says nothing about them (nan compares false with
+    # everything, inf passes every lower bound), and no bounded setting means either.
+    return "must be a finite number" if isinstance(value, float) and not math.isfinite(value) else None
+
+
 @dataclass(frozen=True)
 class AtLeast:
-    """A number no smaller than ``low``."""
+    """A (finite) number no smaller than ``low``."""
 
     low: float
 
     def problem(self, value: Any) -> str | None:
+        if found := _not_finite(value):
+            return found
         return None if value >= self.low else f"must be at least {_shown(self.low)}"
 
 
 @dataclass(frozen=True)
 class Above:
-    """A number larger than ``low``."""
+    """A (finite) number larger than ``low``."""
 
     low: float
 
     def problem(self, value: Any) -> str | None:
+        if found := _not_finite(value):
+            return found
         return None if value > self.low else f"must be above {_shown(self.low)}"
 
 
@@ -52,6 +63,8 @@ class Between:
     high: float
 
     def problem(self, value: Any) -> str | None:
+        if found := _not_finite(value):
+            return found
         ok = self.low <= value <= self.high
         return None if ok else f"must be between {_shown(self.low)} and {_shown(self.high)}"
 
@@ -108,6 +121,22 @@ def _shown(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def _typed(value: Any) -> str:
+    """A user's value as typed: ``4.0`` stays a float (``seed=4.0 must be an integer``)."""
+    return repr(value) if isinstance(value, float) and value.is_integer() else _shown(value)
+
+
+def _is_quoted_scalar(value: str) -> bool:
+    """A string that reads as a number, boolean or null unquoted (``"4"``: the quotes made it a string)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # how Hydra reads it
+
+    try:
+        parsed = OverridesParser.create().parse_override(f"k={value}").value()
+    except Exception:  # not a valid unquoted value at all
+        return False
+    return bool(value.strip()) and (parsed is None or isinstance(parsed, (bool, int, float)))
 
 
 def _describe(hint: Any) -> str:
@@ -299,7 +328,12 @@ def check_arguments(
         if _is_object_config(value):
             continue
         if why := problem(value, hints[key]):
-            yield f"{source or full}={_shown(value)} {why}"
+            if isinstance(value, str) and _is_quoted_scalar(value) and why.startswith(_MISMATCH):
+                # `key="4"`: the quotes made a number a string; show them, and the line without.
+                name = source or full
+                yield f'{name}="{value}" {why} (the quotes make it a string: write {name}={value})'
+                continue
+            yield f"{source or full}={_typed(value)} {why}"
 
 
 def config_problems(cfg: DictConfig, path: str = "") -> Iterator[str]:
@@ -325,6 +359,19 @@ def config_problems(cfg: DictConfig, path: str = "") -> Iterator[str]:
             for i, item in enumerate(child):
                 if isinstance(item, DictConfig) and "_target_" in item:
                     yield from config_problems(item, f"{path}.{key}[{i}]" if path else f"{key}[{i}]")
+
+
+def check_values(cfg: DictConfig, rules: Mapping[str, Any]) -> Iterator[str]:
+    """Problems of the values at dotted keys against type hints (``{"trainer.max_steps": int}``): for
+    settings whose constructor declares no range of its own (a library's). Absent keys are skipped."""
+    for key, hint in rules.items():
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if not isinstance(node, DictConfig) or name not in node:
+            continue
+        found = _value_and_source(node, name)
+        if found is not None and (why := problem(found[0], hint)):
+            yield f"{found[1] or key}={_typed(found[0])} {why}"
 
 
 def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

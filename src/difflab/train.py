@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -20,20 +21,54 @@ from difflab.diffusion.sampling import sampler_problem
 from difflab.errors import DifflabError
 from difflab.loggers import finish_loggers
 from difflab.precision import precision_problems
+from difflab.rules import Above, AtLeast, Between, check_values
 from difflab.rundir import check_resume_settings, log_changed_settings, start_train_run
 
 log = logging.getLogger("difflab.train")
 
 
-def settings(task_name: str, seed: int | None, ckpt_path: str | None, optimized_metric: str | None) -> None:
+# numpy's seed range, which Lightning's seed_everything enforces only once the run has started.
+Seed = Annotated[int, Between(0, 2**32 - 1)]
+
+
+def settings(task_name: str, seed: Seed | None, ckpt_path: str | None, optimized_metric: str | None) -> None:
     """The top-level keys of conf/train.yaml (the start-up check reads these type hints)."""
+
+
+# Ranges of library settings whose constructors declare only a type (Lightning's Trainer, torch's
+# optimizers), so that a bad value is refused at start-up instead of failing or misbehaving later:
+# torch refuses lr<0 only when the optimizer is built, and lr=0 or a negative clip train nothing.
+LIBRARY_RULES = {
+    "model.optimizer.lr": Annotated[float, Above(0)],
+    "model.optimizer.weight_decay": Annotated[float, AtLeast(0)],
+    "model.optimizer.eps": Annotated[float, Above(0)],
+    "trainer.accumulate_grad_batches": Annotated[int, AtLeast(1)],
+    "trainer.gradient_clip_val": Annotated[float, Above(0)] | None,
+    "trainer.log_every_n_steps": Annotated[int, AtLeast(1)],
+    "trainer.num_nodes": Annotated[int, AtLeast(1)],
+}
+
+
+def length_problems(trainer: DictConfig) -> list[str]:
+    """A run has an end: max_steps >= 1, or -1 with max_epochs >= 1 (the LR schedule spans it)."""
+    steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    if not isinstance(steps, int) or steps >= 1:
+        return []
+    if steps != -1:
+        return [f"trainer.max_steps={steps} must be at least 1 (or -1 to train trainer.max_epochs epochs)"]
+    if isinstance(epochs, int) and epochs >= 1:
+        return []
+    return [
+        f"trainer.max_steps=-1 trains trainer.max_epochs epochs, and trainer.max_epochs={epochs} sets "
+        "no end; give trainer.max_steps=N or trainer.max_epochs=N (N >= 1)"
+    ]
 
 
 def cross_group_problems(cfg: DictConfig) -> list[str]:
     """The start-up checks that span config groups (each group's own values are its constructors'
     rules, checked from their signatures): image size vs UNet depth, precision vs hardware, a
     callback's sampler vs the model's objective and schedule, immiscible noise vs the batch size."""
-    problems: list[str] = []
+    problems = list(check_values(cfg, LIBRARY_RULES)) + length_problems(cfg.trainer)
     unet = cfg.model.get("unet")
     if not isinstance(unet, DictConfig):
         problems.append(f"model.unet={unet!r} is not a UNet preset; choose one with model/unet=NAME")
