@@ -3,6 +3,10 @@ DDP ranks, exact under kill -9, with one line for every bad shard set."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from difflab.data.shards import ShardSource
 from difflab.data.transforms import normalize_batch
 from difflab.errors import DifflabError
 from difflab.prepare import COMMAND as PREPARE
-from tests.helpers import difflab_cli, image_digest
+from tests.helpers import BIN, ROOT, difflab_cli, image_digest
 from tests.test_reliability import assert_same_end, kill_then_rerun, uninterrupted
 
 # 1,797 digits in ~12 chunks of 5 KB: training shuffles chunk order, blocks and items inside chunks.
@@ -43,6 +47,82 @@ def test_prepare_writes_lossless_shards_with_labels(digit_shards):
     stored = Counter(source[i].numpy().tobytes() for i in range(len(source)))
     assert stored == Counter(img.numpy().tobytes() for img in real)
     assert Counter(source.labels.tolist()) == Counter(load_digits().target.tolist())
+
+
+def test_prepare_is_repeatable_byte_for_byte(tmp_path, digit_shards):
+    """The same source and settings write the same files (LitData's shared work queue put images in
+    chunks by timing, and index.json carried the time it was written: two runs trained 7.9e-2 apart)."""
+    again = tmp_path / "again"
+    PREPARE.call(["data=digits", f"out={again}", SMALL_CHUNKS, "num_workers=2"])
+    names = sorted(f.name for f in digit_shards.iterdir())
+    assert names == sorted(f.name for f in again.iterdir()) and "index.json" in names
+    for name in names:
+        assert (digit_shards / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def _session_processes(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if int(line.split()[1]) == sid and "Z" not in line.split()[2]]
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["TERM", "INT"]
+)
+def test_a_signal_mid_write_is_one_line_and_leaves_no_process(tmp_path, sig):
+    """SIGTERM (or Ctrl-C's SIGINT to the foreground group) while chunks are being written: one line,
+    exit 2, every LitData worker gone; a rerun names the unfinished set, and overwrite=true repairs it."""
+    out = tmp_path / "shards"
+    args = ["data=fashion_mnist", f"out={out}", "chunk_bytes=20KB", "num_workers=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [str(BIN / "difflab-prepare"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("chunk-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr[-2000:]
+    assert stderr.strip().splitlines() == [
+        f"difflab: error: stopped by {sig.name} while writing shards to out={out}; the shards there are "
+        "incomplete: run the command again with overwrite=true"
+    ]
+    time.sleep(0.5)
+    assert _session_processes(proc.pid) == []  # no orphaned writer or worker
+    assert not (out / "index.json").exists()
+    with pytest.raises(DifflabError, match=r"holds an unfinished shard set .*give overwrite=true"):
+        PREPARE.call(args)
+    PREPARE.call([*args, "data.source.max_items=300", "overwrite=true"])
+    assert len(ShardSource(str(out))) == 300
+
+
+def test_a_writer_error_is_one_line():
+    """A LitData worker's failure arrives as a traceback inside a RuntimeError; a full disk as OSError."""
+    from difflab.prepare import _write_stoppably
+
+    def worker_failed() -> None:
+        raise RuntimeError(
+            "We found the following error Traceback (most recent call last):\n  File ...\n"
+            "difflab.errors.DifflabError: cannot read image /x/a.png: image file is truncated\n."
+        )
+
+    def disk_full() -> None:
+        raise OSError(28, "No space left on device")
+
+    for write, expected in (
+        (worker_failed, "failed: cannot read image /x/a.png: image file is truncated; run again"),
+        (disk_full, "failed: no space left on the device; free space or choose another out; run again"),
+    ):
+        with pytest.raises(DifflabError) as e:
+            _write_stoppably(write, "/out", "run again")
+        assert str(e.value) == f"writing shards to out=/out {expected}"
 
 
 def test_prepare_resizes_and_encodes_jpeg(tmp_path):

@@ -6,10 +6,18 @@ difflab-prepare data=fashion_mnist out=s3://bucket/fmnist num_workers=8
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import multiprocessing
 import os
+import re
 import shutil
+import signal
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +28,7 @@ from difflab.cli import Command, keywords
 from difflab.data.datamodule import ImageDataModule
 from difflab.data.shards import Encoding, JpegQuality, PrepareSize, ShardItems, is_remote, shard_bytes
 from difflab.errors import DifflabError
+from difflab.files import atomic_write_text
 from difflab.rules import AtLeast
 
 log = logging.getLogger("difflab.prepare")
@@ -31,6 +40,11 @@ def _ready_local_out(out: str, overwrite: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise DifflabError(f"out={out} is a file, not a directory")
     if path.is_dir() and any(path.iterdir()):
+        if not overwrite and not (path / "index.json").exists() and any(path.glob("chunk-*")):
+            raise DifflabError(
+                f"out={out} holds an unfinished shard set (chunks but no index.json: an earlier "
+                "difflab-prepare was stopped); give overwrite=true to write it again"
+            )
         if not overwrite:
             raise DifflabError(
                 f"out={out} is not empty; choose a new directory or give overwrite=true to replace the shards"
@@ -53,6 +67,81 @@ def _ready_local_out(out: str, overwrite: bool) -> Path:
     return path
 
 
+def _one_line(error: BaseException | str) -> str:
+    """The line that says what went wrong in a writer's error: LitData re-raises a worker's failure as
+    ``RuntimeError("We found the following error Traceback ...")``, whose last line is the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip().strip(".")]
+    if not lines:
+        return type(error).__name__ if isinstance(error, BaseException) else "unknown error"
+    return re.sub(r"^(?:[\w.]+\.)?DifflabError: ", "", lines[-1])
+
+
+def _writer(write: Callable[[], None], cache: str, errors: Any) -> None:
+    """The child process that runs LitData's ``optimize`` (and its workers) in a process group of its
+    own, so that a signal to ``difflab-prepare`` stops all of them at once."""
+    os.setpgrp()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    # LitData empties its fixed cache folder at start: a private one keeps two prepares apart.
+    os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = os.path.join(cache, "chunks")
+    os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = os.path.join(cache, "data")
+    try:
+        write()
+    except BaseException as e:  # reported to the parent as one line; the traceback helps no user
+        errors.put(_one_line(e))
+        errors.close()
+        os._exit(1)
+    os._exit(0)
+
+
+class _Stopped(Exception):
+    """A signal asked ``difflab-prepare`` to stop."""
+
+
+def _write_stoppably(write: Callable[[], None], out: str, rerun: str) -> None:
+    """Run ``write`` (LitData's ``optimize``) in a child process group; SIGINT/SIGTERM/SIGHUP stop the
+    whole group and become one line. Written here rather than left to LitData: its SIGINT handler
+    exits with status 0 and no message, and SIGTERM left its workers running."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped(signal.Signals(signum).name)
+
+    ctx = multiprocessing.get_context("fork")  # LitData's workers fork too: they inherit the source
+    errors = ctx.SimpleQueue()
+    cache = tempfile.mkdtemp(prefix="difflab-prepare-")
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    child = ctx.Process(target=_writer, args=(write, cache, errors), name="difflab-prepare-writer")
+    try:
+        child.start()
+        child.join()
+    except _Stopped as e:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.join()
+        raise DifflabError(f"stopped by {e} while writing shards to out={out}; {rerun}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(cache, ignore_errors=True)
+    if child.exitcode != 0:
+        why = errors.get() if not errors.empty() else f"the writer process died (exit code {child.exitcode})"
+        if "No space left on device" in why or "Errno 28" in why:
+            why = "no space left on the device; free space or choose another out"
+        raise DifflabError(f"writing shards to out={out} failed: {why}; {rerun}")
+
+
+def _pin_index(path: Path, key: str) -> None:
+    """Make ``index.json`` a function of the shards alone: LitData stamps it with the time it was
+    written (``updated_at``, the key of a remote set's local cache), so two identical runs differed.
+    A digest of what determines the chunks keeps that key changing whenever the shards change."""
+    index_path = path / "index.json"
+    index = json.loads(index_path.read_text())
+    content = json.dumps({k: v for k, v in index.items() if k != "updated_at"}, sort_keys=True)
+    index["updated_at"] = hashlib.sha1(f"{key}|{content}".encode()).hexdigest()[:16]
+    atomic_write_text(index_path, json.dumps(index, sort_keys=True))
+
+
 def prepare(
     data: ImageDataModule,
     out: str,
@@ -64,7 +153,8 @@ def prepare(
     overwrite: bool,
 ) -> dict[str, Any]:
     """Write ``data``'s images (its source, channel conversion and background) as shards in ``out``;
-    returns the summary (conf/prepare.yaml documents each setting)."""
+    returns the summary (conf/prepare.yaml documents each setting). The same source and settings
+    write byte-identical local shards."""
     from litdata import optimize
 
     local = None if is_remote(out) else _ready_local_out(out, overwrite)
@@ -73,7 +163,8 @@ def prepare(
     n = len(source)
     log.info("writing %d images from %s to %s (%s)", n, source.identity, out, encoding)
     t0 = time.perf_counter()
-    try:
+
+    def write() -> None:
         optimize(
             fn=items,
             # A seeded shuffle: each chunk, and each block LitData decodes, is then a random sample of
@@ -85,11 +176,16 @@ def prepare(
             num_workers=num_workers,
             mode="overwrite" if overwrite and local is None else None,
             start_method="fork",  # the workers inherit the decoded source instead of re-reading it
+            # Each worker takes a fixed slice of the inputs; LitData's default shares one work queue,
+            # so which chunk an image lands in depended on timing (two runs trained 7.9e-2 apart).
+            keep_data_ordered=True,
+            verbose=False,  # LitData's notes and progress bar on stderr would bury an error's one line
         )
-    except DifflabError:
-        raise
-    except Exception as e:  # LitData's worker and storage errors come in many types
-        raise DifflabError(f"writing shards to out={out} failed: {str(e).strip().splitlines()[0]}") from e
+
+    _write_stoppably(write, out, "the shards there are incomplete: run the command again with overwrite=true")
+    if local is not None:
+        settings = (source.identity, data.channels, data.background, resolution, encoding, quality, data.seed)
+        _pin_index(local, "|".join(map(str, settings)))
     seconds = time.perf_counter() - t0
     size = shard_bytes(str(local)) if local is not None else None
     summary = {"images": n, "bytes": size, "seconds": round(seconds, 2), "img_per_s": round(n / seconds, 1)}
