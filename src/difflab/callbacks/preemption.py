@@ -1,8 +1,10 @@
-"""Save an exact checkpoint and stop cleanly on SIGTERM / SIGUSR1 (preemption, SLURM time limits)."""
+"""Save an exact checkpoint and stop cleanly on SIGTERM / SIGUSR1 (preemption, SLURM time limits) and
+on Ctrl-C (SIGINT); a second Ctrl-C stops at once."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from types import FrameType
 
@@ -15,25 +17,37 @@ log = logging.getLogger(__name__)
 
 
 class PreemptionCallback(L.Callback):
-    """On a termination signal: finish the current step, write ``last.ckpt`` from inside the loop (so
-    it carries the loader state and resumes exactly), then stop with exit status 0.
+    """On a termination signal: finish the current optimizer step, write ``last.ckpt`` from inside the
+    loop (so it carries the loader state and resumes exactly), then stop with exit status 0.
 
     Lightning alone only notes SIGTERM and exits at the end of the epoch (one process) or raises at the
     next step (DDP) without saving; its SLURM handler saves from inside the signal handler, possibly
-    mid-step. Here the signal only sets a flag; the save happens at a step boundary.
+    mid-step; on Ctrl-C it exits with status 1 and saves nothing. Here the signal only sets a flag; the
+    save happens at an optimizer-step boundary (never between the micro-batches of one accumulated
+    step: that file would count a batch whose gradient it does not hold).
+
+    Ctrl-C is handled as SIGTERM (the same handlers run, so DDP ranks stop together); a second one
+    raises KeyboardInterrupt, which Lightning turns into an immediate stop without a save.
     """
 
     def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
         self.signals = tuple(getattr(signal, s) for s in signals)
         self.requested = False
+        self._interrupted = False
         self.saved_step = -1
+        self._step_at_batch_start = -1
+        self._at_step_boundary = True  # the last batch completed an optimizer step (or none ran yet)
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for sig in self.signals:
             previous = signal.getsignal(sig)
             self._previous[sig] = previous
             signal.signal(sig, self._make_handler(previous))
+        self._pid = os.getpid()
+        self._previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._interrupt)
 
     def _make_handler(self, previous: object):
         def handler(signum: int, frame: FrameType | None) -> None:
@@ -43,8 +57,21 @@ class PreemptionCallback(L.Callback):
 
         return handler
 
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler: the trainer saves
+            return
+        if self._interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._interrupted = True
+        log.warning("interrupted: saving a checkpoint after this step, then stopping (Ctrl-C again: now)")
+        term = signal.getsignal(signal.SIGTERM)
+        self.requested = True
+        if callable(term):  # the SIGTERM path: Lightning notes it, tells DDP workers and other ranks
+            term(signal.SIGTERM, frame)
+
     def _save(self, trainer: L.Trainer) -> None:
-        if self.saved_step == trainer.global_step:
+        if self.saved_step == trainer.global_step or not self._at_step_boundary:
             return
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, RunCheckpoint) and cb.save_last:
@@ -53,8 +80,12 @@ class PreemptionCallback(L.Callback):
                 log.warning("termination signal: saved checkpoint at step %d, stopping", trainer.global_step)
                 return
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        self._step_at_batch_start = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        if self.requested or getattr(trainer, "received_sigterm", False):
+        self._at_step_boundary = trainer.global_step != self._step_at_batch_start
+        if (self.requested or getattr(trainer, "received_sigterm", False)) and self._at_step_boundary:
             self._save(trainer)
             trainer.should_stop = True
 
