@@ -137,6 +137,16 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: str | os.PathLike) -> tupl
     if ckpt_path == "last":
         found = newest_readable(run_dir)
         return (str(found[0]), found[1]) if found else None
+    if Path(ckpt_path).is_dir():
+        what = (
+            "an exported pipeline (weights only: no optimizer state or step to resume)"
+            if (Path(ckpt_path) / "model_index.json").is_file()
+            else "a directory"
+        )
+        raise DifflabError(
+            f"ckpt_path={ckpt_path} is {what}; give a training checkpoint (<run>/checkpoints/*.ckpt) "
+            "or ckpt_path=last"
+        )
     if not Path(ckpt_path).is_file():
         raise DifflabError(f"ckpt_path={ckpt_path} does not exist; give a .ckpt file or ckpt_path=last")
     return str(ckpt_path), load_checkpoint(ckpt_path)

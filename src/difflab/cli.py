@@ -151,6 +151,9 @@ class Command:
     checks: Callable[[DictConfig], list[str]] | None = None
     # ``out`` is Hydra's job dir (one per sweep job); False where ``out`` may be remote (prepare).
     out_is_run_dir: bool = True
+    # Files the command writes into its run dir before its work begins (train's config.yaml): with
+    # only these and Hydra's own there, a failed start removes the dir.
+    start_files: tuple[str, ...] = ()
     # Claims a single run's dir before Hydra writes into it (train: its lock, a resume's settings);
     # without it, the run dir is only checked to be writable.
     start: Callable[[DictConfig], None] | None = None
@@ -230,7 +233,7 @@ class Command:
     def _fail(self, line: str, interrupted: bool = False) -> None:
         """Print ``line`` as the one error line (exit 2); a run dir holding only Hydra's files goes."""
         out = Path(HydraConfig.get().runtime.output_dir)
-        removed = self.out_is_run_dir and _remove_if_only_hydra_files(out)
+        removed = self.out_is_run_dir and _remove_if_only_hydra_files(out, self.start_files)
         if interrupted:
             kept = not removed and out.is_dir() and any(out.iterdir())
             line += f"; what was written so far is in {out}" if kept else "; nothing was written"
@@ -250,12 +253,12 @@ def _is_node(cfg: DictConfig, key: str) -> bool:
     return isinstance(value, DictConfig) or OmegaConf.is_list(value)
 
 
-def _remove_if_only_hydra_files(run_dir: Path) -> bool:
+def _remove_if_only_hydra_files(run_dir: Path, start_files: tuple[str, ...] = ()) -> bool:
     """A run that failed before writing anything leaves no dir behind (only Hydra's own files there,
-    and the run dir's lock); True if it was removed."""
+    the run dir's lock and the command's ``start_files``); True if it was removed."""
     from difflab.rundir import LOCK_NAME
 
-    own = {".hydra", f"{HydraConfig.get().job.name}.log", LOCK_NAME}
+    own = {".hydra", f"{HydraConfig.get().job.name}.log", LOCK_NAME, *start_files}
     if not run_dir.is_dir() or any(p.name not in own for p in run_dir.iterdir()):
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -282,16 +285,36 @@ def preflight(command: Command, args: list[str]) -> None:
     # notebook) would resolve ${hydra:runtime.output_dir} to its stale value (null after a compose).
     HydraConfig.instance().cfg = None
     problems: list[str] = []
-    for overrides in sweep_variants(parsed.overrides):
+    multirun = bool(parsed.multirun)
+    for i, overrides in enumerate(sweep_variants(parsed.overrides)):
         try:
             cfg = compose(command.name, overrides)
         except DifflabError as e:
             problems.append(str(e))
             break
+        if i == 0:
+            # -m, or a config that sweeps by itself (hparams_search=optuna sets hydra.mode).
+            multirun |= str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
+            if not multirun:
+                _refuse_sweeps(parsed.overrides)
         problems += [p for p in command.problems(cfg) if p not in problems]
     if problems:
         raise DifflabError("; ".join(problems))
-    _check_run_dir(command, cfg, multirun=bool(parsed.multirun))
+    _check_run_dir(command, cfg, multirun=multirun)
+
+
+def _refuse_sweeps(overrides: list[str]) -> None:
+    """A comma in a single run's value makes it a list of runs (Hydra's sweep syntax), most often in a
+    path: say how to quote it instead of reporting each piece as a missing path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            key, value = o.get_key_element(), o.input_line.partition("=")[2]
+            raise DifflabError(
+                f"{key}={value} is a list of values (a sweep, run with -m); for one value holding a "
+                f"comma, quote it: '{key}=\"{value}\"'"
+            )
 
 
 def _check_run_dir(command: Command, cfg: DictConfig, multirun: bool) -> None:

@@ -155,7 +155,9 @@ def train(cfg: DictConfig) -> float | None:
     return float(metric) if metric is not None else None
 
 
-COMMAND = Command("train", train, settings, cross_group_problems, start=start_train_run)
+COMMAND = Command(
+    "train", train, settings, cross_group_problems, start=start_train_run, start_files=("config.yaml",)
+)
 
 
 def main(argv: list[str] | None = None) -> None:
