@@ -4,6 +4,7 @@ DDP ranks, exact under kill -9, with one line for every bad shard set."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from difflab.checkpoints import load_checkpoint
@@ -181,6 +183,16 @@ def test_bad_shard_sets_are_one_line_naming_the_path(tmp_path, digit_shards, mak
     (tmp_path / "empty").mkdir()
     with pytest.raises(DifflabError, match=r"empty is empty: not a shard set; .*difflab-prepare"):
         ShardSource(str(tmp_path / "empty"))
+    # A folder of images: the line says data=folder, and the prepare line it suggests works as given.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, img in enumerate(digits_uint8()[:8]):
+        Image.fromarray(img[0].numpy()).save(photos / f"{i}.png")
+    with pytest.raises(DifflabError, match=r"holds images, not shards: train on them with data=folder") as e:
+        ShardSource(str(photos))
+    suggested = re.search(r"`difflab-prepare (.*)`", str(e.value))[1].split()
+    PREPARE.call(suggested)
+    assert len(ShardSource(f"{photos}_shards")) == 8
     # A truncated chunk (a copy cut short) is named, never a silent short epoch or a hang.
     cut = tmp_path / "cut"
     cut.mkdir()

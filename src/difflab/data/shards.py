@@ -27,6 +27,7 @@ from litdata import StreamingDataset
 from torchvision.io import decode_image, encode_jpeg, encode_png
 from torchvision.transforms import v2
 
+from difflab.data.sources import IMAGE_EXTENSIONS
 from difflab.data.transforms import to_model_input
 from difflab.errors import DifflabError
 from difflab.rules import AtLeast, Between
@@ -103,11 +104,21 @@ class ShardItems:
 def _index_of(path: Path) -> dict:
     index = path / "index.json"
     if not index.is_file():
-        found = "is empty" if not any(path.iterdir()) else "has no index.json"
-        raise DifflabError(
-            f"data.source.path={path} {found}: not a shard set; write one with "
-            f"`difflab-prepare data=<source> out={path}`"
-        )
+        if any(path.glob("chunk-*.bin")):
+            found = (
+                "holds chunks but no index.json (a difflab-prepare was stopped); rerun it with overwrite=true"
+            )
+        elif next((p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS), None) is not None:
+            found = (
+                f"holds images, not shards: train on them with data=folder data.source.path={path}, or write "
+                f"shards with `difflab-prepare data=folder data.source.path={path} out={path}_shards`"
+            )
+        else:
+            empty = not any(path.iterdir())
+            found = "is empty" if empty else "has no index.json"
+            where = path if empty else "<new-dir>"
+            found += f": not a shard set; write one with `difflab-prepare data=<source> out={where}`"
+        raise DifflabError(f"data.source.path={path} {found}")
     try:
         return json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
