@@ -7,6 +7,7 @@ difflab-eval -m ckpt=PATH sampler=ddim,dpmsolver++ steps=10,20       (one table 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -20,10 +21,12 @@ from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, instantiate, keywords
 from difflab.diffusion.module import ChannelsLast, uses_channels_last
 from difflab.diffusion.posthoc import EMAStd
-from difflab.diffusion.sampling import SamplerName, build_sampler
+from difflab.diffusion.sampling import SamplerName, build_sampler, steps_problem
 from difflab.errors import DifflabError
+from difflab.files import atomic_write, atomic_write_text
 from difflab.metrics.fid import FIDEvaluator, real_features
 from difflab.rules import AtLeast, Device, Exists, resolve_device
+from difflab.sample import warn_if_long
 
 
 def evaluate(
@@ -56,8 +59,14 @@ def evaluate(
         return load_trained_unet(ckpt, use_ema=use_ema, channels_last=nhwc, ema_std=std)
 
     unet, sched_cfg, run_cfg = load(ema_stds[0])
-    for name in samplers:  # build_sampler's own checks (the training schedule), before the costly setup
-        build_sampler(name, sched_cfg)
+    # The checks that need the model (its training schedule), before the costly set-up.
+    unet.to(device)
+    for name in samplers:
+        scheduler = build_sampler(name, sched_cfg)
+        for count in step_counts:
+            if problem := steps_problem(name, sched_cfg, count):
+                raise DifflabError(problem)
+            warn_if_long(unet, scheduler, sched_cfg, count, num_samples, batch_size, device)
     if "data" not in run_cfg:
         raise DifflabError(f"{ckpt} carries no data config; evaluate a training .ckpt, not an export")
     datamodule = instantiate(OmegaConf.create(run_cfg["data"]))
@@ -132,17 +141,18 @@ def plot_fid_vs_ema(rows: list[dict], out: Path, fid_key: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "fid_vs_ema.png", dpi=120)
+    atomic_write(out / "fid_vs_ema.png", lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
 def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=1))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", table.getvalue())
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,7 +170,7 @@ def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "fid_vs_steps.png", dpi=120)
+    atomic_write(out / "fid_vs_steps.png", lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -171,7 +181,27 @@ def run(cfg: DictConfig) -> list[dict]:
     return rows
 
 
-COMMAND = Command("eval", run, evaluate)
+def checks(cfg: DictConfig) -> list[str]:
+    """An empty list leaves nothing to evaluate, and the feature cache must take files: both refused
+    before the minutes of set-up they would cost."""
+    from difflab.rundir import make_writable_dir, remove_dirs
+
+    try:
+        remove_dirs(make_writable_dir(Path(str(cfg.cache_dir)), "metrics.cache_dir"))
+    except DifflabError as e:
+        return [str(e)]
+    return [
+        f"{key}=[] is empty; give one value or a list of them ({key}={example})"
+        for key, example in (
+            ("sampler", "[dpmsolver++,ddim]"),
+            ("steps", "[10,20]"),
+            ("ema_std", "[0.05,0.1]"),
+        )
+        if OmegaConf.is_list(cfg.get(key)) and len(cfg[key]) == 0
+    ]
+
+
+COMMAND = Command("eval", run, evaluate, checks)
 
 
 def main(argv: list[str] | None = None) -> None:

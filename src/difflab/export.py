@@ -16,6 +16,8 @@ from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, keywords
 from difflab.diffusion.noise import objective_of, scheduler_class
 from difflab.diffusion.posthoc import EMAStd
+from difflab.errors import DifflabError
+from difflab.files import atomic_dir
 from difflab.rules import Exists
 
 
@@ -52,22 +54,43 @@ def export(
     # flow Euler scheduler as well: the export of either objective loads with from_pretrained.
     scheduler = scheduler_class(objective_of(sched_cfg)).from_config(sched_cfg)
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-    pipe.save_pretrained(out, safe_serialization=True)
+    with atomic_dir(out) as partial:  # a kill mid-write leaves no half pipeline, a rerun no litter
+        pipe.save_pretrained(partial, safe_serialization=True)
     if push_to_hub:
-        from huggingface_hub import create_repo, upload_folder
-
-        create_repo(hub_repo_id, private=hub_private, exist_ok=True)
-        # Only the exported folder goes up; checkpoints and logs live elsewhere and never travel.
-        upload_folder(repo_id=hub_repo_id, folder_path=str(out), commit_message="difflab export")
+        push(Path(out), hub_repo_id, hub_private)
     return Path(out)
 
 
+def push(out: Path, repo_id: str, private: bool) -> None:
+    """Upload the exported folder (only it: checkpoints and logs live elsewhere and never travel)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        create_repo(repo_id, private=private, exist_ok=True)
+        upload_folder(repo_id=repo_id, folder_path=str(out), commit_message="difflab export")
+    except Exception as e:
+        # The Hub's refusals (token, permission, repo name) and the HTTP client's network errors; their
+        # classes vary with huggingface_hub's HTTP backend, so they are told apart by their module.
+        library = type(e).__module__.split(".")[0]
+        if not isinstance(e, OSError) and library not in ("huggingface_hub", "httpx", "httpx2", "requests"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DifflabError(
+            f"push_to_hub: uploading {out} to hub_repo_id={repo_id} failed ({first}); the pipeline is "
+            f"saved in {out}: fix the cause and rerun, or upload it with `hf upload {repo_id} {out}`"
+        ) from None
+
+
 def checks(cfg: DictConfig) -> list[str]:
-    return (
-        ["push_to_hub=true needs hub_repo_id=<user>/<name>"]
-        if cfg.push_to_hub and not cfg.hub_repo_id
-        else []
-    )
+    if not cfg.push_to_hub:
+        return []
+    if not cfg.hub_repo_id:
+        return ["push_to_hub=true needs hub_repo_id=<user>/<name>"]
+    from huggingface_hub import get_token
+
+    if get_token() is None:  # refused here, not after the export, when the upload would fail
+        return ["push_to_hub=true needs a Hugging Face token: run `hf auth login` or set HF_TOKEN"]
+    return []
 
 
 def run(cfg: DictConfig) -> Path:

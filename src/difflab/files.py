@@ -1,10 +1,12 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file and folder writes: a reader sees the old file (folder) or the new one, never half of one."""
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,8 +37,12 @@ class _KeepsWriteErrors:
         self.f.flush()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], object], shared: bool = False) -> None:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Any], object], shared: bool = False, sync: bool = True
+) -> None:
     """``write(f)`` into a temporary file beside ``path``, fsync, rename over ``path`` (atomic on POSIX).
+    ``sync=False`` skips the fsync where a file lost to a power cut is cheap to redo (one of many
+    sampled images): a kill or Ctrl-C still leaves the whole file or none.
 
     Any failure removes the temporary file; a full disk raises ``DiskFullError``. The temporary name is
     fixed (``.<name>.tmp``: a killed writer's leftover is overwritten by the next write, never piles
@@ -51,7 +57,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], object], shared
             out = _KeepsWriteErrors(f)
             write(out)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -63,3 +70,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], object], shared
 
 def atomic_write_text(path: str | os.PathLike, text: str, shared: bool = False) -> None:
     atomic_write(path, lambda f: f.write(text.encode()), shared)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk or quota, also where a library rethrows it without an errno (safetensors' Rust
+    writer says "No space left on device (os error 28)")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return f"(os error {errno.ENOSPC})" in str(e) or f"(os error {errno.EDQUOT})" in str(e)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``path`` to fill; when the block ends it takes ``path``'s
+    place (an earlier folder there is replaced). A failure, Ctrl-C or kill -9 never leaves a half
+    folder at ``path``: the temporary one is removed, or, after a kill, by the next call, which also
+    puts back an earlier folder a kill caught mid-swap. A full disk raises ``DiskFullError``."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+    if old.is_dir() and not (path.is_dir() and any(path.iterdir())):
+        if path.is_dir():
+            path.rmdir()
+        os.replace(old, path)  # killed between the two renames below: the earlier folder comes back
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.is_dir() and any(path.iterdir()):
+            os.replace(path, old)
+        elif path.is_dir():
+            path.rmdir()  # an empty folder (Hydra makes ``out`` before the command runs)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise DiskFullError(path) from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -6,6 +6,7 @@ difflab-sample -m ckpt=PATH sampler=ddim,unipc steps=10,20     (one subdir of ou
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -18,8 +19,12 @@ from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, keywords
 from difflab.diffusion.module import ChannelsLast, uses_channels_last
 from difflab.diffusion.posthoc import EMAStd
-from difflab.diffusion.sampling import SamplerName, build_sampler, sample_images
+from difflab.diffusion.sampling import SamplerName, build_sampler, sample_images, steps_problem, time_estimate
+from difflab.errors import DifflabError
+from difflab.files import atomic_write
 from difflab.rules import AtLeast, Device, Exists, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def sample(
@@ -41,8 +46,11 @@ def sample(
     device = resolve_device(device)
     nhwc = uses_channels_last(channels_last, "32-true", torch.device(device).type)
     unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, channels_last=nhwc, ema_std=ema_std)
-    unet.to(device)
     scheduler = build_sampler(sampler, sched_cfg)
+    if problem := steps_problem(sampler, sched_cfg, steps):
+        raise DifflabError(problem)
+    unet.to(device)
+    warn_if_long(unet, scheduler, sched_cfg, steps, num_images, batch_size, device)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths, images = [], []
@@ -51,18 +59,41 @@ def sample(
         for idx, batch in sample_images(unet, scheduler, num_images, seed, steps, batch_size, device=device):
             for i, img in zip(idx, batch.cpu(), strict=True):
                 path = folder / f"{i:0{width}d}.png"
-                save_image(img, path)
+                # Whole or absent: Ctrl-C or a full disk mid-image leaves no truncated PNG.
+                atomic_write(path, lambda f, img=img: save_image(img, f, format="png"), sync=False)
                 paths.append(path)
             if grid:
                 images.append(batch.cpu())
             bar.update(len(idx))
     if grid:
         every = torch.cat(images)
-        save_image(
-            make_grid(every, nrow=max(1, int(len(every) ** 0.5)), padding=2, pad_value=1.0),
-            folder / "grid.png",
-        )
+        grid_image = make_grid(every, nrow=max(1, int(len(every) ** 0.5)), padding=2, pad_value=1.0)
+        atomic_write(folder / "grid.png", lambda f: save_image(grid_image, f, format="png"), sync=False)
     return paths
+
+
+def warn_if_long(
+    unet: torch.nn.Module,
+    scheduler: object,
+    sched_cfg: dict,
+    steps: int,
+    num_images: int,
+    batch_size: int,
+    device: str,
+) -> None:
+    """One warning, with a measured time estimate, when ``steps`` exceeds the training schedule's noise
+    levels (only the continuous flow samplers get there: steps_problem refuses the others)."""
+    levels = int(sched_cfg.get("num_train_timesteps", 1000))
+    if steps > levels:
+        eta = time_estimate(unet, scheduler, steps, num_images, batch_size, device)
+        log.warning(
+            "steps=%d is more than the %d noise levels the model was trained on: %s for %d images "
+            "(Ctrl-C stops it)",
+            steps,
+            levels,
+            eta,
+            num_images,
+        )
 
 
 def run(cfg: DictConfig) -> list[Path]:

@@ -117,6 +117,75 @@ class EulerAncestralDiscreteScheduler(diffusers.EulerAncestralDiscreteScheduler)
         return out if return_dict else (x,)
 
 
+# Samplers that step through continuous time: any number of steps is valid (more is only slower).
+CONTINUOUS_SAMPLERS = ("flow_euler", "flow_heun")
+
+
+def steps_problem(name: str, train_scheduler_config: dict, steps: int) -> str | None:
+    """Why ``steps`` steps of sampler ``name`` cannot sample this model, or None. The training schedule
+    has ``num_train_timesteps`` discrete noise levels; diffusers' samplers look a step up by its
+    rounded timestep, so more steps than distinct timesteps give NaN images (DDPM models) or an
+    IndexError deep in the sampler (flow models under dpmsolver++ or unipc, whose shifted timesteps
+    repeat well below num_train_timesteps): measured over every sampler, tests/test_sampling.py."""
+    if name in CONTINUOUS_SAMPLERS or sampler_problem(name, train_scheduler_config):
+        return None
+    levels = int(train_scheduler_config.get("num_train_timesteps", 1000))
+    if objective_of(train_scheduler_config) != "flow":
+        if steps <= levels:
+            return None
+        return (
+            f"steps={steps} is more than the model's num_train_timesteps={levels} (the noise levels it was "
+            f"trained on; the {name} sampler cannot take more steps than that); give steps<={levels}"
+        )
+    if _distinct_timesteps(name, train_scheduler_config, steps):
+        return None
+    low, high = 1, steps  # the largest count whose timesteps are distinct (they repeat beyond it)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _distinct_timesteps(name, train_scheduler_config, mid) else (low, mid - 1)
+    return (
+        f"steps={steps} is too many for the {name} sampler on this flow model (its timesteps repeat above "
+        f"{low} steps); give steps<={low}, or sampler=flow_euler for more"
+    )
+
+
+def time_estimate(
+    unet: torch.nn.Module,
+    sampler: diffusers.SchedulerMixin,
+    steps: int,
+    num_images: int,
+    batch_size: int,
+    device: torch.device | str,
+) -> str:
+    """How long sampling ``num_images`` takes, from one timed network evaluation of a batch: said
+    up front when a run's step count is beyond the training schedule's (no progress bar moves until
+    a whole batch is done)."""
+    import time
+
+    sampler.set_timesteps(min(steps, 2))
+    per_step = len(sampler.timesteps) / min(steps, 2)  # Heun: two evaluations a step
+    cfg = unet.config
+    batch = min(batch_size, num_images)
+    x = torch.zeros(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+    with torch.inference_mode():
+        unet(x, sampler.timesteps[0])  # warm-up: the first call pays one-off set-up
+        t0 = time.perf_counter()
+        unet(x, sampler.timesteps[0])
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    total = seconds * per_step * steps * -(-num_images // batch)
+    hours, rest = divmod(round(total), 3600)
+    return f"about {hours} h {rest // 60} min" if hours else f"about {rest // 60} min {rest % 60} s"
+
+
+def _distinct_timesteps(name: str, train_scheduler_config: dict, steps: int) -> bool:
+    sampler = build_sampler(name, train_scheduler_config)
+    sampler.set_timesteps(steps)
+    timesteps = sampler.timesteps.tolist()
+    return len(set(timesteps)) == len(timesteps)
+
+
 def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) -> diffusers.SchedulerMixin:
     """A diffusers scheduler named ``name`` configured like the training noise schedule."""
     if name not in SAMPLERS:

@@ -22,7 +22,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from difflab.diffusion.sampling import sample_images
 from difflab.errors import DifflabError
-from difflab.files import atomic_write, atomic_write_text
+from difflab.files import DiskFullError, atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,25 @@ class RealFeatureCache:
         p = self.path(key)
         if not p.is_file():
             return None
-        return torch.load(p, map_location="cpu", weights_only=True)["features"]
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)["features"]
+        except Exception as e:  # damaged outside difflab's atomic writer (a copy, a disk): never trusted
+            log.warning("the FID real-feature cache %s cannot be read (%s); computing it again", p, e)
+            return None
 
     def save(self, key: str, features: torch.Tensor, meta: dict) -> None:
         # Ranks and concurrent sweep jobs may write the same cache: per-process temporary names.
-        atomic_write(
-            self.path(key), lambda f: torch.save({"features": features, "meta": meta}, f), shared=True
-        )
-        atomic_write_text(self.path(key).with_suffix(".json"), json.dumps(meta, indent=1), shared=True)
+        try:
+            atomic_write(
+                self.path(key), lambda f: torch.save({"features": features, "meta": meta}, f), shared=True
+            )
+            atomic_write_text(self.path(key).with_suffix(".json"), json.dumps(meta, indent=1), shared=True)
+        except OSError as e:
+            reason = "no space left on device" if isinstance(e, DiskFullError) else e.strerror or str(e)
+            raise DifflabError(
+                f"cannot write the FID real-feature cache in {self.dir} ({reason}); free space there or "
+                "move the cache with metrics.cache_dir=<dir> (checkpoints are untouched)"
+            ) from None
 
 
 def real_features(
