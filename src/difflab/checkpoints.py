@@ -278,6 +278,8 @@ def _unet_from_checkpoint(
         with torch.no_grad():
             for dst, src in zip(params, shadow, strict=True):
                 dst.copy_(src)
+    elif use_ema:  # said, not silent: the user asked for EMA weights and gets others
+        log.warning("%s holds no EMA weights (trained with ~model.ema): using its live weights", p)
     return unet, dict(meta["scheduler_config"]), meta.get("config", {})
 
 
