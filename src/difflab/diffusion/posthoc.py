@@ -117,7 +117,10 @@ class PowerFunctionEMA:
         self.snapshot_dtype = getattr(torch, snapshot_dtype)
         params = list(model.parameters())
         self.names = [n for n, _ in model.named_parameters()]
-        self.model_config = dict(getattr(model, "config", {}))
+        # Without diffusers' own "_" entries: "_use_default_values" is a list made from a set, in an
+        # order that changes from process to process (snapshots of identical runs must be identical).
+        config = dict(getattr(model, "config", {}))
+        self.model_config = {k: v for k, v in config.items() if not str(k).startswith("_")}
         self.profiles = [[p.detach().clone() for p in params] for _ in self.stds]
         self.optimization_step = 0
         self.cur_decay_value: float | None = None
@@ -197,9 +200,20 @@ class PowerFunctionEMA:
             "format": "difflab-phema-1",
         }
         path = self.snapshot_dir / f"phema_{self.optimization_step:07d}.safetensors"
-        blob = save(tensors, metadata=meta)
+        blob = _canonical_header(save(tensors, metadata=meta))
         atomic_write(path, lambda f: f.write(blob))
         return path
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors serialises the
+    metadata from a Rust HashMap, whose order is random per process, so identical snapshots would
+    differ in bytes. Offsets count from the end of the header, so the data is untouched."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
 
 
 # ------------------------------------------------------------------------------------------ reconstruction
