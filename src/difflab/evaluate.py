@@ -69,9 +69,10 @@ def evaluate(
             warn_if_long(unet, scheduler, sched_cfg, count, num_samples, batch_size, device)
     if "data" not in run_cfg:
         raise DifflabError(f"{ckpt} carries no data config; evaluate a training .ckpt, not an export")
+    reference_cfg = None if real_split is None else split_config(run_cfg["data"], real_split, ckpt)
     datamodule = instantiate(OmegaConf.create(run_cfg["data"]))
     extractor.prepare(datamodule)  # a classifier learns from the training images, whatever real_split
-    reference = datamodule if real_split is None else reference_split(run_cfg["data"], real_split, ckpt)
+    reference = datamodule if reference_cfg is None else instantiate(reference_cfg)
     feats = real_features(reference, extractor, num_real, cache_dir, torch.device("cpu"))
     evaluator = FIDEvaluator(extractor, num_samples, kid=kid)
     evaluator.set_real_features(feats)
@@ -109,8 +110,11 @@ def evaluate(
     return rows
 
 
-def reference_split(data_cfg: dict, split: str, ckpt: str) -> object:
-    """The run's data module reading another split of its source (held-out images for the reference)."""
+def split_config(data_cfg: dict, split: str, ckpt: str) -> DictConfig:
+    """The run's data config reading another split of its source (held-out images for the reference),
+    checked against the source's signature before any data is read."""
+    from difflab.rules import config_problems
+
     source = data_cfg.get("source", {})
     if "split" not in source:
         raise DifflabError(
@@ -120,7 +124,11 @@ def reference_split(data_cfg: dict, split: str, ckpt: str) -> object:
     cfg = OmegaConf.create(data_cfg)
     cfg.source.split = split
     cfg.source.max_items = None  # the whole held-out split, whatever the training run limited itself to
-    return instantiate(cfg)
+    problems = [p for p in config_problems(cfg.source, "source") if p.startswith("source.split=")]
+    if problems:
+        why = problems[0].partition(" ")[2]
+        raise DifflabError(f"real_split={split} {why} (the splits of {ckpt}'s data source)")
+    return cfg
 
 
 def plot_fid_vs_ema(rows: list[dict], out: Path, fid_key: str) -> None:
