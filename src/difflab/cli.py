@@ -205,6 +205,10 @@ class Command:
             if (line := os_error_line(e)) is None:
                 raise
             print_error_and_exit(line)
+        finally:
+            from difflab.rundir import release_locks
+
+            release_locks()  # the run is over (matters when called in-process: tests, notebooks)
         return None
 
     def _hydra_main(self) -> Any:

@@ -7,6 +7,7 @@ the new run's dir, not an existing run's ``.hydra/`` or log.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -60,7 +61,8 @@ def make_writable_dir(path: Path, key: str) -> list[Path]:
     except OSError as e:
         remove_dirs(created)
         reason = e.strerror or str(e)
-        raise DifflabError(f"{key}={path} cannot be written ({reason}); choose a writable {key}") from None
+        fix = "free space there or choose another" if e.errno == errno.ENOSPC else "choose a writable"
+        raise DifflabError(f"{key}={path} cannot be written ({reason}); {fix} {key}") from None
     return created
 
 
@@ -113,6 +115,13 @@ def lock_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> bool:
     return created
 
 
+def release_locks() -> None:
+    """Give up every run dir lock this process holds (a command called in-process has returned)."""
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
 def unlock_run_dir(run_dir: Path, remove: bool) -> None:
     """Give up the lock taken by ``lock_run_dir`` (a refused start); ``remove``: delete its file."""
     fd = _held.pop(Path(run_dir).resolve(), None)
@@ -151,8 +160,6 @@ MAY_CHANGE_ON_RESUME = (
     "optimized_metric",
     "task_name",
     # Where and how the same computation runs (moving a run to another machine or launcher).
-    "ckpt_path",
-    "paths",
     "trainer.default_root_dir",
     "trainer.accelerator",
     "trainer.strategy",
@@ -200,6 +207,10 @@ def changed_settings(recorded: Mapping[str, Any], new: Mapping[str, Any]) -> tup
     old, now = _with_paths_named(dict(_leaves(recorded))), _with_paths_named(dict(_leaves(new)))
     refused, allowed = [], []
     for key in sorted(set(old) | set(now)):
+        if key.startswith("paths.") or key == "ckpt_path":
+            # Where the run lives and how it was found, not how it trains (paths inside other
+            # values compare as ${paths.x}): a moved run or another launch dir is the same run.
+            continue
         a, b = old.get(key, _UNSET), now.get(key, _UNSET)
         if a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
             continue
