@@ -7,6 +7,8 @@ through the real scripts."""
 
 from __future__ import annotations
 
+import errno
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -71,8 +73,44 @@ TRAIN_LINES = [
     ),
     (["-m", "model.optimizer.lr=0.001,fast"], "model.optimizer.lr=fast must be a number"),  # each sweep value
     (["data.batch_size=[1,"], "cannot parse the command line"),
-    # Found after Hydra started (reading the file): still one line, and the new run dir is removed.
+    # Found before Hydra starts (reading the file): still one line, and no run dir is left.
     (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt does not exist"),
+    (
+        ["ckpt_path={pipeline}"],
+        "is an exported pipeline (weights only: no optimizer state",
+    ),
+    (["ckpt_path={full}"], "is a directory; give a training checkpoint"),
+    # Ranges a library checks only once the run has started (numpy's seeds, torch's lr, Lightning).
+    (["seed=-1"], "seed=-1 must be between 0 and 4294967295"),
+    (["seed=1099511627776"], "seed=1099511627776 must be between 0 and 4294967295"),
+    (["seed=4.0"], "seed=4.0 must be an integer or null"),
+    (
+        ["trainer.max_steps=-1"],
+        "and trainer.max_epochs=-1 sets no end",
+    ),
+    (
+        ["trainer.max_steps=0"],
+        "trainer.max_steps=0 must be at least 1 (or -1 to train",
+    ),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be at least 1"),
+    (["model.optimizer.lr=-1"], "model.optimizer.lr=-1 must be above 0"),
+    (["model.optimizer.lr=0"], "model.optimizer.lr=0 must be above 0"),
+    (["model.optimizer.lr=inf"], "model.optimizer.lr=inf must be a finite number"),
+    (["model.optimizer.lr=nan"], "model.optimizer.lr=nan must be a finite number"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be at least 1"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 must be above 0"),
+    (
+        ['data.batch_size="4"'],
+        'data.batch_size="4" must be an integer (the quotes make it a string: write data.batch_size=4)',
+    ),
+    (
+        ["data=folder", "data.source.path={dir}/a,b"],
+        "is a list of values (a sweep, run with -m); for one value holding a comma, quote it: "
+        "'data.source.path=\"",
+    ),
+    # The run dir cannot be made: refused before Hydra writes (its traceback named no key).
+    (["hydra.run.dir={file}/run"], "/notes.txt is a file, not a directory; choose another hydra.run.dir"),
+    (["hydra.run.dir=/proc/difflab/run"], "hydra.run.dir=/proc/difflab/run cannot be written"),
 ]
 
 
@@ -85,7 +123,10 @@ def _inputs(root: Path) -> dict[str, Path]:
     full.mkdir(exist_ok=True)
     (full / "notes.txt").write_text("mine")
     (root / "notes.txt").write_text("mine")
-    return {"junk": junk, "full": full, "file": root / "notes.txt", "dir": root}
+    pipeline = root / "pipeline"  # what difflab-export writes
+    (pipeline / "unet").mkdir(parents=True, exist_ok=True)
+    (pipeline / "model_index.json").write_text("{}")
+    return {"junk": junk, "full": full, "file": root / "notes.txt", "dir": root, "pipeline": pipeline}
 
 
 SAMPLE_LINES = [
@@ -251,3 +292,115 @@ def test_bad_command_line_is_one_line_naming_the_key(command, args, message, tmp
     assert "Traceback" not in err and "Error in call" not in err and "full_key" not in err
     assert list(cwd.iterdir()) == []  # no run dir, out dir or log litter
     assert (files["full"] / "notes.txt").read_text() == "mine"  # the user's files are untouched
+
+
+def _raise(exc: BaseException):
+    def raiser(*args, **kwargs):
+        raise exc
+
+    return raiser
+
+
+@pytest.mark.parametrize(
+    ("raised", "message"),
+    [
+        (KeyboardInterrupt(), "interrupted; nothing was written"),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/data/x.png"),
+            "/data/x.png: Permission denied; choose a path you may write to, or fix its permissions",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device"),
+            "No space left on device; free space there and rerun",
+        ),
+        (
+            ConnectionError("Connection refused"),
+            "network error: Connection refused; check the connection (or work offline) and rerun",
+        ),
+    ],
+    ids=["ctrl-c", "permission", "disk-full", "network"],
+)
+def test_what_a_users_input_raises_after_start_is_one_line(raised, message, tmp_path, monkeypatch, capsys):
+    """The root: cli.Command turns these into one line, exit 2, and removes the run dir it made."""
+    import difflab.train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(difflab.train, "instantiate_group", _raise(raised))  # inside the run, Hydra started
+    with pytest.raises(SystemExit) as e:
+        TRAIN.main(["experiment=digits"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("difflab:")] == [
+        f"difflab: error: {message}"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_before_the_run_starts_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(TRAIN, "start", _raise(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as e:
+        TRAIN.main(["experiment=digits"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "difflab: error: interrupted; nothing was written"
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    import difflab.train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(difflab.train, "instantiate_group", _raise(ValueError("a bug in difflab")))
+    with pytest.raises(SystemExit) as e:
+        TRAIN.main(["experiment=digits"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "ValueError: a bug in difflab" in err and "difflab: error" not in err
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mounts a tmpfs with the given options at tmp_path/mnt (root only; skipped elsewhere)."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        mnt = tmp_path / f"mnt{len(mounted)}"
+        mnt.mkdir()
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True
+        ).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("ro,size=1m", "cannot be written (Read-only file system); choose a writable hydra.run.dir"),
+        (
+            "size=64k",
+            "cannot be written (No space left on device); free space there or choose another hydra.run.dir",
+        ),
+    ],
+    ids=["read-only", "full"],
+)
+def test_run_dir_on_a_read_only_or_full_file_system_is_one_line(
+    options, message, small_fs, tmp_path, monkeypatch, capsys
+):
+    mnt = small_fs(options)
+    if "ro" not in options:
+        (mnt / "filler").write_bytes(b"0" * (64 * 1024 - 4096))  # fill the disk
+        with pytest.raises(OSError), open(mnt / "more", "wb") as f:
+            f.write(b"0" * 8192)
+            f.flush()
+    before = sorted(p.name for p in mnt.iterdir())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        TRAIN.main(["experiment=digits", f"hydra.run.dir={mnt}/run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert err.strip() == f"difflab: error: hydra.run.dir={mnt}/run {message}"
+    assert sorted(p.name for p in mnt.iterdir()) == before
