@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from tests.conftest import FAST_DIGITS, compose_config
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """2-step digits checkpoints: the flow default, a DDPM one, one without EMA weights (from the
-    flow one), an exported pipeline and a truncated file."""
+    flow one), an exported pipeline, a truncated file and a pipeline with truncated weights."""
     root = tmp_path_factory.mktemp("ckpts")
     for name, extra in (("flow", []), ("ddpm", ["model=ddpm"])):
         train(compose_config(root / name, [*FAST_DIGITS, "trainer.max_steps=2", *extra]))
@@ -41,12 +42,17 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     torch.save(state, root / "noema.ckpt")
     (root / "truncated.ckpt").write_bytes(flow.read_bytes()[:5000])
     EXPORT.call([f"ckpt={flow}", f"out={root / 'pipe'}"])
+    damaged = root / "damaged"
+    shutil.copytree(root / "pipe", damaged)
+    weights = damaged / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
     return {
         "flow": flow,
         "ddpm": root / "ddpm" / "checkpoints" / "last.ckpt",
         "noema": root / "noema.ckpt",
         "pipe": root / "pipe",
         "truncated": root / "truncated.ckpt",
+        "damaged": damaged,
     }
 
 
@@ -73,6 +79,7 @@ SAMPLE_CASES = [
     (["ckpt={flow}", "sampler=unipc", "steps=400"], "give steps<=333, or sampler=flow_euler"),
     (["ckpt={full}"], "is neither a checkpoint file nor an exported pipeline"),
     (["ckpt={truncated}"], "is truncated or corrupt"),
+    (["ckpt={damaged}"], "{damaged} is a damaged exported pipeline (Unable to load weights"),
     (["ckpt={pipe}", "ema_std=0.05"], "ema_std=0.05 needs a training checkpoint"),
     (["ckpt={flow}", "ema_std=0.05"], "snapshot"),  # a standard-EMA run has no post-hoc snapshots
 ]

@@ -127,6 +127,18 @@ def _fid_for(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def test_kid_with_fewer_real_images_than_its_subset_size():
+    """num_real=100 with num_samples=200 failed after all the sampling: torchmetrics refuses a KID
+    subset larger than the real set."""
+    g = torch.Generator().manual_seed(0)
+    ev = FIDEvaluator(FixedFeatures(), num_samples=20, kid=True)
+    ev.set_real_features(torch.randn(10, 16, generator=g, dtype=torch.float64))
+    value = ev.evaluate(
+        tiny_unet(), build_sampler("ddim", dict(DDPMScheduler().config)), 2, seed=0, batch_size=20
+    )
+    assert np.isfinite(value["val/kid_fixed_20"]) and ev.kid.subset_size == 10
+
+
 def test_two_processes_give_the_one_process_fid(tmp_path):
     _fid_for(0, 1, "", str(tmp_path / "one.pt"))
     mp.spawn(_fid_for, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path / "two.pt")), nprocs=2)

@@ -242,11 +242,16 @@ def load_trained_unet(
             raise DifflabError(
                 f"{p} is neither a checkpoint file nor an exported pipeline (no model_index.json)"
             )
-        unet = unet_class.from_pretrained(p / "unet")
-        # The config as saved (a DDPM or a flow scheduler's): the objective is read from its keys.
-        sched_cfg = {
-            k: v for k, v in DDPMScheduler.load_config(p / "scheduler").items() if not k.startswith("_")
-        }
+        try:
+            unet = unet_class.from_pretrained(p / "unet")
+            # The config as saved (a DDPM or a flow scheduler's): the objective is read from its keys.
+            sched_cfg = {
+                k: v for k, v in DDPMScheduler.load_config(p / "scheduler").items() if not k.startswith("_")
+            }
+        except (OSError, ValueError) as e:  # diffusers' errors for a missing, truncated or bad file
+            raise DifflabError(
+                f"{p} is a damaged exported pipeline ({str(e).strip().splitlines()[0]}); export it again"
+            ) from None
         run_cfg = {}
     else:
         unet, sched_cfg, run_cfg = _unet_from_checkpoint(p, use_ema, unet_class, ema_std)

@@ -149,6 +149,8 @@ class FIDEvaluator:
     def set_real_features(self, feats: torch.Tensor, rank: int = 0, world_size: int = 1) -> None:
         """Give each rank a disjoint slice of the real features: the cross-rank sync (sums for FID, a
         gather for KID) then sees every real feature exactly once, on any number of ranks."""
+        if self.kid is not None:  # torchmetrics refuses subsets larger than the real set, after sampling
+            self.kid.subset_size = min(self.kid.subset_size, len(feats))
         feats = feats.double()[rank::world_size]
         with torch.no_grad():
             self.fid.real_features_sum.copy_(feats.sum(0))
