@@ -76,7 +76,7 @@ SAMPLE_CASES = [
     (["ckpt={ddpm}", "sampler=dpmsolver++", "steps=1001"], "give steps<=1000"),
     # diffusers failed with an IndexError / a bare AssertionError mid-sampling.
     (["ckpt={flow}", "sampler=dpmsolver++", "steps=100000"], "too many for the dpmsolver++ sampler"),
-    (["ckpt={flow}", "sampler=unipc", "steps=400"], "give steps<=333, or sampler=flow_euler"),
+    (["ckpt={flow}", "sampler=unipc", "steps=400"], "give steps<=333, or sampler=flow_euler"),  # 333 ran
     (["ckpt={full}"], "is neither a checkpoint file nor an exported pipeline"),
     (["ckpt={truncated}"], "is truncated or corrupt"),
     (["ckpt={damaged}"], "{damaged} is a damaged exported pipeline (Unable to load weights"),
