@@ -119,6 +119,23 @@ class KillAt(L.Callback):
             self._kill()
 
 
+class Crash(Exception):
+    """What CrashAt raises."""
+
+
+class CrashAt(L.Callback):
+    """Raises ``Crash`` when optimizer step ``step`` is done, before its checkpoint is written: the files
+    on disk are those a ``kill -9`` there leaves (KillAt's ``step``), in-process and without a new
+    interpreter per run, for short tests."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(f"crash at step {self.step}")
+
+
 class _TorchWithSave:
     """``torch`` with ``save`` replaced (patches the name in one module only)."""
 

@@ -11,6 +11,7 @@ from difflab.checkpoints import load_checkpoint
 from difflab.errors import DifflabError
 from difflab.train import train
 from tests.conftest import FAST_DIGITS
+from tests.helpers import Crash, _TorchWithSave, max_abs_diff
 
 
 def weights(path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -93,3 +94,83 @@ def test_resume_with_a_different_model_names_the_keys(make_cfg, tmp_path):
 def test_missing_checkpoint_is_one_clear_error(make_cfg, tmp_path):
     with pytest.raises(DifflabError, match="does not exist"):
         train(make_cfg(*FAST_DIGITS, f"ckpt_path={tmp_path}/nope.ckpt"))
+
+
+# ------------------------------------------------------------------------------ repeated crashes
+# 512 digits / batch 64 = 8 steps an epoch; a checkpoint every 4 steps puts one on each epoch end (8, 16).
+# Warm-up ends at step 3, so the cosine schedule is in force for most of the 20 steps.
+CHAIN = (
+    *FAST_DIGITS,
+    "seed=7",
+    "data.source.max_items=512",
+    "data.flip=true",
+    "trainer.max_steps=20",
+    "model.warmup_steps=3",
+    "callbacks.model_checkpoint.every_n_train_steps=4",
+)
+
+
+def crashed_and_resumed(make_cfg, run, args: tuple[str, ...], crashes: list[int]) -> dict:
+    """Train ``args`` in ``run``, crashing at each of ``crashes`` in turn (each rerun resumes from what
+    the last one left, ckpt_path=last), then to the end; the final ``last.ckpt``."""
+    for step in crashes:
+        crash = ("+callbacks.crash._target_=tests.helpers.CrashAt", f"+callbacks.crash.step={step}")
+        with pytest.raises(Crash):
+            train(make_cfg(*args, *crash, run_dir=run))
+    train(make_cfg(*args, run_dir=run))
+    return load_checkpoint(run / "checkpoints" / "last.ckpt")
+
+
+def assert_identical(reference: dict, final: dict) -> None:
+    """Bit-exact: weights, EMA, optimizer, LR schedule, Lightning's loop counters and the loader state."""
+    assert final["global_step"] == reference["global_step"]
+    assert max(max_abs_diff(reference, final).values()) == 0, max_abs_diff(reference, final)
+    assert final["lr_schedulers"] == reference["lr_schedulers"]
+    assert final["loops"] == reference["loops"]  # epoch progress and data-loader position included
+
+
+def test_two_resumes_at_epoch_ends_equal_uninterrupted(make_cfg, tmp_path):
+    # Crashed after step 9: resumed from step 8, an epoch end; crashed after 17: resumed from step 16,
+    # an epoch end the resumed run wrote. Lightning's epoch counters were one behind in that file, and
+    # the second resume replayed epoch 1 (its data and noise).
+    train(make_cfg(*CHAIN, run_dir=tmp_path / "straight"))
+    reference = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    epoch_end = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_0000016.ckpt")
+    final = crashed_and_resumed(make_cfg, tmp_path / "run", CHAIN, [9, 17])
+    assert_identical(reference, final)
+    resumed_epoch_end = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000016.ckpt")
+    assert resumed_epoch_end["loops"] == epoch_end["loops"]
+
+
+def test_a_resume_under_accumulation_does_not_rewrite_its_checkpoint(make_cfg, tmp_path):
+    # Accumulating 2 batches: 4 steps an epoch, step 4 ends one. The rerun resumed from step 4 used to
+    # rewrite step_0000004.ckpt and last.ckpt after its first micro-batch (a batch counted as done
+    # whose gradient no file holds); crashed before step 5, the next rerun lost that batch.
+    args = (*CHAIN, "trainer.accumulate_grad_batches=2", "trainer.max_steps=10")
+    train(make_cfg(*args, run_dir=tmp_path / "straight"))
+    reference = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    final = crashed_and_resumed(make_cfg, tmp_path / "run", args, [5, 5])
+    assert_identical(reference, final)
+
+
+def test_a_crash_while_writing_the_final_last_ckpt_is_repaired_by_the_rerun(make_cfg, tmp_path, monkeypatch):
+    import difflab.checkpoints as ckpts
+
+    args = (*CHAIN, "trainer.max_steps=10")
+    real_save = torch.save
+
+    def fail_on_final_last(obj, f, *a, **k):
+        if obj["global_step"] == 10 and f.f.name.endswith(".last.ckpt.tmp"):
+            f.write(b"half a checkpoint")
+            raise Crash("crash while writing last.ckpt")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpts, "torch", _TorchWithSave(fail_on_final_last))
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(make_cfg(*args, run_dir=run))
+    monkeypatch.undo()
+    last, final_step = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "step_0000010.ckpt"
+    assert load_checkpoint(last)["global_step"] == 8 and load_checkpoint(final_step)["global_step"] == 10
+    train(make_cfg(*args, run_dir=run))  # max_steps is reached: nothing to train, last.ckpt repaired
+    assert last.read_bytes() == final_step.read_bytes()
