@@ -111,6 +111,8 @@ TRAIN_LINES = [
     # The run dir cannot be made: refused before Hydra writes (its traceback named no key).
     (["hydra.run.dir={file}/run"], "/notes.txt is a file, not a directory; choose another hydra.run.dir"),
     (["hydra.run.dir=/proc/difflab/run"], "hydra.run.dir=/proc/difflab/run cannot be written"),
+    (["hydra.run.dir="], "hydra.run.dir is empty; give a directory"),  # was: a run in the launch dir
+    (["paths.log_dir={file}"], "/notes.txt is a file, not a directory; choose another paths.log_dir"),
 ]
 
 

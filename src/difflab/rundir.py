@@ -34,10 +34,14 @@ _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCI
 
 
 # ------------------------------------------------------------------------------------ writable dirs
-def make_writable_dir(path: Path, key: str) -> list[Path]:
+def make_writable_dir(path: Path | str, key: str, under: tuple[str, str] | None = None) -> list[Path]:
     """Create ``path`` (and its missing parents) and check a file can be written there; the dirs it
-    created, deepest first. On failure nothing is left and one DifflabError names ``key=path``."""
+    created, deepest first. On failure nothing is left and one DifflabError names ``key=path``, or
+    ``under`` (the user's key and value that ``path`` was made from: paths.log_dir for a run dir)."""
+    if not str(path).strip():  # Path("") is the launch dir: a run would write into it
+        raise DifflabError(f"{key} is empty; give a directory ({key}=<dir>)")
     path = Path(path).expanduser()
+    what, fix = (f"{key}={path}", key) if under is None else (f"{under[0]}={under[1]}: {path}", under[0])
     missing: list[Path] = []
     existing = path.absolute()
     while not existing.exists() and existing != existing.parent:
@@ -45,7 +49,7 @@ def make_writable_dir(path: Path, key: str) -> list[Path]:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise DifflabError(
-            f"{key}={path} cannot be created: {existing} is a file, not a directory; choose another {key}"
+            f"{what} cannot be created: {existing} is a file, not a directory; choose another {fix}"
         )
     created: list[Path] = []
     try:
@@ -61,8 +65,8 @@ def make_writable_dir(path: Path, key: str) -> list[Path]:
     except OSError as e:
         remove_dirs(created)
         reason = e.strerror or str(e)
-        fix = "free space there or choose another" if e.errno == errno.ENOSPC else "choose a writable"
-        raise DifflabError(f"{key}={path} cannot be written ({reason}); {fix} {key}") from None
+        advice = "free space there or choose another" if e.errno == errno.ENOSPC else "choose a writable"
+        raise DifflabError(f"{what} cannot be written ({reason}); {advice} {fix}") from None
     return created
 
 
@@ -275,8 +279,13 @@ def start_train_run(cfg: DictConfig) -> None:
     from difflab.checkpoints import resume_checkpoint
     from difflab.diffusion.noise import objective_of
 
-    run_dir = Path(str(cfg.hydra.run.dir))
-    created = make_writable_dir(run_dir, "hydra.run.dir")
+    given = [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []]
+    where = str(cfg.hydra.run.dir)
+    # The default run dir is made from paths.log_dir: name that if it is the user's.
+    log_dir = next((o.partition("=")[2] for o in given if o.startswith("paths.log_dir=")), None)
+    by_log_dir = log_dir is not None and not any(o.startswith("hydra.run.dir=") for o in given)
+    created = make_writable_dir(where, "hydra.run.dir", ("paths.log_dir", log_dir) if by_log_dir else None)
+    run_dir = Path(where)
     made_lock = False
     try:
         if not is_launched_rank():
