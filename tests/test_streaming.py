@@ -105,26 +105,34 @@ def test_a_signal_mid_write_is_one_line_and_leaves_no_process(tmp_path, sig):
     assert len(ShardSource(str(out))) == 300
 
 
-def test_a_writer_error_is_one_line():
-    """A LitData worker's failure arrives as a traceback inside a RuntimeError; a full disk as OSError."""
-    from difflab.prepare import _write_stoppably
+@pytest.mark.parametrize(
+    "error,expected",
+    [
+        (
+            OSError(28, "No space left on device"),
+            "no space left on the device; free space or choose another out",
+        ),
+        (DifflabError("cannot read image /x/a.png: image file is truncated"), "cannot read image /x/a.png"),
+    ],
+    ids=["disk_full", "bad_image"],
+)
+def test_a_worker_error_is_one_line(tmp_path, monkeypatch, error, expected):
+    """An error in one of LitData's workers (LitData re-raises it as a traceback inside a RuntimeError)."""
+    from difflab.data.shards import ShardItems
 
-    def worker_failed() -> None:
-        raise RuntimeError(
-            "We found the following error Traceback (most recent call last):\n  File ...\n"
-            "difflab.errors.DifflabError: cannot read image /x/a.png: image file is truncated\n."
-        )
+    real = ShardItems.__call__
 
-    def disk_full() -> None:
-        raise OSError(28, "No space left on device")
+    def fail_at_50(self, index: int):
+        if index == 50:
+            raise error
+        return real(self, index)
 
-    for write, expected in (
-        (worker_failed, "failed: cannot read image /x/a.png: image file is truncated; run again"),
-        (disk_full, "failed: no space left on the device; free space or choose another out; run again"),
-    ):
-        with pytest.raises(DifflabError) as e:
-            _write_stoppably(write, "/out", "run again")
-        assert str(e.value) == f"writing shards to out=/out {expected}"
+    monkeypatch.setattr(ShardItems, "__call__", fail_at_50)  # the writer and its workers fork: they see it
+    out = tmp_path / "s"
+    with pytest.raises(DifflabError) as e:
+        PREPARE.call(["data=digits", f"out={out}", SMALL_CHUNKS])
+    assert str(e.value).startswith(f"writing shards to out={out} failed: {expected}"), str(e.value)
+    assert "\n" not in str(e.value) and str(e.value).endswith("run the command again with overwrite=true")
 
 
 def test_prepare_resizes_and_encodes_jpeg(tmp_path):

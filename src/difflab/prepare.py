@@ -69,8 +69,10 @@ def _ready_local_out(out: str, overwrite: bool) -> Path:
 
 def _one_line(error: BaseException | str) -> str:
     """The line that says what went wrong in a writer's error: LitData re-raises a worker's failure as
-    ``RuntimeError("We found the following error Traceback ...")``, whose last line is the cause."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip().strip(".")]
+    ``RuntimeError("We found the following error Traceback ...")`` holding a chained traceback, whose
+    first part ends with the root cause."""
+    root = re.split(r"The above exception was the direct cause|During handling of the above", str(error))[0]
+    lines = [line.strip() for line in root.splitlines() if line.strip().strip(".")]
     if not lines:
         return type(error).__name__ if isinstance(error, BaseException) else "unknown error"
     return re.sub(r"^(?:[\w.]+\.)?DifflabError: ", "", lines[-1])
@@ -88,7 +90,7 @@ def _writer(write: Callable[[], None], cache: str, errors: Any) -> None:
     try:
         write()
     except BaseException as e:  # reported to the parent as one line; the traceback helps no user
-        errors.put(_one_line(e))
+        errors.put(_one_line(e)[:2000])  # well under a pipe's buffer: the parent reads it after join()
         errors.close()
         os._exit(1)
     os._exit(0)
@@ -123,6 +125,9 @@ def _write_stoppably(write: Callable[[], None], out: str, rerun: str) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if child.pid is not None:  # LitData leaves helper processes behind when a worker fails
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
         shutil.rmtree(cache, ignore_errors=True)
     if child.exitcode != 0:
         why = errors.get() if not errors.empty() else f"the writer process died (exit code {child.exitcode})"
