@@ -146,6 +146,32 @@ def test_bad_input_is_one_line(command, args, message, ckpts, tmp_path, monkeypa
     assert len(line) < 400
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["model=ddpm", "callbacks.sample_grid.sampler=ddim", "callbacks.sample_grid.steps=2000"],
+            "give steps<=1000",
+        ),
+        (
+            ["callbacks.sample_grid.steps=600"],
+            "callbacks.sample_grid.steps=600 is too many for the dpmsolver++ sampler on this flow model",
+        ),
+        (
+            ["callbacks=with_fid", "callbacks.fid.sampler=unipc", "callbacks.fid.steps=400"],
+            "callbacks.fid.steps=400 is too many for the unipc sampler",
+        ),
+    ],
+)
+def test_training_callbacks_steps_refused_at_start_up(args, message, tmp_path, monkeypatch, capsys):
+    """The same rule for training's sample grids and FID: they crashed (or drew NaN grids) when they
+    first sampled, after the training steps before them."""
+    from difflab.train import COMMAND as TRAIN
+
+    line = _run(TRAIN, ["experiment=digits", *args], tmp_path, monkeypatch, capsys, {})
+    assert message in line, line
+
+
 def test_ctrl_c_while_sampling_keeps_whole_images(ckpts, tmp_path, monkeypatch, capsys):
     """Ctrl-C in difflab-sample was a 93-line traceback; the images written so far stay, whole."""
     import difflab.sample

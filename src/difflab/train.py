@@ -17,7 +17,7 @@ from torch.multiprocessing.spawn import ProcessRaisedException
 
 from difflab.checkpoints import check_resume_compatible, resume_checkpoint
 from difflab.cli import Command, instantiate
-from difflab.diffusion.sampling import sampler_problem
+from difflab.diffusion.sampling import sampler_problem, steps_problem
 from difflab.errors import DifflabError
 from difflab.loggers import finish_loggers
 from difflab.precision import precision_problems
@@ -88,6 +88,9 @@ def cross_group_problems(cfg: DictConfig) -> list[str]:
         )
         if why:
             problems.append(f"callbacks.{name}.sampler={cb.sampler}: {why}")
+        steps = cb.get("steps") if isinstance(cb, DictConfig) and "sampler" in cb else None
+        if not why and isinstance(steps, int) and (too_many := steps_problem(cb.sampler, schedule, steps)):
+            problems.append(f"callbacks.{name}.{too_many}")  # else NaN grids, or a crash when it samples
     if cfg.model.get("immiscible") and cfg.data.get("batch_size", 2) < 2:
         problems.append(
             f"model.immiscible=true pairs the noise to the images of a batch and data.batch_size="
