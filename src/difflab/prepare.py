@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +85,14 @@ def _writer(write: Callable[[], None], cache: str, errors: Any) -> None:
     os.setpgrp()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
+    parent = os.getppid()
+
+    def follow_parent() -> None:  # a parent killed with SIGKILL cannot stop us: stop with it
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=follow_parent, daemon=True).start()
     # LitData empties its fixed cache folder at start: a private one keeps two prepares apart.
     os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = os.path.join(cache, "chunks")
     os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = os.path.join(cache, "data")
