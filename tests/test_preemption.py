@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from difflab.callbacks.preemption import PreemptionCallback
 from difflab.checkpoints import AtomicCheckpointIO, find_last_checkpoint, load_checkpoint
 from tests.helpers import BIN, train_cli
 
@@ -53,7 +55,7 @@ ARGS = (
 )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, sig):
     straight = tmp_path / "straight"
     assert train_cli(*ARGS, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
@@ -70,7 +72,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, sig):
     code = proc.wait(timeout=120)
     # SIGKILL may land between the step checkpoint and last.ckpt: resume takes the newest either way.
     step = load_checkpoint(find_last_checkpoint(run))["global_step"]
-    if sig == signal.SIGTERM:
+    if sig in (signal.SIGTERM, signal.SIGINT):
         assert code == 0 and 10 <= step < 60  # saved at the next step boundary, exited cleanly
     else:
         assert code == -9 and step < 60
@@ -79,3 +81,20 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, sig):
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 60
     for a, b in zip(final_weights(straight), final_weights(run), strict=True):
         assert (a - b).abs().max() <= 1e-6
+
+
+def test_ctrl_c_asks_for_a_save_and_a_second_one_stops_at_once():
+    # The first press takes SIGTERM's path (the subprocess test above: saved, exit 0); the second
+    # raises KeyboardInterrupt, which Lightning turns into an immediate exit (status 1), no save.
+    cb = PreemptionCallback()
+    cb.on_train_start(None, None)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # Python runs a handler between bytecodes of the main thread
+        assert cb.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        cb.teardown(None, None, "fit")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
