@@ -357,6 +357,22 @@ def test_hf_source_from_a_saved_dataset(tmp_path):
     assert dm.identity.startswith("hf:")
     with pytest.raises(DifflabError, match=r"image_column='image' not in dataset .*columns: picture, label"):
         HFSource(str(tmp_path / "saved"))
+    with pytest.raises(DifflabError, match=r"image_column='label' of .* holds int values, not images"):
+        HFSource(str(tmp_path / "saved"), image_column="label")
+
+
+def test_hf_source_applies_exif_orientation(tmp_path):
+    import datasets
+
+    from difflab.data.sources import HFSource
+
+    upright = exif_rotated_jpeg(tmp_path / "phone.jpg")
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "phone.jpg")]}).cast_column(
+        "image", datasets.Image()
+    )
+    ds.save_to_disk(str(tmp_path / "saved"))
+    trained = pil_to_tensor(HFSource(str(tmp_path / "saved"))[0], 1)[0].int()
+    assert (trained - torch.from_numpy(upright).int()).abs().max() < 13
 
 
 class _Keys(torch.utils.data.Dataset):

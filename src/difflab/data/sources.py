@@ -332,7 +332,8 @@ class HFSource:
         except KeyError as e:
             raise DifflabError(f"data.source.split={split!r} not found in {name}") from e
         except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, DatasetNotFound)
-            raise DifflabError(f"cannot load Hugging Face dataset {name!r} (split {split!r}): {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DifflabError(f"cannot load Hugging Face dataset {name!r} (split {split!r}): {first}") from e
         if image_column not in ds.column_names:
             raise DifflabError(
                 f"data.source.image_column={image_column!r} not in dataset {name!r}; "
@@ -344,14 +345,29 @@ class HFSource:
         self.image_column = image_column
         fingerprint = getattr(ds, "_fingerprint", "unknown")
         self.identity = f"hf:{name}:{config_name}:{split}:{image_column}:n={len(ds)}:{fingerprint}"
+        self.name = name
+        if len(ds):  # a column of text or numbers is named now, not as a traceback in a loader worker
+            pil_to_tensor(self[0], 3)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> Image.Image:
-        item = self.dataset[int(i)][self.image_column]
-        if isinstance(item, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
-            if item.get("bytes"):
-                return Image.open(io.BytesIO(item["bytes"]))
-            return _open_image(Path(item["path"]))
+        try:
+            item = self.dataset[int(i)][self.image_column]
+            if isinstance(item, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
+                item = (
+                    Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
+                )
+                item.load()
+        except Exception as e:  # datasets and PIL fail in many types on a corrupt row
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DifflabError(
+                f"cannot decode row {i} of Hugging Face dataset {self.name!r}: {first}"
+            ) from None
+        if not isinstance(item, Image.Image):
+            raise DifflabError(
+                f"data.source.image_column={self.image_column!r} of {self.name!r} holds "
+                f"{type(item).__name__} values, not images; name the column that holds the images"
+            )
         return item
