@@ -174,3 +174,34 @@ def test_a_crash_while_writing_the_final_last_ckpt_is_repaired_by_the_rerun(make
     assert load_checkpoint(last)["global_step"] == 8 and load_checkpoint(final_step)["global_step"] == 10
     train(make_cfg(*args, run_dir=run))  # max_steps is reached: nothing to train, last.ckpt repaired
     assert last.read_bytes() == final_step.read_bytes()
+
+
+def test_save_top_k_holds_after_a_crash_between_a_save_and_its_deletion(make_cfg, tmp_path, monkeypatch):
+    # save_top_k=2: writing step 12 replaces step 4; a crash after the write and before the deletion
+    # left step 4 for good, and the rerun (resumed from step_0000012.ckpt) never deleted that file
+    # either, as Lightning keeps the checkpoint a run resumed from.
+    from difflab.checkpoints import AtomicCheckpointIO
+
+    real_remove = AtomicCheckpointIO.remove_checkpoint
+
+    def crash_at_step_12(self, path):
+        if path.endswith("step_0000004.ckpt"):
+            raise Crash("crash before deleting step 4")
+        real_remove(self, path)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "remove_checkpoint", crash_at_step_12)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(make_cfg(*CHAIN, "callbacks.model_checkpoint.save_top_k=2", run_dir=run))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [
+        "step_0000004.ckpt",
+        "step_0000008.ckpt",
+        "step_0000012.ckpt",
+    ]
+    train(make_cfg(*CHAIN, "callbacks.model_checkpoint.save_top_k=2", run_dir=run))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step_0000016.ckpt",
+        "step_0000020.ckpt",
+    ]
