@@ -211,6 +211,26 @@ def test_full_disk_while_sampling_is_one_line(ckpts, tmp_path, monkeypatch, caps
     assert "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("command", [SAMPLE, EVAL], ids=["sample", "eval"])
+def test_out_of_memory_names_batch_size(command, ckpts, tmp_path, monkeypatch, capsys):
+    import difflab.diffusion.sampling
+    import difflab.evaluate
+    from difflab.metrics.features import ClassifierFeatures
+
+    def too_big(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
+
+    monkeypatch.setattr(difflab.diffusion.sampling, "sample_batch", too_big)
+    # eval's set-up (a feature classifier trained, real features) is not what this test is about
+    monkeypatch.setattr(ClassifierFeatures, "prepare", lambda self, dm: None)
+    monkeypatch.setattr(
+        difflab.evaluate, "real_features", lambda dm, ext, *a: torch.zeros(4, ext.num_features)
+    )
+    steps = "steps=[2]" if command is EVAL else "steps=2"
+    line = _run(command, ["ckpt={flow}", "batch_size=4096", steps], tmp_path, monkeypatch, capsys, ckpts)
+    assert "out of memory sampling batches of 4096 images on cpu; give a smaller batch_size" in line
+
+
 def test_no_ema_weights_is_said(ckpts, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         SAMPLE.call([f"ckpt={ckpts['noema']}", f"out={tmp_path / 's'}", "num_images=1", "steps=1"])

@@ -21,7 +21,7 @@ from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, instantiate, keywords
 from difflab.diffusion.module import ChannelsLast, uses_channels_last
 from difflab.diffusion.posthoc import EMAStd
-from difflab.diffusion.sampling import SamplerName, build_sampler, steps_problem
+from difflab.diffusion.sampling import SamplerName, batch_fits, build_sampler, steps_problem
 from difflab.errors import DifflabError
 from difflab.files import atomic_write, atomic_write_text
 from difflab.metrics.fid import FIDEvaluator, real_features
@@ -66,7 +66,8 @@ def evaluate(
         for count in step_counts:
             if problem := steps_problem(name, sched_cfg, count):
                 raise DifflabError(problem)
-            warn_if_long(unet, scheduler, sched_cfg, count, num_samples, batch_size, device)
+            with batch_fits(batch_size, device):
+                warn_if_long(unet, scheduler, sched_cfg, count, num_samples, batch_size, device)
     if "data" not in run_cfg:
         raise DifflabError(f"{ckpt} carries no data config; evaluate a training .ckpt, not an export")
     reference_cfg = None if real_split is None else split_config(run_cfg["data"], real_split, ckpt)
@@ -85,7 +86,8 @@ def evaluate(
         for name in samplers:
             for count in step_counts:
                 t0 = time.perf_counter()
-                values = evaluator.evaluate(unet, build_sampler(name, sched_cfg), count, seed, batch_size)
+                with batch_fits(batch_size, device):
+                    values = evaluator.evaluate(unet, build_sampler(name, sched_cfg), count, seed, batch_size)
                 row = {
                     **({"ema_std": std} if std is not None else {}),
                     "sampler": name,

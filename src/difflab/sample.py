@@ -19,7 +19,14 @@ from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, keywords
 from difflab.diffusion.module import ChannelsLast, uses_channels_last
 from difflab.diffusion.posthoc import EMAStd
-from difflab.diffusion.sampling import SamplerName, build_sampler, sample_images, steps_problem, time_estimate
+from difflab.diffusion.sampling import (
+    SamplerName,
+    batch_fits,
+    build_sampler,
+    sample_images,
+    steps_problem,
+    time_estimate,
+)
 from difflab.errors import DifflabError
 from difflab.files import atomic_write
 from difflab.rules import AtLeast, Device, Exists, resolve_device
@@ -50,12 +57,16 @@ def sample(
     if problem := steps_problem(sampler, sched_cfg, steps):
         raise DifflabError(problem)
     unet.to(device)
-    warn_if_long(unet, scheduler, sched_cfg, steps, num_images, batch_size, device)
+    with batch_fits(batch_size, device):
+        warn_if_long(unet, scheduler, sched_cfg, steps, num_images, batch_size, device)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths, images = [], []
     width = len(str(num_images - 1))
-    with tqdm(total=num_images, desc=f"{sampler} x{steps}", unit="img") as bar:
+    with (
+        batch_fits(batch_size, device),
+        tqdm(total=num_images, desc=f"{sampler} x{steps}", unit="img") as bar,
+    ):
         for idx, batch in sample_images(unet, scheduler, num_images, seed, steps, batch_size, device=device):
             for i, img in zip(idx, batch.cpu(), strict=True):
                 path = folder / f"{i:0{width}d}.png"

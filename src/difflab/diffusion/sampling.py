@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import diffusers
@@ -225,6 +226,21 @@ def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) 
         # model saturate into noise blobs. Dynamic thresholding (Imagen) is their equivalent.
         extra = {"thresholding": True, "sample_max_value": config.get("clip_sample_range", 1.0), **extra}
     return cls.from_config(config, **{**extra, **overrides})
+
+
+@contextmanager
+def batch_fits(batch_size: int, device: torch.device | str, key: str = "batch_size") -> Iterator[None]:
+    """Out of memory while sampling becomes one line naming the setting that sizes the batch (torch
+    raises it from deep inside the network, after the set-up)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise DifflabError(
+            f"out of memory sampling batches of {batch_size} images on {device}; give a smaller {key} "
+            "(the images do not depend on it)"
+        ) from None
 
 
 def image_generators(seed: int, indices: range, device: torch.device | str = "cpu") -> list[torch.Generator]:
