@@ -356,3 +356,63 @@ def test_atomic_write_removes_its_temporary_file_and_names_a_full_disk(tmp_path,
     with pytest.raises(ZeroDivisionError):  # any other failure: propagated, nothing left behind
         atomic_write(target, lambda f: 1 / 0)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+
+
+# ------------------------------------------------------------------------------ repeated kills
+def kill_chain_then_rerun(run_dir: Path, args: tuple[str, ...], kills: list[tuple[int, str]]) -> dict:
+    """Kill the same command at each (step, moment) in turn, each rerun resuming from what the killed
+    one wrote (a job preempted several times), then run it to the end; the final checkpoint."""
+    cmd = (*args, f"hydra.run.dir={run_dir}")
+    for step, moment in kills:
+        kill = ("+callbacks.kill._target_=tests.helpers.KillAt", f"+callbacks.kill.step={step}")
+        p = difflab_cli(
+            "train", *cmd, *kill, f"+callbacks.kill.moment={moment}", cwd=run_dir.parent, new_group=True
+        )
+        assert p.returncode == -9, f"not killed at {step} (exit {p.returncode}): {p.stderr[-2000:]}"
+    p = difflab_cli("train", *cmd, cwd=run_dir.parent)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+
+
+def assert_identical_end(reference: dict, final: dict) -> None:
+    """Bit-exact: weights, EMA, optimizer, LR schedule, loop counters and loader state."""
+    assert final["global_step"] == reference["global_step"]
+    assert max(max_abs_diff(reference, final).values()) == 0, max_abs_diff(reference, final)
+    assert final["lr_schedulers"] == reference["lr_schedulers"]
+    assert final["loops"] == reference["loops"]
+
+
+# RUN: epochs end at steps 28 and 56 (14, 28, 42, 56 accumulating 2 batches). Each chain resumes at
+# least twice from an epoch-end checkpoint, once from one a resumed run wrote.
+CHAINS = {
+    "triple": ((), [(29, "step"), (45, "step"), (57, "step")]),
+    "accumulate": (("trainer.accumulate_grad_batches=2",), [(15, "step"), (29, "step"), (43, "step")]),
+    "ddp_cpu": (("trainer=ddp_cpu", "data.batch_size=32"), [(29, "step"), (57, "step")]),
+    "streaming": ((), [(29, "step"), (45, "step"), (57, "step")]),
+    "posthoc": (("model/ema=posthoc", "model.ema.snapshot_every=5"), [(29, "step"), (57, "step")]),
+    "final_save": ((), [(57, "step"), (70, "during_last_save")]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", CHAINS)
+def test_repeated_kills_resume_bit_exactly(tmp_path, variant):
+    extra, kills = CHAINS[variant]
+    args = (*RUN, *extra)
+    if variant == "streaming":
+        from difflab.prepare import COMMAND as PREPARE
+
+        shards = tmp_path / "shards"
+        PREPARE.call(["data=digits", f"out={shards}", "chunk_bytes=5KB"])
+        data = ("data=streaming", f"data.source.path={shards}", "data.resolution=8", "data.channels=1")
+        args = (*RUN, *data, "data.num_workers=2")
+    reference = uninterrupted(tmp_path / "straight", args)
+    final = kill_chain_then_rerun(tmp_path / "killed", args, kills)
+    assert_identical_end(reference, final)
+    if variant == "posthoc":
+        ref = sorted((tmp_path / "straight" / "ema_snapshots").iterdir())
+        got = sorted((tmp_path / "killed" / "ema_snapshots").iterdir())
+        assert [p.read_bytes() for p in got] == [p.read_bytes() for p in ref] and len(ref) == 14
+    if variant == "final_save":
+        last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+        assert last.read_bytes() == (last.parent / "step_0000070.ckpt").read_bytes()
