@@ -168,6 +168,20 @@ def test_prepare_refuses_a_non_empty_out_and_overwrites_only_shards(tmp_path, di
         PREPARE.call(["data=digits", f"out={blocker / 'shards'}"])
 
 
+@pytest.mark.parametrize(
+    "chunk_bytes,message",
+    [
+        ("abc", "is not a size; give a number and a unit"),
+        ("0KB", "must be above 0 bytes"),
+        ("-3", "must be above 0 bytes"),
+    ],
+)
+def test_a_bad_chunk_size_is_refused_before_anything_is_written(tmp_path, chunk_bytes, message):
+    with pytest.raises(DifflabError, match=rf"chunk_bytes={chunk_bytes} {message}"):
+        PREPARE.call(["data=digits", f"out={tmp_path / 's'}", f"chunk_bytes={chunk_bytes}"])
+    assert not (tmp_path / "s").exists()
+
+
 def test_prepare_overwrite_replaces_a_shard_set(tmp_path):
     out = tmp_path / "s"
     PREPARE.call(["data=digits", "data.source.max_items=100", f"out={out}"])

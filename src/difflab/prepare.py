@@ -27,7 +27,15 @@ from omegaconf import DictConfig
 
 from difflab.cli import Command, keywords
 from difflab.data.datamodule import ImageDataModule
-from difflab.data.shards import Encoding, JpegQuality, PrepareSize, ShardItems, is_remote, shard_bytes
+from difflab.data.shards import (
+    ChunkBytes,
+    Encoding,
+    JpegQuality,
+    PrepareSize,
+    ShardItems,
+    is_remote,
+    shard_bytes,
+)
 from difflab.errors import DifflabError
 from difflab.files import atomic_write_text
 from difflab.rules import AtLeast
@@ -163,7 +171,7 @@ def prepare(
     encoding: Encoding,
     quality: JpegQuality,
     num_workers: Annotated[int, AtLeast(1)],
-    chunk_bytes: str,
+    chunk_bytes: ChunkBytes,
     overwrite: bool,
 ) -> dict[str, Any]:
     """Write ``data``'s images (its source, channel conversion and background) as shards in ``out``;

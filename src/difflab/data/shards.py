@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,6 +42,24 @@ DECODE_BLOCK = 256
 Encoding = Literal["png", "raw", "jpeg"]
 JpegQuality = Annotated[int, Between(1, 100)]
 PrepareSize = Annotated[int, AtLeast(1)] | None  # resize the shorter side to this (None: keep sizes)
+
+
+@dataclass(frozen=True)
+class ByteSize:
+    """A positive size as LitData reads it ("64MB", "500KB"), checked at start-up by LitData's own
+    parser rather than failing after the output directory is made."""
+
+    def problem(self, value: Any) -> str | None:
+        from litdata.utilities.format import _convert_bytes_to_int
+
+        try:
+            size = value if isinstance(value, int) else _convert_bytes_to_int(str(value))
+        except ValueError:
+            return "is not a size; give a number and a unit (B, KB, MB, GB, TB), e.g. 64MB"
+        return None if size > 0 else "must be above 0 bytes"
+
+
+ChunkBytes = Annotated[int | str, ByteSize()]  # bytes, or a number and a unit
 
 
 def is_remote(path: str) -> bool:
