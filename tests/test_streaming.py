@@ -234,6 +234,9 @@ def test_bad_shard_sets_are_one_line_naming_the_path(tmp_path, digit_shards, mak
     victim.unlink()
     with pytest.raises(DifflabError, match=rf"shard chunk .*{victim.name} is missing"):
         ShardSource(str(cut))
+    (cut / "index.json").write_text('{"chunks": [{"filename": "chunk-0-0.bin"}]}')
+    with pytest.raises(DifflabError, match=r"index.json is not a LitData index"):
+        ShardSource(str(cut))
     # Shards of other channels or a smaller size than the config: one line at set-up.
     base = ("data=streaming", f"data.source.path={digit_shards}", "model/unet=tiny", "trainer.max_steps=1")
     with pytest.raises(DifflabError, match=r"have 1 channel\(s\) but data.channels=3"):
@@ -251,6 +254,27 @@ def test_bad_shard_sets_are_one_line_naming_the_path(tmp_path, digit_shards, mak
                 "logger=none",
             )
         )
+
+
+def test_shards_not_written_by_difflab_prepare_are_one_line(tmp_path, monkeypatch):
+    from litdata import optimize
+
+    monkeypatch.setenv("DATA_OPTIMIZER_CACHE_FOLDER", str(tmp_path / "cache"))
+    out = tmp_path / "other"
+    optimize(
+        fn=_plain_item,
+        inputs=[0, 1],
+        output_dir=str(out),
+        chunk_bytes="1MB",
+        num_workers=1,
+        start_method="fork",
+    )
+    with pytest.raises(DifflabError, match=r"were not written by difflab-prepare"):
+        ShardSource(str(out))
+
+
+def _plain_item(i: int) -> dict:
+    return {"x": i}
 
 
 # ---------------------------------------------------------------------------------------- training

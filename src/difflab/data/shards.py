@@ -139,9 +139,16 @@ def _index_of(path: Path) -> dict:
             found += f": not a shard set; write one with `difflab-prepare data=<source> out={where}`"
         raise DifflabError(f"data.source.path={path} {found}")
     try:
-        return json.loads(index.read_text())
+        found = json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DifflabError(f"{index} is corrupt ({e}); prepare the shards again") from None
+    chunks = found.get("chunks") if isinstance(found, dict) else None
+    keys = ("filename", "chunk_bytes", "chunk_size")
+    if not isinstance(chunks, list) or not all(
+        isinstance(c, dict) and all(k in c for k in keys) for c in chunks
+    ):
+        raise DifflabError(f"{index} is not a LitData index (no list of chunks); prepare the shards again")
+    return found
 
 
 def check_chunks(path: Path, index: dict) -> None:
@@ -193,7 +200,18 @@ class ShardSource:
                 raise DifflabError(f"data.source.path={path} holds no images")
             digest = json.dumps(index.get("chunks", []), sort_keys=True)
         self._reader: StreamingDataset | None = None
-        first = self.reader[0]
+        try:
+            first = self.reader[0]
+        except Exception as e:  # LitData (and a remote store) fail in many types on a damaged set
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DifflabError(
+                f"cannot read the first image of {path}: {line}; prepare the shards again"
+            ) from None
+        if not isinstance(first, dict) or not {"image", "label", "size", "channels"} <= first.keys():
+            raise DifflabError(
+                f"the shards in {path} were not written by difflab-prepare (their items are not "
+                "image/label/size/channels records); write them with `difflab-prepare`"
+            )
         self.channels, self.size = int(first["channels"]), int(first["size"])
         self._labels: torch.Tensor | None = None
         has_labels = int(first["label"]) >= 0
