@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from difflab.checkpoints import load_checkpoint
 from difflab.errors import DifflabError
 from difflab.train import train
-from tests.conftest import FAST_DIGITS
+from tests.conftest import FAST_DIGITS, compose_config
 from tests.helpers import Crash, _TorchWithSave, max_abs_diff
 
 
@@ -129,17 +130,34 @@ def assert_identical(reference: dict, final: dict) -> None:
     assert final["loops"] == reference["loops"]  # epoch progress and data-loader position included
 
 
-def test_two_resumes_at_epoch_ends_equal_uninterrupted(make_cfg, tmp_path):
+@pytest.fixture(scope="module")
+def chain_straight(tmp_path_factory) -> Path:
+    """The checkpoints of CHAIN run without interruption."""
+    run = tmp_path_factory.mktemp("chain") / "straight"
+    train(compose_config(run, CHAIN))
+    return run / "checkpoints"
+
+
+def test_two_resumes_at_epoch_ends_equal_uninterrupted(make_cfg, tmp_path, chain_straight):
     # Crashed after step 9: resumed from step 8, an epoch end; crashed after 17: resumed from step 16,
     # an epoch end the resumed run wrote. Lightning's epoch counters were one behind in that file, and
     # the second resume replayed epoch 1 (its data and noise).
-    train(make_cfg(*CHAIN, run_dir=tmp_path / "straight"))
-    reference = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    epoch_end = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_0000016.ckpt")
     final = crashed_and_resumed(make_cfg, tmp_path / "run", CHAIN, [9, 17])
-    assert_identical(reference, final)
+    assert_identical(load_checkpoint(chain_straight / "last.ckpt"), final)
     resumed_epoch_end = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000016.ckpt")
-    assert resumed_epoch_end["loops"] == epoch_end["loops"]
+    assert resumed_epoch_end["loops"] == load_checkpoint(chain_straight / "step_0000016.ckpt")["loops"]
+
+
+def test_old_off_by_one_epoch_counters_resume_exactly(make_cfg, tmp_path, chain_straight):
+    # What difflab wrote at step 16 after a resume from step 8, before the fix: epoch 1 counted as
+    # not started. A job preempted across the upgrade resumes from such a file.
+    old = torch.load(chain_straight / "step_0000016.ckpt", weights_only=True)
+    for counts in old["loops"]["fit_loop"]["epoch_progress"].values():
+        counts.update(ready=1, started=1, processed=1, completed=1)
+    torch.save(old, tmp_path / "old.ckpt")
+    train(make_cfg(*CHAIN, f"ckpt_path={tmp_path / 'old.ckpt'}", run_dir=tmp_path / "run"))
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert_identical(load_checkpoint(chain_straight / "last.ckpt"), final)
 
 
 def test_a_resume_under_accumulation_does_not_rewrite_its_checkpoint(make_cfg, tmp_path):

@@ -168,6 +168,20 @@ def start_next_epoch_after_epoch_end(trainer: Any) -> None:
         loop.reset_restart_stage()
 
 
+def repair_epoch_progress(checkpoint: dict[str, Any]) -> None:
+    """Call at ``on_load_checkpoint``: a checkpoint written by a run resumed from an epoch end before
+    ``start_next_epoch_after_epoch_end`` counts its epoch as not started. Saved at a batch's end it is
+    inside a started epoch (ready = started = processed + 1); set so, Lightning resumes that epoch."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches:
+        return
+    mid_batch = batches["total"]["processed"] > batches["total"]["completed"]
+    for counts in (epochs["total"], epochs["current"]):
+        if mid_batch and counts["ready"] == counts["started"] == counts["processed"]:
+            counts["ready"] = counts["started"] = counts["processed"] + 1
+
+
 def _differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None) -> list[str]:
     keys = keys or (set(saved) | set(current))
     out = []

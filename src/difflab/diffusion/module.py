@@ -16,7 +16,7 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from difflab.checkpoints import start_next_epoch_after_epoch_end
+from difflab.checkpoints import repair_epoch_progress, start_next_epoch_after_epoch_end
 from difflab.diffusion.ema import swapped_in
 from difflab.diffusion.loss_window import LossWindow
 from difflab.diffusion.noise import TimestepDensity, TrainScheduler, immiscible_noise, noise_process
@@ -283,6 +283,7 @@ class DiffusionModule(L.LightningModule):
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        repair_epoch_progress(checkpoint)
         meta = checkpoint.get("difflab", {})
         self.noise_seed = meta.get("noise_seed", self.noise_seed)
         if "log_window" in meta:  # the partly filled logging window, so logged means resume exactly
