@@ -146,6 +146,14 @@ def test_bad_input_is_one_line(command, args, message, ckpts, tmp_path, monkeypa
     assert len(line) < 400
 
 
+def test_a_sweep_with_one_bad_steps_value_is_refused_before_any_job_runs(
+    ckpts, tmp_path, monkeypatch, capsys
+):
+    args = ["-m", "ckpt={ddpm}", "sampler=ddim", "steps=2,100000", "num_images=1", "out=sweep"]
+    line = _run(SAMPLE, args, tmp_path, monkeypatch, capsys, ckpts)
+    assert "steps=100000 is more than the model's num_train_timesteps=1000" in line  # no job's dir left
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -26,7 +26,7 @@ from difflab.errors import DifflabError
 from difflab.files import atomic_write, atomic_write_text
 from difflab.metrics.fid import FIDEvaluator, real_features
 from difflab.rules import AtLeast, Device, Exists, resolve_device
-from difflab.sample import warn_if_long
+from difflab.sample import sampler_steps_problems, warn_if_long
 
 
 def evaluate(
@@ -200,7 +200,9 @@ def checks(cfg: DictConfig) -> list[str]:
         remove_dirs(make_writable_dir(Path(str(cfg.cache_dir)), "metrics.cache_dir"))
     except DifflabError as e:
         return [str(e)]
-    return [
+    samplers = list(cfg.sampler) if OmegaConf.is_list(cfg.sampler) else [cfg.sampler]
+    step_counts = list(cfg.steps) if OmegaConf.is_list(cfg.steps) else [cfg.steps]
+    return sampler_steps_problems(str(cfg.ckpt), samplers, step_counts) + [
         f"{key}=[] is empty; give one value or a list of them ({key}={example})"
         for key, example in (
             ("sampler", "[dpmsolver++,ddim]"),

@@ -6,6 +6,7 @@ difflab-sample -m ckpt=PATH sampler=ddim,unipc steps=10,20     (one subdir of ou
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +25,7 @@ from difflab.diffusion.sampling import (
     batch_fits,
     build_sampler,
     sample_images,
+    sampler_problem,
     steps_problem,
     time_estimate,
 )
@@ -107,6 +109,35 @@ def warn_if_long(
         )
 
 
+def schedule_of(ckpt: str) -> dict | None:
+    """The noise-schedule config of a checkpoint or exported pipeline, read without loading weights
+    (the checkpoint is memory-mapped), for the start-up checks; None where it cannot be read (the run
+    itself then says why, in one line)."""
+    path = Path(ckpt)
+    try:
+        if path.is_dir():
+            return json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return dict(state["difflab"]["scheduler_config"])
+    except Exception:  # any unreadable file: reported by the loader, with its reasons, once the run starts
+        return None
+
+
+def sampler_steps_problems(ckpt: str, samplers: list[str], step_counts: list[int]) -> list[str]:
+    """Each sampler x steps the checkpoint's noise schedule cannot take, one line each (start-up: for
+    every job of a -m sweep, before any job writes)."""
+    schedule = schedule_of(ckpt)
+    if schedule is None:
+        return []
+    found = [f"sampler={name}: {why}" for name in samplers if (why := sampler_problem(name, schedule))]
+    good = [name for name in samplers if not sampler_problem(name, schedule)]
+    return found + [why for name in good for n in step_counts if (why := steps_problem(name, schedule, n))]
+
+
+def checks(cfg: DictConfig) -> list[str]:
+    return sampler_steps_problems(str(cfg.ckpt), [cfg.sampler], [cfg.steps])
+
+
 def run(cfg: DictConfig) -> list[Path]:
     kwargs = keywords(sample, cfg)
     paths = sample(**kwargs)
@@ -114,7 +145,7 @@ def run(cfg: DictConfig) -> list[Path]:
     return paths
 
 
-COMMAND = Command("sample", run, sample)
+COMMAND = Command("sample", run, sample, checks)
 
 
 def main(argv: list[str] | None = None) -> None:
