@@ -86,7 +86,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     place (an earlier folder there is replaced). A failure, Ctrl-C or kill -9 never leaves a half
     folder at ``path``: the temporary one is removed, or, after a kill, by the next call, which also
     puts back an earlier folder a kill caught mid-swap. A full disk raises ``DiskFullError``."""
-    path = Path(path)
+    path = Path(path).resolve()  # a link to a folder: the folder is replaced, beside its target
     tmp, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
     if old.is_dir() and not (path.is_dir() and any(path.iterdir())):
         if path.is_dir():
