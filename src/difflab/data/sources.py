@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from difflab.data.transforms import pil_to_tensor
+from difflab.data.transforms import check_decodes, pil_to_tensor
 from difflab.errors import DifflabError
 from difflab.rules import AtLeast, Exists
 
@@ -186,7 +186,7 @@ def _check_image(path: Path) -> None:
     """``path`` decodes all the way to a tensor (orientation, bit depth, mode), or one line naming it."""
     img = _open_image(path)
     try:
-        pil_to_tensor(img, 3)
+        check_decodes(img)
     except Exception as e:  # a PIL conversion or a corrupt EXIF block fails in many types
         raise DifflabError(f"cannot decode image {path} ({img.mode}): {e}; {SKIP_HINT}") from None
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -64,6 +64,20 @@ def pil_to_tensor(
         img = _composite_alpha(img, background)
     img = img.convert("L" if channels == 1 else "RGB")
     return F.pil_to_tensor(img)
+
+
+# Modes whose conversion in pil_to_tensor is PIL's own, known to work: checking a file of one of these
+# modes needs only its EXIF parsed, not a full conversion (2.3x the time of the decode itself).
+_ROUTINE_MODES = frozenset(
+    {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16B", "I;16L", "F"}
+)
+
+
+def check_decodes(img: Image.Image) -> None:
+    """Raise whatever ``pil_to_tensor`` would raise on a loaded image, as cheaply as possible."""
+    img.getexif().get(ExifTags.Base.Orientation)
+    if img.mode not in _ROUTINE_MODES:
+        pil_to_tensor(img, 3)
 
 
 def tensor_to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
