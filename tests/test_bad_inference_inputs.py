@@ -180,6 +180,26 @@ def test_training_callbacks_steps_refused_at_start_up(args, message, tmp_path, m
     assert message in line, line
 
 
+@pytest.mark.parametrize("command", [SAMPLE, EVAL, EXPORT], ids=["sample", "eval", "export"])
+def test_unreadable_checkpoint_is_refused_at_start_up(command, ckpts, tmp_path, monkeypatch, capsys):
+    """ckpt= a file behind chmod 000 was a PermissionError traceback from inside torch.load."""
+    import difflab.files
+
+    locked = tmp_path / "locked.ckpt"
+    shutil.copy(ckpts["flow"], locked)
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: the check's own question is answered "no" instead
+        real = os.access
+        monkeypatch.setattr(
+            difflab.files.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode)
+        )
+    extra = ["out=x"] if command is EXPORT else []
+    line = _run(
+        command, ["ckpt={locked}", *extra], tmp_path, monkeypatch, capsys, {**ckpts, "locked": locked}
+    )
+    assert f"ckpt={locked} cannot be read (permission denied); fix its permissions" in line
+
+
 def test_ctrl_c_while_sampling_keeps_whole_images(ckpts, tmp_path, monkeypatch, capsys):
     """Ctrl-C in difflab-sample was a 93-line traceback; the images written so far stay, whole."""
     import difflab.sample

@@ -23,14 +23,14 @@ from difflab.diffusion.module import ChannelsLast, uses_channels_last
 from difflab.diffusion.posthoc import EMAStd
 from difflab.diffusion.sampling import SamplerName, batch_fits, build_sampler, steps_problem
 from difflab.errors import DifflabError
-from difflab.files import atomic_write, atomic_write_text
+from difflab.files import Readable, atomic_write, atomic_write_text
 from difflab.metrics.fid import FIDEvaluator, real_features
 from difflab.rules import AtLeast, Device, Exists, resolve_device
 from difflab.sample import sampler_steps_problems, warn_if_long
 
 
 def evaluate(
-    ckpt: Annotated[str, Exists("file")],
+    ckpt: Annotated[str, Exists("file"), Readable()],
     sampler: SamplerName | list[SamplerName],
     steps: Annotated[int, AtLeast(1)] | list[Annotated[int, AtLeast(1)]],
     num_samples: Annotated[int, AtLeast(2)],

@@ -17,7 +17,7 @@ from difflab.cli import Command, keywords
 from difflab.diffusion.noise import objective_of, scheduler_class
 from difflab.diffusion.posthoc import EMAStd
 from difflab.errors import DifflabError
-from difflab.files import atomic_dir
+from difflab.files import Readable, atomic_dir
 from difflab.rules import Exists
 
 
@@ -38,7 +38,7 @@ class PipelineDir:
 
 
 def export(
-    ckpt: Annotated[str, Exists("file")],
+    ckpt: Annotated[str, Exists("file"), Readable()],
     out: Annotated[str, PipelineDir()],
     use_ema: bool,
     ema_std: EMAStd | None,

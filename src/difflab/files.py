@@ -1,4 +1,5 @@
-"""Atomic file and folder writes: a reader sees the old file (folder) or the new one, never half of one."""
+"""Files a command reads and writes: atomic file and folder writes (a reader sees the old file or folder
+or the new one, never half of one), and the start-up rule that an input can be read."""
 
 from __future__ import annotations
 
@@ -7,8 +8,23 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+
+@dataclass(frozen=True)
+class Readable:
+    """A path this process may read (a folder: list and enter), as a type-hint rule (rules.py): a
+    checkpoint behind chmod 000 is one line at start-up, not a PermissionError from inside torch."""
+
+    def problem(self, value: Any) -> str | None:
+        path = Path(str(value)).expanduser()
+        if not path.exists():
+            return None  # Exists() says that
+        if os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            return None
+        return "cannot be read (permission denied); fix its permissions (chmod u+r) or give a readable copy"
 
 
 class DiskFullError(OSError):

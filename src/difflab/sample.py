@@ -30,14 +30,14 @@ from difflab.diffusion.sampling import (
     time_estimate,
 )
 from difflab.errors import DifflabError
-from difflab.files import atomic_write
+from difflab.files import Readable, atomic_write
 from difflab.rules import AtLeast, Device, Exists, resolve_device
 
 log = logging.getLogger(__name__)
 
 
 def sample(
-    ckpt: Annotated[str, Exists()],
+    ckpt: Annotated[str, Exists(), Readable()],
     out: str,
     num_images: Annotated[int, AtLeast(1)],
     sampler: SamplerName,
