@@ -112,6 +112,23 @@ def test_a_signal_mid_write_is_one_line_and_leaves_no_process(tmp_path, sig):
     assert len(ShardSource(str(out))) == 300
 
 
+def test_a_signal_while_reading_the_source_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import difflab.data.sources
+
+    def interrupted(**kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as if sent while a large folder is being checked
+        time.sleep(5)
+
+    monkeypatch.setattr(difflab.data.sources, "digits_source", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(
+        DifflabError, match=r"stopped by SIGTERM before writing shards to out=.*run the command again"
+    ):
+        PREPARE.call(["data=digits", f"out={tmp_path / 'new'}"])
+    assert not (tmp_path / "new").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler lives only as long as prepare
+
+
 @pytest.mark.parametrize(
     "error,expected",
     [

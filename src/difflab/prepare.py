@@ -18,7 +18,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -117,19 +117,28 @@ class _Stopped(Exception):
     """A signal asked ``difflab-prepare`` to stop."""
 
 
-def _write_stoppably(write: Callable[[], None], out: str, rerun: str) -> None:
-    """Run ``write`` (LitData's ``optimize``) in a child process group; SIGINT/SIGTERM/SIGHUP stop the
-    whole group and become one line. Written here rather than left to LitData: its SIGINT handler
-    exits with status 0 and no message, and SIGTERM left its workers running."""
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise ``_Stopped`` in the main thread while this is open."""
 
     def stop(signum: int, frame: Any) -> None:
         raise _Stopped(signal.Signals(signum).name)
 
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _write_stoppably(write: Callable[[], None], out: str, rerun: str) -> None:
+    """Run ``write`` (LitData's ``optimize``) in a child process group, which a signal (under
+    ``_signals_stop``) stops as a whole, with one line. Written here rather than left to LitData: its
+    SIGINT handler exits with status 0 and no message, and SIGTERM left its workers running."""
     ctx = multiprocessing.get_context("fork")  # LitData's workers fork too: they inherit the source
     errors = ctx.SimpleQueue()
     cache = tempfile.mkdtemp(prefix="difflab-prepare-")
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, stop) for sig in signals}
     child = ctx.Process(target=_writer, args=(write, cache, errors), name="difflab-prepare-writer")
     try:
         child.start()
@@ -140,8 +149,6 @@ def _write_stoppably(write: Callable[[], None], out: str, rerun: str) -> None:
         child.join()
         raise DifflabError(f"stopped by {e} while writing shards to out={out}; {rerun}") from None
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if child.pid is not None:  # LitData leaves helper processes behind when a worker fails
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)
@@ -177,6 +184,29 @@ def prepare(
     """Write ``data``'s images (its source, channel conversion and background) as shards in ``out``;
     returns the summary (conf/prepare.yaml documents each setting). The same source and settings
     write byte-identical local shards."""
+    existed = is_remote(out) or Path(out).expanduser().exists()
+    with _signals_stop():
+        try:
+            return _prepare(data, out, resolution, encoding, quality, num_workers, chunk_bytes, overwrite)
+        except _Stopped as e:  # before or after the writer ran (it reports its own stop)
+            path = Path(out).expanduser()
+            if not existed and path.is_dir() and not any(path.iterdir()):
+                path.rmdir()  # made by this run, still empty
+            raise DifflabError(
+                f"stopped by {e} before writing shards to out={out}; run the command again"
+            ) from None
+
+
+def _prepare(
+    data: ImageDataModule,
+    out: str,
+    resolution: int | None,
+    encoding: Encoding,
+    quality: int,
+    num_workers: int,
+    chunk_bytes: int | str,
+    overwrite: bool,
+) -> dict[str, Any]:
     from litdata import optimize
 
     local = None if is_remote(out) else _ready_local_out(out, overwrite)
