@@ -8,7 +8,10 @@ through the real scripts."""
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -296,8 +299,11 @@ def test_bad_command_line_is_one_line_naming_the_key(command, args, message, tmp
     assert (files["full"] / "notes.txt").read_text() == "mine"  # the user's files are untouched
 
 
-def _raise(exc: BaseException):
+def _raise(exc: BaseException | signal.Signals):
     def raiser(*args, **kwargs):
+        if isinstance(exc, signal.Signals):
+            os.kill(os.getpid(), exc)  # as `kill <pid>` from another terminal
+            time.sleep(5)  # the handler raises here
         raise exc
 
     return raiser
@@ -307,6 +313,7 @@ def _raise(exc: BaseException):
     ("raised", "message"),
     [
         (KeyboardInterrupt(), "interrupted; nothing was written"),
+        (signal.SIGTERM, "stopped by SIGTERM; nothing was written"),
         (
             PermissionError(errno.EACCES, "Permission denied", "/data/x.png"),
             "/data/x.png: Permission denied; choose a path you may write to, or fix its permissions",
@@ -320,7 +327,7 @@ def _raise(exc: BaseException):
             "network error: Connection refused; check the connection (or work offline) and rerun",
         ),
     ],
-    ids=["ctrl-c", "permission", "disk-full", "network"],
+    ids=["ctrl-c", "sigterm", "permission", "disk-full", "network"],
 )
 def test_what_a_users_input_raises_after_start_is_one_line(raised, message, tmp_path, monkeypatch, capsys):
     """The root: cli.Command turns these into one line, exit 2, and removes the run dir it made."""

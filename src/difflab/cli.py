@@ -15,7 +15,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -194,13 +196,14 @@ class Command:
         quiet_third_party_noise()
         args = rewrite_group_aliases(sys.argv[1:] if argv is None else list(argv))
         try:
+            stop_signals_interrupt()
             preflight(self, args)
             sys.argv = [sys.argv[0], *args]
             return self._hydra_main()
         except DifflabError as e:
             print_error_and_exit(e)
-        except KeyboardInterrupt:  # before Hydra's run dir exists, or after app() has cleaned up
-            print_error_and_exit("interrupted; nothing was written")
+        except KeyboardInterrupt as e:  # before Hydra's run dir exists, or after app() has cleaned up
+            print_error_and_exit(f"{_interrupted(e)}; nothing was written")
         except OSError as e:
             if (line := os_error_line(e)) is None:
                 raise
@@ -208,6 +211,7 @@ class Command:
         finally:
             from difflab.rundir import release_locks
 
+            restore_stop_signals()
             release_locks()  # the run is over (matters when called in-process: tests, notebooks)
         return None
 
@@ -228,8 +232,8 @@ class Command:
                 if (line := os_error_line(e)) is None:
                     raise
                 self._fail(line)
-            except KeyboardInterrupt:
-                self._fail("interrupted", interrupted=True)
+            except KeyboardInterrupt as e:
+                self._fail(_interrupted(e), interrupted=True)
             return None
 
         return app()
@@ -242,6 +246,41 @@ class Command:
             kept = not removed and out.is_dir() and any(out.iterdir())
             line += f"; what was written so far is in {out}" if kept else "; nothing was written"
         print_error_and_exit(line)
+
+
+# `kill <pid>` and a closed terminal stop a command as Ctrl-C does (one line, the run dir cleaned up)
+# instead of killing it mid-write; training hands them back first (see restore_stop_signals).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_previous_handlers: dict[int, Any] = {}
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal, raised where the command was (as Python raises KeyboardInterrupt for Ctrl-C)."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _interrupted(e: KeyboardInterrupt) -> str:
+    return f"stopped by {e.args[0]}" if isinstance(e, Stopped) and e.args else "interrupted"
+
+
+def stop_signals_interrupt() -> None:
+    """SIGTERM and SIGHUP raise ``Stopped`` until ``restore_stop_signals`` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in _STOP_SIGNALS:
+        _previous_handlers.setdefault(sig, signal.getsignal(sig))
+        signal.signal(sig, _raise_stopped)
+
+
+def restore_stop_signals() -> None:
+    """The handlers from before ``stop_signals_interrupt``: Lightning installs its own SIGTERM handling
+    for training only where none is set, and the preemption callback saves a checkpoint on it."""
+    for sig, previous in _previous_handlers.items():
+        signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+    _previous_handlers.clear()
 
 
 def keywords(fn: Callable[..., Any], cfg: DictConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessRaisedException
 
 from difflab.checkpoints import check_resume_compatible, resume_checkpoint
-from difflab.cli import Command, instantiate
+from difflab.cli import Command, instantiate, restore_stop_signals
 from difflab.diffusion.sampling import sampler_problem, steps_problem
 from difflab.errors import DifflabError
 from difflab.loggers import finish_loggers
@@ -144,6 +144,7 @@ def train(cfg: DictConfig) -> float | None:
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
+    restore_stop_signals()  # from here on SIGTERM is Lightning's and the preemption callback's
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except ProcessRaisedException as e:  # a spawned DDP rank raised: its error text is all that returns
