@@ -113,8 +113,9 @@ def _writer(write: Callable[[], None], cache: str, errors: Any) -> None:
     os._exit(0)
 
 
-class _Stopped(Exception):
-    """A signal asked ``difflab-prepare`` to stop."""
+class _Stopped(BaseException):
+    """A signal asked ``difflab-prepare`` to stop. A BaseException, as KeyboardInterrupt is, so that
+    no ``except Exception`` on the way (a source's bad-image check) mistakes it for a bad file."""
 
 
 @contextlib.contextmanager
