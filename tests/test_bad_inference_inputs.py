@@ -32,7 +32,8 @@ from tests.conftest import FAST_DIGITS, compose_config
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """2-step digits checkpoints: the flow default, a DDPM one, one without EMA weights (from the
-    flow one), an exported pipeline, a truncated file and a pipeline with truncated weights."""
+    flow one), one trained on a folder that has moved, an exported pipeline, a truncated file and a
+    pipeline with truncated weights."""
     root = tmp_path_factory.mktemp("ckpts")
     for name, extra in (("flow", []), ("ddpm", ["model=ddpm"])):
         train(compose_config(root / name, [*FAST_DIGITS, "trainer.max_steps=2", *extra]))
@@ -41,6 +42,9 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     del state["ema"]
     torch.save(state, root / "noema.ckpt")
     (root / "truncated.ckpt").write_bytes(flow.read_bytes()[:5000])
+    folder = {"_target_": "difflab.data.sources.FolderSource", "_partial_": True, "path": str(root / "moved")}
+    state["difflab"]["config"]["data"]["source"] = folder  # trained on a folder since moved away
+    torch.save(state, root / "moved.ckpt")
     EXPORT.call([f"ckpt={flow}", f"out={root / 'pipe'}"])
     damaged = root / "damaged"
     shutil.copytree(root / "pipe", damaged)
@@ -53,6 +57,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         "pipe": root / "pipe",
         "truncated": root / "truncated.ckpt",
         "damaged": damaged,
+        "moved": root / "moved.ckpt",
     }
 
 
@@ -96,6 +101,7 @@ EVAL_CASES = [
     (["ckpt={flow}", "metrics.cache_dir={file}/fid"], "metrics.cache_dir={file}/fid cannot be created"),
     (["ckpt={flow}", "real_split=test"], "real_split=test: the data source of"),
     (["ckpt={pipe}"], "is a directory, not a file"),
+    (["ckpt={moved}"], "the training images of {moved} cannot be read (data.source.path="),
     (["ckpt={truncated}"], "is truncated or corrupt"),
     (["ckpt={flow}", "out={file}"], "is a file, not a directory"),
 ]

@@ -71,7 +71,14 @@ def evaluate(
     if "data" not in run_cfg:
         raise DifflabError(f"{ckpt} carries no data config; evaluate a training .ckpt, not an export")
     reference_cfg = None if real_split is None else split_config(run_cfg["data"], real_split, ckpt)
-    datamodule = instantiate(OmegaConf.create(run_cfg["data"]))
+    try:
+        datamodule = instantiate(OmegaConf.create(run_cfg["data"]))
+        datamodule.setup()  # opens the source: a moved folder is found here, not mid-way
+    except DifflabError as e:  # it names the training run's key, which difflab-eval does not take
+        raise DifflabError(
+            f"the training images of {ckpt} cannot be read ({e}); eval reads them where the run "
+            "read them: put them back there"
+        ) from None
     extractor.prepare(datamodule)  # a classifier learns from the training images, whatever real_split
     reference = datamodule if reference_cfg is None else instantiate(reference_cfg)
     feats = real_features(reference, extractor, num_real, cache_dir, torch.device("cpu"))
