@@ -91,7 +91,7 @@ def _writer(write: Callable[[], None], cache: str, errors: Any) -> None:
     """The child process that runs LitData's ``optimize`` (and its workers) in a process group of its
     own, so that a signal to ``difflab-prepare`` stops all of them at once."""
     os.setpgrp()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the parent's handlers raise
         signal.signal(sig, signal.SIG_DFL)
     parent = os.getppid()
 
