@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from difflab.errors import DifflabError
+from difflab.rules import _shown as shown
 
 log = logging.getLogger("difflab.train")
 
@@ -189,17 +191,7 @@ def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def _shown(value: Any) -> str:
-    return (
-        "(unset)"
-        if value is _UNSET
-        else OmegaConf.to_yaml(value).strip()
-        if isinstance(value, (list, dict))
-        else str(value).lower()
-        if isinstance(value, bool)
-        else "null"
-        if value is None
-        else str(value)
-    )
+    return "(unset)" if value is _UNSET else shown(value)
 
 
 _UNSET = object()
@@ -301,7 +293,11 @@ def start_train_run(cfg: DictConfig) -> None:
                 f"cannot resume from {path}: it was trained with model={theirs}, this run is "
                 f"model={mine}; give model={theirs}, or start a new run with hydra.run.dir=<new dir>"
             )
-        check_resume_settings(ckpt["difflab"].get("config"), run_config(cfg, run_dir), path)
+        try:
+            new = run_config(cfg, run_dir)
+        except OmegaConfBaseException:  # a value only Hydra's runtime resolves: train() compares
+            return
+        check_resume_settings(ckpt["difflab"].get("config"), new, path)
     except BaseException:
         unlock_run_dir(run_dir, remove=made_lock)
         remove_dirs(created)
