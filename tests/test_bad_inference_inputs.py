@@ -348,6 +348,18 @@ def test_export_failure_leaves_the_earlier_export_and_no_litter(ckpts, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
+def test_ctrl_c_mid_export_leaves_nothing(ckpts, tmp_path, monkeypatch, capsys):
+    from diffusers import DDPMPipeline
+
+    def half_then_ctrl_c(self, path, **kwargs):
+        (Path(path) / "model_index.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DDPMPipeline, "save_pretrained", half_then_ctrl_c)
+    line = _run(EXPORT, ["ckpt={flow}", "out=pipe"], tmp_path, monkeypatch, capsys, ckpts)
+    assert line == "difflab: error: interrupted; nothing was written"  # and no pipe/ nor .pipe.partial/
+
+
 def test_kill_9_mid_export_leaves_no_half_dir_and_a_rerun_repairs_it(tmp_path):
     """A real SIGKILL inside the writer (the pipeline itself is swapped for two files)."""
     code = (
