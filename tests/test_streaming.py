@@ -77,10 +77,13 @@ def _session_processes(sid: int) -> list[str]:
     ids=["TERM", "INT", "KILL"],
 )
 def test_a_signal_mid_write_is_one_line_and_leaves_no_process(tmp_path, sig):
-    """SIGTERM (or Ctrl-C's SIGINT to the foreground group) while chunks are being written: one line,
-    exit 2, every LitData worker gone; a rerun names the unfinished set, and overwrite=true repairs it."""
+    """SIGTERM (or Ctrl-C's SIGINT to the foreground group, or even kill -9) while an overwrite=true
+    is writing chunks: one line, exit 2, every LitData worker gone, and the earlier set in out= intact
+    (the new one is written beside it and swapped in at the end); the rerun writes it."""
     out = tmp_path / "shards"
-    args = ["data=fashion_mnist", f"out={out}", "chunk_bytes=20KB", "num_workers=2"]
+    PREPARE.call(["data=digits", "data.source.max_items=50", f"out={out}"])
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    args = ["data=fashion_mnist", f"out={out}", "chunk_bytes=20KB", "num_workers=2", "overwrite=true"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [str(BIN / "difflab-prepare"), *args],
@@ -91,8 +94,9 @@ def test_a_signal_mid_write_is_one_line_and_leaves_no_process(tmp_path, sig):
         env=env,
         start_new_session=True,
     )
+    partial = tmp_path / ".shards.partial"
     deadline = time.monotonic() + 120
-    while not list(out.glob("chunk-*")) and proc.poll() is None and time.monotonic() < deadline:
+    while not list(partial.glob("chunk-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
@@ -100,16 +104,15 @@ def test_a_signal_mid_write_is_one_line_and_leaves_no_process(tmp_path, sig):
     if sig != signal.SIGKILL:
         assert proc.returncode == 2, stderr[-2000:]
         assert stderr.strip().splitlines() == [
-            f"difflab: error: stopped by {sig.name} while writing shards to out={out}; the shards there "
-            "are incomplete: run the command again with overwrite=true"
+            f"difflab: error: stopped by {sig.name} while writing shards to out={out}; out= is unchanged; "
+            "run the command again"
         ]
+        assert not partial.exists()
     time.sleep(1.5)
     assert _session_processes(proc.pid) == []  # no orphaned writer or worker
-    assert not (out / "index.json").exists()
-    with pytest.raises(DifflabError, match=r"holds an unfinished shard set .*give overwrite=true"):
-        PREPARE.call(args)
-    PREPARE.call([*args, "data.source.max_items=300", "overwrite=true"])
-    assert len(ShardSource(str(out))) == 300
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    PREPARE.call([*args, "data.source.max_items=300"])
+    assert len(ShardSource(str(out))) == 300 and not partial.exists()
 
 
 def test_a_signal_while_reading_the_source_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
@@ -156,7 +159,8 @@ def test_a_worker_error_is_one_line(tmp_path, monkeypatch, error, expected):
     with pytest.raises(DifflabError) as e:
         PREPARE.call(["data=digits", f"out={out}", SMALL_CHUNKS])
     assert str(e.value).startswith(f"writing shards to out={out} failed: {expected}"), str(e.value)
-    assert "\n" not in str(e.value) and str(e.value).endswith("run the command again with overwrite=true")
+    assert "\n" not in str(e.value) and str(e.value).endswith("; out= is unchanged; run the command again")
+    assert not out.exists()  # made by the run, removed with the partial set
 
 
 def test_prepare_resizes_and_encodes_jpeg(tmp_path):

@@ -37,14 +37,15 @@ from difflab.data.shards import (
     shard_bytes,
 )
 from difflab.errors import DifflabError
-from difflab.files import atomic_write_text
+from difflab.files import atomic_dir, atomic_write_text
 from difflab.rules import AtLeast
 
 log = logging.getLogger("difflab.prepare")
 
 
 def _ready_local_out(out: str, overwrite: bool) -> Path:
-    """``out`` as an empty, writable directory; refuses to overwrite anything but a shard set."""
+    """``out`` as a writable directory, empty or (with ``overwrite``) holding a shard set to replace;
+    refuses anything else."""
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise DifflabError(f"out={out} is a file, not a directory")
@@ -66,7 +67,6 @@ def _ready_local_out(out: str, overwrite: bool) -> Path:
                 f"out={out} holds files that are not shards ({', '.join(sorted(foreign)[:3])}); "
                 "overwrite=true only replaces a shard set; choose another directory"
             )
-        shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -190,12 +190,13 @@ def prepare(
         try:
             return _prepare(data, out, resolution, encoding, quality, num_workers, chunk_bytes, overwrite)
         except _Stopped as e:  # before or after the writer ran (it reports its own stop)
-            path = Path(out).expanduser()
-            if not existed and path.is_dir() and not any(path.iterdir()):
-                path.rmdir()  # made by this run, still empty
             raise DifflabError(
                 f"stopped by {e} before writing shards to out={out}; run the command again"
             ) from None
+        finally:
+            path = Path(out).expanduser()
+            if not existed and path.is_dir() and not any(path.iterdir()):
+                path.rmdir()  # made by this run, still empty: it failed or was stopped
 
 
 def _prepare(
@@ -217,14 +218,14 @@ def _prepare(
     log.info("writing %d images from %s to %s (%s)", n, source.identity, out, encoding)
     t0 = time.perf_counter()
 
-    def write() -> None:
+    def write(output_dir: str) -> None:
         optimize(
             fn=items,
             # A seeded shuffle: each chunk, and each block LitData decodes, is then a random sample of
             # the set, which the chunk-by-chunk training order relies on (a folder sorted by class
             # would otherwise give one-class batches).
             inputs=torch.randperm(n, generator=torch.Generator().manual_seed(data.seed)).tolist(),
-            output_dir=str(local) if local is not None else out,
+            output_dir=output_dir,
             chunk_bytes=chunk_bytes,
             num_workers=num_workers,
             mode="overwrite" if overwrite and local is None else None,
@@ -235,10 +236,24 @@ def _prepare(
             verbose=False,  # LitData's notes and progress bar on stderr would bury an error's one line
         )
 
-    _write_stoppably(write, out, "the shards there are incomplete: run the command again with overwrite=true")
-    if local is not None:
-        settings = (source.identity, data.channels, data.background, resolution, encoding, quality, data.seed)
-        _pin_index(local, "|".join(map(str, settings)))
+    if local is None:
+        rerun = "the shards there may be incomplete: run the command again with overwrite=true"
+        _write_stoppably(lambda: write(out), out, rerun)
+    else:
+        # A local set is written beside out= and swapped in whole: a failure, a signal or kill -9
+        # leaves out= as it was (an earlier set replaced by overwrite=true included).
+        with atomic_dir(local) as partial:
+            _write_stoppably(lambda: write(str(partial)), out, "out= is unchanged; run the command again")
+            settings = (
+                source.identity,
+                data.channels,
+                data.background,
+                resolution,
+                encoding,
+                quality,
+                data.seed,
+            )
+            _pin_index(partial, "|".join(map(str, settings)))
     seconds = time.perf_counter() - t0
     size = shard_bytes(str(local)) if local is not None else None
     summary = {"images": n, "bytes": size, "seconds": round(seconds, 2), "img_per_s": round(n / seconds, 1)}
