@@ -1,14 +1,23 @@
-"""The default precision follows the hardware; CPU bf16 attention runs on the math kernel."""
+"""The default precision follows the hardware (emulated bf16 is not bf16); precisions difflab cannot
+run are refused at start-up; the GradScaler path clips unscaled gradients; CPU bf16 attention runs on
+the math kernel."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import hydra
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from omegaconf import open_dict
+from torch.amp.grad_scaler import OptState
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from difflab import precision
 from difflab.diffusion.unet import UNet2DModel
+from difflab.errors import DifflabError
+from difflab.train import COMMAND, train
 from tests.conftest import FAST_DIGITS
 
 
@@ -64,3 +73,83 @@ def test_cpu_bf16_attention_runs_on_the_math_kernel(make_cfg):
         fp32 = unet(x, t).sample
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             assert torch.equal(fp32, super(UNet2DModel, unet).forward(x, t).sample)
+
+
+def _fake_cuda_gpu(monkeypatch, major: int, name: str) -> None:
+    """A visible CUDA GPU of compute capability ``major``.x whose bf16 runs at least emulated (torch's
+    own probe, creating a bf16 tensor on it, succeeds on a V100 or T4)."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(major=major, minor=0))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda *a: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "ddp", "multinode"])
+def test_emulated_bf16_is_not_bf16(make_cfg, monkeypatch, trainer):
+    _fake_cuda_gpu(monkeypatch, 7, "Tesla V100-SXM2-16GB")
+    assert torch.cuda.is_bf16_supported()  # torch's default counts the emulation: the trap
+    assert precision.auto_precision("gpu") == "32-true"
+    assert make_cfg(f"trainer={trainer}").trainer.precision == "32-true"  # the GPU presets pick too
+    (line,) = precision.precision_problems("bf16-mixed", "gpu")
+    assert "Tesla V100-SXM2-16GB has no bf16 units" in line and "trainer.precision=16-mixed" in line
+    assert precision.precision_problems("16-mixed", "gpu") == []
+
+    _fake_cuda_gpu(monkeypatch, 8, "NVIDIA A100-SXM4-80GB")
+    assert precision.auto_precision("gpu") == "bf16-mixed"
+    assert make_cfg(f"trainer={trainer}").trainer.precision == "bf16-mixed"
+    assert precision.precision_problems("bf16-mixed", "gpu") == []
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"), [("bf16-true", "bf16"), ("16-true", "fp16"), ("64-true", "fp64"), ("64", "fp64")]
+)
+def test_precisions_without_fp32_weights_are_refused_at_start_up(make_cfg, value, dtype):
+    # Before: accepted, then step 1 failed with a traceback (fp32 batch vs bf16/fp64 weights; the
+    # EMA's fp32 shadows and the loss window's fp32 sums would have followed).
+    cfg = make_cfg(*FAST_DIGITS, f"trainer.precision={value}")
+    with pytest.raises(DifflabError) as e:
+        COMMAND.check(cfg)
+    assert str(e.value).startswith(f"trainer.precision={value} keeps the weights in {dtype}")
+    assert "\n" not in str(e.value)
+
+
+def test_16_mixed_with_clipping_unscales_before_clipping_with_foreach_adamw(make_cfg, monkeypatch):
+    """The GradScaler path: Lightning refuses to clip a fused optimizer's gradients under a scaler, so
+    difflab swaps in foreach AdamW; the gradients must be unscaled when they are clipped. Lightning
+    refuses 16-mixed on a CPU accelerator, but its plugin runs with torch's CPU GradScaler. Not
+    covered here: CUDA's fp16 autocast kernels and a scale that overflows on real fp16 gradients."""
+    seen: list[dict] = []
+    real_clip = MixedPrecision.clip_gradients
+
+    def recording_clip(self, optimizer, clip_val=0.0, gradient_clip_algorithm=None):
+        state = self.scaler._per_optimizer_states[id(optimizer)]["stage"]
+        seen.append(
+            {"stage": state, "fused": optimizer.defaults.get("fused"), "scale": self.scaler.get_scale()}
+        )
+        return real_clip(self, optimizer, clip_val, gradient_clip_algorithm)
+
+    monkeypatch.setattr(MixedPrecision, "clip_gradients", recording_clip)
+    cfg = make_cfg(
+        *FAST_DIGITS, "trainer.max_steps=3", "model.optimizer.fused=true", "trainer.gradient_clip_val=1.0"
+    )
+    with open_dict(cfg):
+        cfg.trainer.precision = None  # the plugin carries it (Lightning takes one or the other)
+        scaler = {"_target_": "torch.amp.GradScaler", "device": "cpu"}
+        plugin = {"_target_": "lightning.pytorch.plugins.precision.MixedPrecision", "scaler": scaler}
+        cfg.trainer.plugins.append({**plugin, "precision": "16-mixed", "device": "cpu"})
+    train(cfg)
+    assert len(seen) == 3
+    assert all(s["stage"] is OptState.UNSCALED for s in seen)  # unscaled first, then clipped
+    assert not any(s["fused"] for s in seen)  # foreach, which Lightning can clip
+    assert seen[0]["scale"] == 2.0**16  # the scaler was really on (scaled loss, then unscaled)
+
+
+def test_fp32_matmuls_use_tf32_on_cuda_only(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    precision.fp32_matmul_policy("cpu")
+    assert calls == []
+    precision.fp32_matmul_policy(torch.device("cuda", 1))
+    assert calls == ["high"]
