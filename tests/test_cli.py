@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -64,3 +66,41 @@ def test_bad_value_is_one_line_error(tmp_path):
     err = [line for line in p.stderr.splitlines() if line.startswith("difflab: error:")]
     assert len(err) == 1 and "allowed: epsilon, sample, v_prediction" in err[0]
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_two_identical_runs_into_one_run_dir_one_is_refused(tmp_path):
+    """Issue 27, item 10, as users hit it: the same command started twice at once."""
+    import time
+
+    run_dir = tmp_path / "run"
+    # Long enough for the second start to reach the lock while the first trains.
+    args = [
+        "experiment=digits",
+        "debug=fast",
+        "trainer.max_steps=2000",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = subprocess.Popen(
+        [str(BIN / "difflab-train"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = run_dir / ".lock"
+    t0 = time.time()
+    while not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+        assert first.poll() is None and time.time() - t0 < 300
+        time.sleep(0.1)
+    second = run(*["difflab-train", *args], cwd=tmp_path)
+    assert first.poll() is None, first.stderr.read()[-3000:]
+    first.send_signal(signal.SIGTERM)  # the preemption callback saves and stops it
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"difflab: error: hydra.run.dir={run_dir} is in use by another running difflab-train "
+        f"(pid {first.pid}); wait for it to end, or start this run elsewhere with hydra.run.dir=<new dir>"
+    )
+    assert (run_dir / "train.log").read_text().count("run dir:") == 1  # one run's log, not two interleaved
