@@ -257,6 +257,18 @@ def test_bad_entries_are_one_line_or_one_warning(tmp_path, monkeypatch, caplog, 
     assert len(warnings) == 1 and "skipped 1 unreadable" in warnings[0] and name in warnings[0]
 
 
+def test_an_image_that_goes_bad_during_training_is_one_line_from_a_loader_worker(tmp_path):
+    """torch re-raises a worker's error with the worker's traceback in front of its message."""
+    write_images(tmp_path / "imgs", 8, size=(8, 8))
+    dm = folder_dm(tmp_path / "imgs", resolution=8, num_workers=1, persistent_workers=False)
+    dm.setup()
+    (tmp_path / "imgs" / "img_3.png").write_bytes(b"overwritten after the start-up check")
+    with pytest.raises(DifflabError) as e:
+        list(dm.train_dataloader())
+    assert str(e.value).startswith(f"cannot read image {tmp_path / 'imgs' / 'img_3.png'}: ")
+    assert "\n" not in str(e.value)
+
+
 def _rgb(path: Path, colour=(200, 30, 60)) -> None:
     Image.new("RGB", (8, 8), colour).save(path)
 
