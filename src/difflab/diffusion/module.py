@@ -136,6 +136,10 @@ class DiffusionModule(L.LightningModule):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         g = self._step_generator(batch_idx)
         noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+        if self.channels_last:
+            # The NCHW draw's values (a resume redraws them), laid out as the batch: with mixed layouts
+            # every elementwise op and the loss would permute one operand.
+            noise = noise.contiguous(memory_format=torch.channels_last)
         t = self.process.timesteps(x0.shape[0], g, x0.device)
         if self.immiscible:
             noise = immiscible_noise(x0, noise)

@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal, get_args
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_snr
+from torch import nn
 
 from difflab.rules import Above, AtLeast, Between
 
@@ -113,9 +114,10 @@ def draw_levels(
     return q if density == "uniform" else torch.sigmoid(mean + std * torch.special.ndtri(q))
 
 
-class NoiseProcess:
+class NoiseProcess(nn.Module):
     """q(x_t | x_0) plus the regression target and per-timestep loss weights for one prediction type
-    of the ``ddpm`` objective; ``FlowProcess`` is the same job for ``flow``."""
+    of the ``ddpm`` objective; ``FlowProcess`` is the same job for ``flow``. A module only so that its
+    SNR table is a buffer: it moves to the GPU once, with the LightningModule it belongs to."""
 
     objective: Objective = "ddpm"
 
@@ -128,6 +130,7 @@ class NoiseProcess:
         logit_std: float = 1.0,
         stratified: bool = False,
     ) -> None:
+        super().__init__()
         self.scheduler, self.min_snr_gamma = scheduler, min_snr_gamma
         self.density, self.logit_mean, self.logit_std = density, logit_mean, logit_std
         self.stratified = stratified
@@ -143,7 +146,10 @@ class NoiseProcess:
         self.prediction_type = pt
         # SNR(t) = ᾱ_t / (1 - ᾱ_t), tabulated once by diffusers' own helper; infinite SNR never occurs
         # (ᾱ < 1), zero SNR can (zero-terminal-SNR).
-        self.snr = compute_snr(scheduler, torch.arange(self.num_timesteps)).float()
+        # Not persistent: rebuilt from the scheduler config, which checkpoints keep.
+        self.register_buffer(
+            "snr", compute_snr(scheduler, torch.arange(self.num_timesteps)).float(), persistent=False
+        )
 
     def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """The network's timestep input for n samples: integers in [0, T)."""
@@ -183,7 +189,7 @@ class NoiseProcess:
 
     def snr_at(self, t: torch.Tensor) -> torch.Tensor:
         """SNR = signal²/noise² at each timestep, float32 (min-SNR-γ and the learned weighting read it)."""
-        return self.snr.to(t.device)[t]
+        return self.snr[t]  # a buffer on t's device: a per-step .to() was a host-to-device copy
 
     def log_snr(self, t: torch.Tensor) -> torch.Tensor:
         """λ = log SNR at each timestep (−∞ at a zero-terminal-SNR step): the noise level as the
