@@ -265,6 +265,18 @@ def test_out_of_memory_names_batch_size(command, ckpts, tmp_path, monkeypatch, c
     assert "out of memory sampling batches of 4096 images on cpu; give a smaller batch_size" in line
 
 
+def test_grid_holds_the_first_images_only(ckpts, tmp_path, monkeypatch):
+    """The grid held every image in memory until the end (100,000 images at 64 px: 4.9 GB)."""
+    from PIL import Image
+
+    import difflab.sample
+
+    monkeypatch.setattr(difflab.sample, "GRID_MAX", 4)
+    SAMPLE.call([f"ckpt={ckpts['flow']}", f"out={tmp_path}", "num_images=7", "batch_size=3", "steps=1"])
+    assert Image.open(tmp_path / "grid.png").size == (2 * 8 + 3 * 2,) * 2  # 2 x 2 images of 8 px
+    assert len(list(tmp_path.glob("?.png"))) == 7
+
+
 def test_no_ema_weights_is_said(ckpts, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         SAMPLE.call([f"ckpt={ckpts['noema']}", f"out={tmp_path / 's'}", "num_images=1", "steps=1"])
