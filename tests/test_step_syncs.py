@@ -25,6 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from difflab.diffusion.posthoc import PowerFunctionEMA
 from tests.conftest import FAST_DIGITS
 
 aten = torch.ops.aten
@@ -138,3 +139,24 @@ def test_noise_is_laid_out_like_an_nhwc_batch(make_cfg, monkeypatch):
     module.training_step(batch, 0)
     assert seen["x0"].is_contiguous(memory_format=torch.channels_last)
     assert seen["noise"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_posthoc_snapshot_copies_to_the_host_once(tmp_path):
+    """Post-hoc EMA snapshots (every 100 steps, inside optimizer_step on rank 0) made one synchronous
+    device-to-host copy per tensor per profile; now all profiles travel in one. Counted as the copies
+    that name a device (on the CPU the one ``.cpu()`` is a no-op)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(5, 4))
+    ema = PowerFunctionEMA(model, str(tmp_path), stds=(0.05, 0.1, 0.2))
+
+    class DeviceCopies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            DeviceCopies.count += func.overloadpacket is aten._to_copy and "device" in kwargs
+            return func(*args, **kwargs)
+
+    with DeviceCopies():
+        path = ema.write_snapshot()
+    assert DeviceCopies.count <= 1  # was 12: 4 tensors x 3 profiles
+    assert path.is_file()

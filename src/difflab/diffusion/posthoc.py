@@ -187,8 +187,14 @@ class PowerFunctionEMA:
         """All profiles at this step, as one safetensors file (written atomically)."""
         from safetensors.torch import save
 
+        shadows = [s.detach() for profile in self.profiles for s in profile]
+        # One device-to-host copy for all profiles: a copy per tensor is a host sync each, hundreds per
+        # snapshot on a GPU. reshape flattens in NCHW order whatever the layout; safetensors refuses
+        # tensors that share storage, hence a host-side clone of each piece.
+        flat = torch.cat([s.reshape(-1).to(self.snapshot_dtype) for s in shadows]).cpu()
+        pieces = iter(flat.split([s.numel() for s in shadows]))
         tensors = {
-            f"{std:g}/{name}": s.detach().to("cpu", dtype=self.snapshot_dtype, copy=True).contiguous()
+            f"{std:g}/{name}": next(pieces).view(s.shape).clone()
             for std, profile in zip(self.stds, self.profiles, strict=True)
             for name, s in zip(self.names, profile, strict=True)
         }
