@@ -23,6 +23,7 @@ from difflab.diffusion.noise import TimestepDensity, TrainScheduler, immiscible_
 from difflab.diffusion.posthoc import PowerFunctionEMA
 from difflab.diffusion.weighting import LearnedWeighting
 from difflab.errors import DifflabError
+from difflab.precision import fp32_matmul_policy
 from difflab.rules import Above, AtLeast
 from difflab.seeds import derive_seed
 
@@ -101,6 +102,7 @@ class DiffusionModule(L.LightningModule):
             # shared, every rank lerps the same storage and the EMA moves N times too fast.
             self.ema.map_shadows(lambda s: s.clone() if s.is_shared() else s)
         device_type = self.trainer.strategy.root_device.type
+        fp32_matmul_policy(self.trainer.strategy.root_device)  # in every rank: a process-wide setting
         if not self.channels_last and uses_channels_last(
             self.channels_last_setting, self.trainer.precision, device_type
         ):

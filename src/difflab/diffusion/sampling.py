@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from difflab.diffusion.noise import objective_of
 from difflab.errors import DifflabError
+from difflab.precision import fp32_matmul_policy
 from difflab.seeds import derive_seed
 
 # name → (diffusers class, extra config). All are built from the training scheduler's config, so
@@ -264,6 +265,7 @@ def sample_batch(
 ) -> torch.Tensor:
     """Images ``indices`` of the (seed)-stream, as float in [0, 1], shape (len(indices), C, H, W)."""
     device = torch.device(device) if device is not None else next(unet.parameters()).device
+    fp32_matmul_policy(device)  # sample/eval: training set it in DiffusionModule.setup
     cfg = unet.config
     shape = (len(indices), cfg.in_channels, cfg.sample_size, cfg.sample_size)
     gens = image_generators(seed, indices, "cpu" if device.type != "cuda" else device)
