@@ -229,6 +229,35 @@ def test_ctrl_c_while_sampling_keeps_whole_images(ckpts, tmp_path, monkeypatch, 
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png"]  # no temporary files
 
 
+def test_ctrl_c_mid_eval_keeps_the_finished_rows(ckpts, tmp_path, monkeypatch, capsys):
+    """The table was written at the end only: Ctrl-C after hours of FIDs kept none of them."""
+    import json
+
+    import difflab.evaluate
+    from difflab.metrics.features import ClassifierFeatures
+
+    calls = []
+
+    def one_then_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"val/fid_classifier_2": 1.0}
+
+    monkeypatch.setattr(ClassifierFeatures, "prepare", lambda self, dm: None)
+    monkeypatch.setattr(
+        difflab.evaluate, "real_features", lambda dm, ext, *a: torch.zeros(4, ext.num_features)
+    )
+    monkeypatch.setattr(difflab.evaluate.FIDEvaluator, "evaluate", one_then_ctrl_c)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        EVAL.main([f"ckpt={ckpts['flow']}", "steps=[1,2]", "num_samples=2", f"out={out}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"difflab: error: interrupted; what was written so far is in {out}"
+    assert [row["steps"] for row in json.loads((out / "results.json").read_text())] == [1]
+
+
 def test_full_disk_while_sampling_is_one_line(ckpts, tmp_path, monkeypatch, capsys):
     import difflab.sample
 

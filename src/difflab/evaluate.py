@@ -107,6 +107,7 @@ def evaluate(
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                write_table(rows, Path(out))  # each finished row kept: Ctrl-C in hour 3 loses no FID
     fid_key = evaluator.names()["fid"]
     write_results(rows, Path(out), fid_key)
     if len(ema_stds) > 1:
@@ -162,7 +163,8 @@ def plot_fid_vs_ema(rows: list[dict], out: Path, fid_key: str) -> None:
     plt.close(fig)
 
 
-def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
+def write_table(rows: list[dict], out: Path) -> None:
+    """results.json and results.csv, each replaced whole."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(rows, indent=1))
     table = io.StringIO(newline="")
@@ -170,6 +172,10 @@ def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "results.csv", table.getvalue())
+
+
+def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
+    write_table(rows, out)
     import matplotlib
 
     matplotlib.use("Agg")
