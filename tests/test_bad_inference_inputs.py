@@ -112,6 +112,10 @@ EXPORT_CASES = [
     (["ckpt={flow}", "out={full}"], "is a non-empty directory that holds no exported pipeline"),
     (["ckpt={pipe}", "out=x"], "is a directory, not a file"),
     (["ckpt={truncated}", "out=x"], "is truncated or corrupt"),
+    (
+        ["ckpt={flow}", "out=x", "push_to_hub=true", "hub_repo_id=my/model/v1"],
+        "hub_repo_id=my/model/v1 is not a valid Hub repo id: Repo id must be in the form",
+    ),
 ]
 
 

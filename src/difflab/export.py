@@ -87,7 +87,13 @@ def checks(cfg: DictConfig) -> list[str]:
     if not cfg.hub_repo_id:
         return ["push_to_hub=true needs hub_repo_id=<user>/<name>"]
     from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(cfg.hub_repo_id)  # the Hub's own rule for names, before minutes of export
+    except HFValidationError as e:
+        return [f"hub_repo_id={cfg.hub_repo_id} is not a valid Hub repo id: {str(e).splitlines()[0]}"]
     if get_token() is None:  # refused here, not after the export, when the upload would fail
         return ["push_to_hub=true needs a Hugging Face token: run `hf auth login` or set HF_TOKEN"]
     return []
