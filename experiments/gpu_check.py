@@ -83,11 +83,15 @@ class Check:
     def caches(self) -> list[str]:
         return [f"paths.data_dir={self.out / 'data_cache'}"]
 
+    def job_args(self, run: Path) -> list[str]:
+        """The default job, 30 steps (3 in the smoke run)."""
+        return [*self.job(), f"trainer.max_steps={self.steps(30, 3)}", *self.in_dir(run)]
+
     def checkpoint(self) -> Path:
         """The syncs part's last.ckpt (trained here first when that part was not asked for)."""
         if self._ckpt is None:
             run = self.out / "train"
-            train([*self.job(), f"trainer.max_steps={self.steps(30, 3)}", *self.in_dir(run)])
+            train(self.job_args(run))
             self._ckpt = run / "checkpoints" / "last.ckpt"
         return self._ckpt
 
@@ -147,7 +151,7 @@ def part_syncs(c: Check) -> str:
         if c.cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            train([*c.job(), f"trainer.max_steps={steps}", *c.in_dir(run)])
+            train(c.job_args(run))
         finally:
             if c.cuda:
                 torch.cuda.set_sync_debug_mode("default")
@@ -200,40 +204,46 @@ def ms_per_step(run: Path, batch: int) -> float:
     return 1000 * batch / rates[-1]
 
 
+def speed_args(c: Check, precision: str, channels_last: str, run: Path) -> list[str]:
+    steps, window = c.steps(30, 4), c.steps(10, 2)
+    return [
+        *c.job(),
+        f"trainer.precision={precision}",
+        f"model.channels_last={channels_last}",
+        f"trainer.max_steps={steps}",
+        f"trainer.log_every_n_steps={window}",
+        f"callbacks.throughput.every_n_steps={window}",
+        "callbacks.sample_grid=null",
+        "callbacks.progress_bar=null",
+        "logger=csv",
+        *c.in_dir(run),
+    ]
+
+
 def part_speed(c: Check) -> str:
     from difflab.cli import compose
 
-    steps, window = c.steps(30, 4), c.steps(10, 2)
     batch = int(compose("train", c.job()).data.batch_size)
     times = {}
     for precision in ("bf16-mixed", "32-true"):
         for layout, channels_last in (("NCHW", "false"), ("NHWC", "true")):
             run = c.out / "speed" / f"{precision}_{layout}"
-            train(
-                [
-                    *c.job(),
-                    f"trainer.precision={precision}",
-                    f"model.channels_last={channels_last}",
-                    f"trainer.max_steps={steps}",
-                    f"trainer.log_every_n_steps={window}",
-                    f"callbacks.throughput.every_n_steps={window}",
-                    "callbacks.sample_grid=null",
-                    "callbacks.progress_bar=null",
-                    "logger=csv",
-                    *c.in_dir(run),
-                ]
-            )
+            train(speed_args(c, precision, channels_last, run))
             times[f"{precision} {layout}"] = ms_per_step(run, batch)
     return ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + f" ms/step (batch {batch})"
+
+
+def ddp_args(c: Check, run: Path) -> list[str]:
+    job = [a for a in c.job() if not a.startswith("trainer=")]
+    trainer = "trainer=ddp_cpu" if c.smoke else "trainer=ddp"
+    return [*job, trainer, f"trainer.max_steps={c.steps(30, 3)}", *c.caches(), f"hydra.run.dir={run}"]
 
 
 def part_ddp(c: Check) -> str:
     import torch
 
     run, steps = c.out / "ddp", c.steps(30, 3)
-    trainer = ["trainer=ddp_cpu"] if c.smoke else ["trainer=ddp"]
-    job = [a for a in c.job() if not a.startswith("trainer=")]
-    p = cli(*job, *trainer, f"trainer.max_steps={steps}", *c.caches(), f"hydra.run.dir={run}", cwd=c.out)
+    p = cli(*ddp_args(c, run), cwd=c.out)
     assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-2000:]}"
     reached = global_step(run / "checkpoints" / "last.ckpt")
     assert reached == steps, f"last.ckpt at step {reached}, not {steps}"
@@ -241,16 +251,20 @@ def part_ddp(c: Check) -> str:
     return f"{ranks} ranks, {steps} steps, exit 0"
 
 
-def part_sigterm(c: Check) -> str:
-    run, steps, every = c.out / "sigterm", c.steps(1000, 200), c.steps(20, 5)
-    args = [
+def sigterm_args(c: Check, run: Path) -> list[str]:
+    return [
         *c.job(),
-        f"trainer.max_steps={steps}",
-        f"callbacks.model_checkpoint.every_n_train_steps={every}",
+        f"trainer.max_steps={c.steps(1000, 200)}",
+        f"callbacks.model_checkpoint.every_n_train_steps={c.steps(20, 5)}",
         "callbacks.sample_grid=null",
         *c.caches(),
         f"hydra.run.dir={run}",
     ]
+
+
+def part_sigterm(c: Check) -> str:
+    run, steps, every = c.out / "sigterm", c.steps(1000, 200), c.steps(20, 5)
+    args = sigterm_args(c, run)
     proc = subprocess.Popen(
         [str(BIN / "difflab-train"), *args], cwd=c.out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
