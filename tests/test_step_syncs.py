@@ -99,10 +99,12 @@ def _step(module, batch: torch.Tensor, batch_idx: int) -> None:
     module.ema.step(module.unet.parameters())
 
 
-@pytest.mark.parametrize("weighting", list(WEIGHTINGS))
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_a_training_step_stays_on_the_device(make_cfg, objective, weighting):
-    module, batch = _meta_module(make_cfg, *OBJECTIVES[objective], *WEIGHTINGS[weighting])
+@pytest.mark.parametrize(
+    ("objective", "weighting", "extra"),
+    [(o, w, ()) for o in OBJECTIVES for w in WEIGHTINGS] + [("flow", "plain", ("model/ema=posthoc",))],
+)
+def test_a_training_step_stays_on_the_device(make_cfg, objective, weighting, extra):
+    module, batch = _meta_module(make_cfg, *OBJECTIVES[objective], *WEIGHTINGS[weighting], *extra)
     _step(module, batch, 0)  # diffusers moves its alphas_cumprod table once, here
     with HostTraffic() as traffic:
         _step(module, batch, 1)
