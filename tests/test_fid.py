@@ -42,7 +42,13 @@ class FixedFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.conv(x * 2 - 1)).mean(dim=(2, 3)).double()
 
-    def prepare(self, datamodule, train_if_missing=True) -> None:
+    def prepare(self, datamodule, train_if_missing=True, device=None) -> None:
+        pass
+
+    def shared_state(self) -> None:
+        return None
+
+    def adopt(self, state, datamodule) -> None:
         pass
 
 

@@ -84,6 +84,18 @@ def atomic_write(
         raise
 
 
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``path`` (filelock's OS lock: released when the process dies), so
+    processes sharing a cache dir build its file once: the others wait, then find it."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        yield
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, shared: bool = False) -> None:
     atomic_write(path, lambda f: f.write(text.encode()), shared)
 

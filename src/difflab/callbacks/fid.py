@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import lightning as L
-import torch
 from torch import nn
 
 from difflab.diffusion.sampling import SamplerName, build_sampler
-from difflab.metrics.fid import FIDEvaluator, real_features
+from difflab.metrics.fid import FIDEvaluator, prepare_extractor, real_features
 from difflab.rules import AtLeast
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,9 @@ class FIDCallback(L.Callback):
 
     Every rank samples ``num_samples / world_size`` images with per-image seeds, so the image set (and
     the FID) does not depend on the number of ranks; torchmetrics sums the statistics across ranks.
-    Real features are computed once by rank 0 and cached under ``cache_dir``.
+    Rank 0 prepares the extractor (trains the classifier on its device when it has none) and sends it
+    to the others; the real features are extracted in shards by all ranks on their devices, gathered,
+    and cached under ``cache_dir`` (each rank whose dir lacks them writes them: shared or node-local).
     """
 
     def __init__(
@@ -52,15 +53,12 @@ class FIDCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.evaluator is not None:
             return
-        dm = trainer.datamodule
-        # Rank 0 trains/caches the extractor and the real features; the others then read the files.
-        if trainer.is_global_zero:
-            self.extractor.prepare(dm)
-            feats = real_features(dm, self.extractor, self.num_real, self.cache_dir, torch.device("cpu"))
-        trainer.strategy.barrier("difflab-fid-setup")
-        if not trainer.is_global_zero:
-            self.extractor.prepare(dm, train_if_missing=False)
-            feats = real_features(dm, self.extractor, self.num_real, self.cache_dir, torch.device("cpu"))
+        dm, world = trainer.datamodule, trainer.strategy
+        device = world.root_device  # the module is not on it yet in setup()
+        prepare_extractor(self.extractor, dm, device, world)
+        feats = real_features(
+            dm, self.extractor, self.num_real, self.cache_dir, device, self.batch_size, world
+        )
         self.evaluator = FIDEvaluator(self.extractor, self.num_samples, kid=self.kid)
         self.evaluator.set_real_features(feats, rank=trainer.global_rank, world_size=trainer.world_size)
 

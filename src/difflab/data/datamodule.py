@@ -275,12 +275,13 @@ class ImageDataModule(L.LightningDataModule):
         img = self.train_set.base_image(index)
         return img.float() / 255 if img.dtype == torch.uint8 else img.float()
 
-    def real_images(self, num: int, batch_size: int = 256) -> Iterator[torch.Tensor]:
-        """The first ``num`` training images without random augmentation, float [0, 1], in batches."""
+    def real_images(self, num: int, batch_size: int = 256, start: int = 0) -> Iterator[torch.Tensor]:
+        """``num`` training images from index ``start`` (fewer at the end) without random augmentation,
+        float [0, 1], in batches."""
         self.setup()
-        num = min(num, len(self.train_set))
-        for lo in range(0, num, batch_size):
-            yield torch.stack([self._unaugmented(i) for i in range(lo, min(lo + batch_size, num))])
+        stop = min(start + num, len(self.train_set))
+        for lo in range(start, stop, batch_size):
+            yield torch.stack([self._unaugmented(i) for i in range(lo, min(lo + batch_size, stop))])
 
     def labelled_images(self, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(images float [0, 1], labels) for training the offline FID classifier."""

@@ -7,6 +7,7 @@ Every extractor takes float images in [0, 1] shaped (N, C, H, W) and returns (N,
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from pathlib import Path
 from typing import Annotated, Literal
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.errors import DifflabError
-from difflab.files import atomic_write
+from difflab.files import atomic_write, file_lock
 from difflab.rules import AtLeast, Exists
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,17 @@ class InceptionFeatures(nn.Module):
         self.identity = "tf-inception-v3-2015-12-05:pool3"
         self.eval().requires_grad_(False)
 
-    def prepare(self, datamodule: object, train_if_missing: bool = True) -> None:
+    def prepare(
+        self, datamodule: object, train_if_missing: bool = True, device: torch.device | None = None
+    ) -> None:
         """Nothing to prepare: the network is fixed."""
+
+    def shared_state(self) -> bytes | None:
+        """Nothing to share: every rank loads the same fixed weights."""
+        return None
+
+    def adopt(self, state: bytes | None, datamodule: object) -> None:
+        """Nothing to adopt (see ``shared_state``)."""
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -153,6 +163,7 @@ class ClassifierFeatures(nn.Module):
         self.num_features = num_features
         self.net: SmallClassifier | None = None
         self.identity = "classifier:unprepared"
+        self._blob: bytes | None = None
 
     def label_kind(self, datamodule: object) -> str:
         """``dataset`` or ``instance``: what ``auto`` means for this data."""
@@ -167,31 +178,58 @@ class ClassifierFeatures(nn.Module):
         key = data_identity if kind == "dataset" else f"{data_identity}|instance"  # old names stay valid
         return self.cache_dir / f"classifier_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
-    def prepare(self, datamodule: object, train_if_missing: bool = True) -> None:
-        """Load this dataset's classifier, training and caching it first if there is none."""
+    def prepare(
+        self, datamodule: object, train_if_missing: bool = True, device: torch.device | None = None
+    ) -> None:
+        """Load this dataset's classifier, training it on ``device`` (default CPU) and caching it first
+        if there is none. Jobs sharing the cache dir train it once: the others wait for the file lock,
+        then load what the first one wrote."""
         kind = self.label_kind(datamodule)
         path = self.file_for(datamodule.identity, kind)
         if not path.is_file():
             if not train_if_missing:
                 raise DifflabError(f"FID classifier {path} is missing (it is trained by rank 0 first)")
-            if kind == "dataset":
-                images, labels = datamodule.labelled_images(self.max_train_images)
-            else:
-                available = len(datamodule.train_set)
-                num = min(self.max_train_images or available, available, INSTANCE_IMAGES)
-                images = torch.cat(list(datamodule.real_images(num, 4096)))
-                labels = torch.arange(len(images))
-            self._build(images.shape[1], int(labels.max()) + 1)
-            epochs = self.epochs or DEFAULT_EPOCHS[kind]
-            self.fit(images, labels, path, augment=kind == "instance", epochs=epochs)
+            with file_lock(path):
+                if not path.is_file():
+                    self._train(datamodule, kind, path, device)
         self.load(path)
+
+    def _train(self, datamodule: object, kind: str, path: Path, device: torch.device | None) -> None:
+        if kind == "dataset":
+            images, labels = datamodule.labelled_images(self.max_train_images)
+        else:
+            available = len(datamodule.train_set)
+            num = min(self.max_train_images or available, available, INSTANCE_IMAGES)
+            images = torch.cat(list(datamodule.real_images(num, 4096)))
+            labels = torch.arange(len(images))
+        self._build(images.shape[1], int(labels.max()) + 1)
+        epochs = self.epochs or DEFAULT_EPOCHS[kind]
+        self.fit(images, labels, path, augment=kind == "instance", epochs=epochs, device=device)
+
+    def shared_state(self) -> bytes | None:
+        """The classifier file this extractor loaded, for ranks whose cache dir lacks it."""
+        return self._blob
+
+    def adopt(self, state: bytes | None, datamodule: object) -> None:
+        """Use rank 0's classifier file (``shared_state``), so every rank extracts with the very same
+        network (one trained on another node would differ), and cache it in this rank's dir where it is
+        missing (a node-local cache dir); an existing file there is left as it is."""
+        path = self.file_for(datamodule.identity, self.label_kind(datamodule))
+        if not path.is_file():
+            with file_lock(path):
+                if not path.is_file():
+                    atomic_write(path, lambda f: f.write(state), shared=True)
+        self._load_blob(state)
 
     def _build(self, channels: int, num_classes: int) -> None:
         self.net = SmallClassifier(channels, num_classes, self.width, self.num_features)
 
     def load(self, path: Path) -> None:
-        blob = path.read_bytes()
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        self._load_blob(path.read_bytes())
+
+    def _load_blob(self, blob: bytes) -> None:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        self._blob = blob
         self._build(state["channels"], state["num_classes"])
         self.net.load_state_dict(state["state_dict"])
         self.identity = f"classifier:{hashlib.sha1(blob).hexdigest()[:16]}"
@@ -212,24 +250,30 @@ class ClassifierFeatures(nn.Module):
         lr: float = 2e-3,
         augment: bool = False,
         epochs: int = DEFAULT_EPOCHS["dataset"],
+        device: torch.device | None = None,
     ) -> float:
-        """Train on float images in [0, 1] and integer labels, save to ``path``; returns train accuracy
-        (of the last pass, on augmented images when ``augment``)."""
+        """Train on float images in [0, 1] and integer labels (batches moved to ``device``, default
+        CPU), save to ``path``; returns train accuracy (of the last pass, on augmented images when
+        ``augment``). The batch order and augmentation are drawn on the CPU: the same on any device."""
         g = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
-        net = self.net.train().requires_grad_(True)
+        device = torch.device(device or "cpu")
+        net = self.net.to(device).train().requires_grad_(True)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
         n, correct = len(images), 0
         for _ in range(epochs):
-            correct = 0
+            correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no sync
             for idx in torch.randperm(n, generator=g).split(batch_size):
                 batch = shift_and_flip(images[idx], g) if augment else images[idx]
-                logits = net(batch * 2 - 1)
-                loss = F.cross_entropy(logits, labels[idx])
+                target = labels[idx].to(device)
+                logits = net(batch.to(device) * 2 - 1)
+                loss = F.cross_entropy(logits, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                correct += (logits.argmax(1) == labels[idx]).sum().item()
+                correct += (logits.argmax(1) == target).sum()
+        correct = int(correct)
+        net.cpu()
         state = {
             "state_dict": net.state_dict(),
             "channels": images.shape[1],

@@ -1,8 +1,9 @@
 """FID (and KID) of generated images against a dataset, distributed over ranks, with cached real features.
 
 torchmetrics holds the statistics and syncs them across ranks in ``compute()``. Real features are
-computed once per (dataset identity, transform, extractor, number of images), cached on disk, and
-split into disjoint slices over the ranks, so the cross-rank sync counts each exactly once.
+computed once per (dataset identity, transform, extractor, number of images), each rank extracting a
+shard on its own device, cached on disk, and split into disjoint slices over the ranks, so the
+cross-rank sync counts each exactly once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,9 +24,23 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from difflab.diffusion.sampling import sample_images
 from difflab.errors import DifflabError
-from difflab.files import DiskFullError, atomic_write, atomic_write_text
+from difflab.files import DiskFullError, atomic_write, atomic_write_text, file_lock
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class World(Protocol):
+    """The collectives the FID set-up needs; a Lightning ``Strategy`` is one (tests use a fake)."""
+
+    global_rank: int
+    world_size: int
+
+    def broadcast(self, obj: T, src: int = 0) -> T: ...
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool: ...
 
 
 def count_label(n: int) -> str:
@@ -78,18 +94,38 @@ class RealFeatureCache:
             return None
 
     def save(self, key: str, features: torch.Tensor, meta: dict) -> None:
-        # Ranks and concurrent sweep jobs may write the same cache: per-process temporary names.
+        """Write the entry unless it is there: under a file lock, so ranks of a node and concurrent jobs
+        sharing the dir never write the same file at once (nor twice)."""
         try:
-            atomic_write(
-                self.path(key), lambda f: torch.save({"features": features, "meta": meta}, f), shared=True
-            )
-            atomic_write_text(self.path(key).with_suffix(".json"), json.dumps(meta, indent=1), shared=True)
+            with file_lock(self.path(key)):
+                if self.path(key).is_file():
+                    return
+                atomic_write(
+                    self.path(key), lambda f: torch.save({"features": features, "meta": meta}, f), shared=True
+                )
+                atomic_write_text(
+                    self.path(key).with_suffix(".json"), json.dumps(meta, indent=1), shared=True
+                )
         except OSError as e:
             reason = "no space left on device" if isinstance(e, DiskFullError) else e.strerror or str(e)
             raise DifflabError(
                 f"cannot write the FID real-feature cache in {self.dir} ({reason}); free space there or "
                 "move the cache with metrics.cache_dir=<dir> (checkpoints are untouched)"
             ) from None
+
+
+def prepare_extractor(
+    extractor: nn.Module, datamodule: object, device: torch.device, world: World | None = None
+) -> None:
+    """Rank 0 loads or trains the extractor (a classifier trains on ``device``); every other rank then
+    uses rank 0's very network, sent to it, so a node whose cache dir is not rank 0's needs no copy."""
+    rank = world.global_rank if world is not None else 0
+    if rank == 0:
+        extractor.prepare(datamodule, device=device)
+    if world is not None and world.world_size > 1:
+        state = world.broadcast(extractor.shared_state() if rank == 0 else None)
+        if rank != 0:
+            extractor.adopt(state, datamodule)
 
 
 def real_features(
@@ -99,25 +135,67 @@ def real_features(
     cache_dir: str | os.PathLike,
     device: torch.device,
     batch_size: int = 256,
+    world: World | None = None,
 ) -> torch.Tensor:
-    """Features of the first ``num_real`` training images (no random augmentation), cached."""
+    """Features of the first ``num_real`` training images (no random augmentation), cached; the same
+    tensor on every rank of ``world``.
+
+    Where any rank's cache dir lacks them, every rank extracts a 1/N shard on ``device`` and the shards
+    are gathered (so no rank waits while one computes them all), and each rank whose dir lacked them
+    writes them there: once per dir, shared by nodes or node-local."""
     cache = RealFeatureCache(cache_dir)
     key = cache.key(datamodule.identity, extractor.identity, num_real)
     feats = cache.load(key)
-    if feats is not None:
+    everywhere = feats is not None
+    if world is not None and world.world_size > 1:
+        everywhere = world.reduce_boolean_decision(everywhere, all=True)
+    if everywhere:
         return feats
-    feats = compute_real_features(datamodule, extractor, num_real, device, batch_size)
-    cache.save(
-        key, feats, {"data": datamodule.identity, "extractor": extractor.identity, "num_real": len(feats)}
-    )
+    missing = feats is None
+    feats = gather_real_features(datamodule, extractor, num_real, device, batch_size, world)
+    if missing:
+        meta = {"data": datamodule.identity, "extractor": extractor.identity, "num_real": len(feats)}
+        cache.save(key, feats, meta)
     return feats
 
 
-def compute_real_features(
-    datamodule: object, extractor: nn.Module, num_real: int, device: torch.device, batch_size: int = 256
+def gather_real_features(
+    datamodule: object,
+    extractor: nn.Module,
+    num_real: int,
+    device: torch.device,
+    batch_size: int = 256,
+    world: World | None = None,
 ) -> torch.Tensor:
-    log.info("computing FID real features: %d images with %s", num_real, extractor.identity)
-    return extract_features(extractor, datamodule.real_images(num_real, batch_size), device)
+    """The first ``num_real`` real features (float64, CPU), rank r extracting images
+    ``[n*r/N, n*(r+1)/N)``; the result is in image order, as one process computes it."""
+    rank, size = (world.global_rank, world.world_size) if world is not None else (0, 1)
+    datamodule.setup()
+    n = min(num_real, len(datamodule.train_set))
+    bounds = [n * r // size for r in range(size + 1)]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    if size == 1:
+        return compute_real_features(datamodule, extractor, n, device, batch_size)
+    # all_gather needs one shape on every rank: shards (ceil(n/N) images or one fewer) are padded.
+    longest = -(-n // size)
+    padded = torch.zeros(longest, extractor.num_features, dtype=torch.float64, device=device)
+    if hi > lo:
+        padded[: hi - lo] = compute_real_features(datamodule, extractor, hi - lo, device, batch_size, lo)
+    gathered = world.all_gather(padded).reshape(size, longest, -1).cpu()
+    return torch.cat([gathered[r, : bounds[r + 1] - bounds[r]] for r in range(size)])
+
+
+def compute_real_features(
+    datamodule: object,
+    extractor: nn.Module,
+    num_real: int,
+    device: torch.device,
+    batch_size: int = 256,
+    start: int = 0,
+) -> torch.Tensor:
+    log.info("computing FID real features: %d images from %d with %s", num_real, start, extractor.identity)
+    extractor.to(device)
+    return extract_features(extractor, datamodule.real_images(num_real, batch_size, start), device)
 
 
 class FIDEvaluator:
