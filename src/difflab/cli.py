@@ -242,7 +242,7 @@ class Command:
         """Print ``line`` as the one error line (exit 2); a run dir holding only Hydra's files goes."""
         out = Path(HydraConfig.get().runtime.output_dir)
         removed = self.out_is_run_dir and _remove_if_only_hydra_files(out, self.start_files)
-        if interrupted:
+        if interrupted and self.out_is_run_dir:  # elsewhere ``out`` is not this run's (prepare: ".")
             kept = not removed and out.is_dir() and any(out.iterdir())
             line += f"; what was written so far is in {out}" if kept else "; nothing was written"
         print_error_and_exit(line)
