@@ -118,8 +118,8 @@ def test_precisions_without_fp32_weights_are_refused_at_start_up(make_cfg, value
 def test_16_mixed_with_clipping_unscales_before_clipping_with_foreach_adamw(make_cfg, monkeypatch):
     """The GradScaler path: Lightning refuses to clip a fused optimizer's gradients under a scaler, so
     difflab swaps in foreach AdamW; the gradients must be unscaled when they are clipped. Lightning
-    refuses 16-mixed on a CPU accelerator, but its plugin runs with torch's CPU GradScaler. Not
-    covered here: CUDA's fp16 autocast kernels and a scale that overflows on real fp16 gradients."""
+    turns 16-mixed on a CPU accelerator into bf16-mixed (no scaler), but its plugin given directly
+    runs with torch's CPU GradScaler. Not covered here: CUDA's fp16 autocast kernels."""
     seen: list[dict] = []
     real_clip = MixedPrecision.clip_gradients
 
