@@ -9,9 +9,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import hydra.utils
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from difflab.data.datamodule import ImageDataModule
 from difflab.data.sources import digits_source
@@ -191,3 +193,64 @@ class RecordFID(L.Callback):
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/fid")}
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(values))
+
+
+def test_ddp_fid_equals_one_process_fid_of_the_same_samples(tmp_path, shards):
+    """``difflab-train trainer=ddp_cpu callbacks=with_fid`` on 2 ranks: the classifier and the real
+    features are built once (two shards, one file each), both ranks log the same FID, and it is the
+    FID ``difflab-eval`` computes in one process for the same checkpoint, samples and cache."""
+    from difflab.evaluate import COMMAND
+    from tests.helpers import train_cli
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    fid = ["callbacks.fid.num_samples=30", "callbacks.fid.num_real=301", "callbacks.fid.steps=3"]
+    p = train_cli(
+        "experiment=digits",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=2",
+        "data.batch_size=32",
+        "logger=none",
+        "callbacks=with_fid",
+        "callbacks.sample_grid=null",
+        "callbacks.progress_bar=null",
+        "callbacks.fid.every_n_steps=1",
+        *fid,
+        "metrics.extractor.epochs=1",
+        "metrics.extractor.max_train_images=500",
+        f"metrics.cache_dir={cache}",
+        "+callbacks.record._target_=tests.test_fid_ranks.RecordFID",
+        f"+callbacks.record.path={tmp_path / 'fid'}",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(list(cache.glob("classifier_*.pt"))) == len(list(cache.glob("fid_real_*.pt"))) == 1
+    ranks = [json.loads((tmp_path / "fid" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert list(ranks[0]) == ["val/fid_classifier_30"] and ranks[0] == ranks[1]
+    lines = [json.loads(x) for x in (run / "fid.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    rows = COMMAND.call(
+        [
+            f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+            "sampler=[dpmsolver++]",
+            "steps=[3]",
+            "num_samples=30",
+            "num_real=301",
+            "channels_last=false",
+            "device=cpu",
+            f"metrics.cache_dir={cache}",
+            f"out={tmp_path / 'eval'}",
+        ]
+    )
+    assert shards == []  # the DDP run's cache served the one-process evaluation
+    assert rows[0]["extractor"] == lines[-1]["extractor"]
+    # The gathered shards are the one-process features, in image order.
+    data = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["difflab"]["config"]["data"]
+    dm = hydra.utils.instantiate(OmegaConf.create(data))
+    ext = ClassifierFeatures(str(cache))
+    ext.prepare(dm)
+    cached = torch.load(next(cache.glob("fid_real_*.pt")))["features"]
+    torch.testing.assert_close(cached, fid_module.compute_real_features(dm, ext, 301, CPU))
+    assert rows[0]["val/fid_classifier_30"] == pytest.approx(ranks[0]["val/fid_classifier_30"], rel=1e-5)
