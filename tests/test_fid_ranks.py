@@ -254,3 +254,16 @@ def test_ddp_fid_equals_one_process_fid_of_the_same_samples(tmp_path, shards):
     cached = torch.load(next(cache.glob("fid_real_*.pt")))["features"]
     torch.testing.assert_close(cached, fid_module.compute_real_features(dm, ext, 301, CPU))
     assert rows[0]["val/fid_classifier_30"] == pytest.approx(ranks[0]["val/fid_classifier_30"], rel=1e-5)
+
+
+def test_cache_dir_that_cannot_be_written_is_one_line(tmp_path):
+    """Each rank checks its own (maybe node-local) cache dir before any collective."""
+    from types import SimpleNamespace
+
+    from difflab.callbacks.fid import FIDCallback
+    from difflab.errors import DifflabError
+
+    (tmp_path / "file").write_text("")
+    callback = FIDCallback(FixedFeatures(), cache_dir=str(tmp_path / "file" / "fid"))
+    with pytest.raises(DifflabError, match=r"metrics.cache_dir=.*file/fid cannot be created: .* is a file"):
+        callback.setup(SimpleNamespace(), None, "fit")

@@ -14,6 +14,7 @@ from torch import nn
 from difflab.diffusion.sampling import SamplerName, build_sampler
 from difflab.metrics.fid import FIDEvaluator, prepare_extractor, real_features
 from difflab.rules import AtLeast
+from difflab.rundir import make_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class FIDCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.evaluator is not None:
             return
+        # Every rank checks its own dir: on several nodes it may be node-local (one line, not a traceback
+        # from the file lock).
+        make_writable_dir(self.cache_dir, "metrics.cache_dir")
         dm, world = trainer.datamodule, trainer.strategy
         device = world.root_device  # the module is not on it yet in setup()
         prepare_extractor(self.extractor, dm, device, world)
