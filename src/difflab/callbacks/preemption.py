@@ -26,8 +26,8 @@ class PreemptionCallback(L.Callback):
     save happens at an optimizer-step boundary (never between the micro-batches of one accumulated
     step: that file would count a batch whose gradient it does not hold).
 
-    Ctrl-C is handled as SIGTERM (the same handlers run, so DDP ranks stop together); a second one
-    raises KeyboardInterrupt, which Lightning turns into an immediate stop without a save.
+    Ctrl-C is handled as SIGTERM; a second one raises KeyboardInterrupt, which Lightning turns into an
+    immediate stop without a save.
     """
 
     def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
@@ -63,12 +63,8 @@ class PreemptionCallback(L.Callback):
         if self._interrupted:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self._interrupted = True
+        self._interrupted = self.requested = True
         log.warning("interrupted: saving a checkpoint after this step, then stopping (Ctrl-C again: now)")
-        term = signal.getsignal(signal.SIGTERM)
-        self.requested = True
-        if callable(term):  # the SIGTERM path: Lightning notes it, tells DDP workers and other ranks
-            term(signal.SIGTERM, frame)
 
     def _save(self, trainer: L.Trainer) -> None:
         if self.saved_step == trainer.global_step or not self._at_step_boundary:
@@ -85,7 +81,14 @@ class PreemptionCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         self._at_step_boundary = trainer.global_step != self._step_at_batch_start
-        if (self.requested or getattr(trainer, "received_sigterm", False)) and self._at_step_boundary:
+        if not self._at_step_boundary:
+            return
+        stop = self.requested or getattr(trainer, "received_sigterm", False)
+        if trainer.world_size > 1:
+            # Ctrl-C reaches every rank, not at the same step: all save and stop at the first step any
+            # rank saw it (a save alone would wait for the others at its barrier).
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
             self._save(trainer)
             trainer.should_stop = True
 
