@@ -164,7 +164,7 @@ def test_a_resume_under_accumulation_does_not_rewrite_its_checkpoint(make_cfg, t
     # Accumulating 2 batches: 4 steps an epoch, step 4 ends one. The rerun resumed from step 4 used to
     # rewrite step_0000004.ckpt and last.ckpt after its first micro-batch (a batch counted as done
     # whose gradient no file holds); crashed before step 5, the next rerun lost that batch.
-    args = (*CHAIN, "trainer.accumulate_grad_batches=2", "trainer.max_steps=10")
+    args = (*CHAIN, "trainer.accumulate_grad_batches=2", "trainer.max_steps=6")
     train(make_cfg(*args, run_dir=tmp_path / "straight"))
     reference = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     final = crashed_and_resumed(make_cfg, tmp_path / "run", args, [5, 5])
