@@ -267,3 +267,17 @@ def test_cache_dir_that_cannot_be_written_is_one_line(tmp_path):
     callback = FIDCallback(FixedFeatures(), cache_dir=str(tmp_path / "file" / "fid"))
     with pytest.raises(DifflabError, match=r"metrics.cache_dir=.*file/fid cannot be created: .* is a file"):
         callback.setup(SimpleNamespace(), None, "fit")
+
+
+def test_classifier_training_is_a_function_of_its_seed_and_leaves_the_global_rng(tmp_path):
+    """Trained on rank 0 inside the run's set-up: the file must not depend on what drew from the global
+    RNG before (it did: the initial weights), and the run's RNG on rank 0 must stay as on the others."""
+    blobs = []
+    for ambient in (1, 2):
+        torch.manual_seed(ambient)
+        before = torch.get_rng_state()
+        ext = ClassifierFeatures(str(tmp_path / str(ambient)), epochs=1, width=8, max_train_images=300)
+        ext.prepare(digits())
+        assert torch.equal(torch.get_rng_state(), before)
+        blobs.append(ext.shared_state())
+    assert blobs[0] == blobs[1]

@@ -222,7 +222,11 @@ class ClassifierFeatures(nn.Module):
         self._load_blob(state)
 
     def _build(self, channels: int, num_classes: int) -> None:
-        self.net = SmallClassifier(channels, num_classes, self.width, self.num_features)
+        # Initial weights from the seed (a trained file was a function of what drew from the global RNG
+        # before), in a forked RNG: building it in a run's set-up leaves the run's RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.net = SmallClassifier(channels, num_classes, self.width, self.num_features)
 
     def load(self, path: Path) -> None:
         self._load_blob(path.read_bytes())
@@ -256,7 +260,6 @@ class ClassifierFeatures(nn.Module):
         CPU), save to ``path``; returns train accuracy (of the last pass, on augmented images when
         ``augment``). The batch order and augmentation are drawn on the CPU: the same on any device."""
         g = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
         device = torch.device(device or "cpu")
         net = self.net.to(device).train().requires_grad_(True)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
