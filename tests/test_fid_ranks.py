@@ -281,3 +281,20 @@ def test_classifier_training_is_a_function_of_its_seed_and_leaves_the_global_rng
         assert torch.equal(torch.get_rng_state(), before)
         blobs.append(ext.shared_state())
     assert blobs[0] == blobs[1]
+
+
+def test_rank_zero_prepares_the_extractor_on_every_core(monkeypatch):
+    """The other ranks only wait while rank 0 trains the classifier: it may use their cores too (DDP
+    leaves each rank cores ÷ ranks threads), and gives them back after."""
+    import os
+
+    threads = []
+    ext = FixedFeatures()
+    monkeypatch.setattr(ext, "prepare", lambda *a, **k: threads.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        on_ranks(lambda w: prepare_extractor(ext, digits(), CPU, w))
+        assert threads == [len(os.sched_getaffinity(0))] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -12,7 +12,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -114,6 +115,18 @@ class RealFeatureCache:
             ) from None
 
 
+@contextmanager
+def all_cores() -> Iterator[None]:
+    """Torch threads on every core this process may use, for the block. DDP gives each rank cores ÷
+    ranks, but while rank 0 trains the classifier on the CPU the other ranks only wait for it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def prepare_extractor(
     extractor: nn.Module, datamodule: object, device: torch.device, world: World | None = None
 ) -> None:
@@ -121,7 +134,8 @@ def prepare_extractor(
     uses rank 0's very network, sent to it, so a node whose cache dir is not rank 0's needs no copy."""
     rank = world.global_rank if world is not None else 0
     if rank == 0:
-        extractor.prepare(datamodule, device=device)
+        with all_cores():
+            extractor.prepare(datamodule, device=device)
     if world is not None and world.world_size > 1:
         state = world.broadcast(extractor.shared_state() if rank == 0 else None)
         if rank != 0:
