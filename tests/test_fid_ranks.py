@@ -298,3 +298,14 @@ def test_rank_zero_prepares_the_extractor_on_every_core(monkeypatch):
         assert threads == [len(os.sched_getaffinity(0))] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_damaged_cache_entry_is_replaced_not_kept(tmp_path, shards):
+    """Writing once per dir must not keep a damaged file (a bad copy) forever, recomputed every run."""
+    ext = FixedFeatures()
+    good = real_features(digits(), ext, 50, tmp_path, CPU)
+    path = next(tmp_path.glob("fid_real_*.pt"))
+    path.write_bytes(path.read_bytes()[:100])
+    assert torch.equal(real_features(digits(), ext, 50, tmp_path, CPU), good)
+    shards.clear()
+    assert torch.equal(real_features(digits(), ext, 50, tmp_path, CPU), good) and shards == []

@@ -84,14 +84,15 @@ class RealFeatureCache:
     def path(self, key: str) -> Path:
         return self.dir / f"fid_real_{key}.pt"
 
-    def load(self, key: str) -> torch.Tensor | None:
+    def load(self, key: str, warn: bool = True) -> torch.Tensor | None:
         p = self.path(key)
         if not p.is_file():
             return None
         try:
             return torch.load(p, map_location="cpu", weights_only=True)["features"]
         except Exception as e:  # damaged outside difflab's atomic writer (a copy, a disk): never trusted
-            log.warning("the FID real-feature cache %s cannot be read (%s); computing it again", p, e)
+            if warn:
+                log.warning("the FID real-feature cache %s cannot be read (%s); computing it again", p, e)
             return None
 
     def save(self, key: str, features: torch.Tensor, meta: dict) -> None:
@@ -99,7 +100,7 @@ class RealFeatureCache:
         sharing the dir never write the same file at once (nor twice)."""
         try:
             with file_lock(self.path(key)):
-                if self.path(key).is_file():
+                if self.load(key, warn=False) is not None:  # written meanwhile; a damaged one is replaced
                     return
                 atomic_write(
                     self.path(key), lambda f: torch.save({"features": features, "meta": meta}, f), shared=True
