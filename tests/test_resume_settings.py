@@ -104,8 +104,12 @@ def test_changed_settings_sorts_each_key_once():
     new["model"]["ema"] = {"snapshot_dir": "/b/ema"}  # the run moved: the same ${paths.output_dir}/ema
     old["model"]["ema"] = {"snapshot_dir": "/a/ema"}
     assert changed_settings(old, new) == ([], ["trainer.max_steps 5 -> 9"])
-    new["model"]["new_key"] = 1  # a setting nobody listed as changeable: refused
-    assert changed_settings(old, new)[0] == ["model.new_key (unset) -> 1"]
+    new["model"]["new_key"] = 1  # a key the run's (older) difflab never had: taken, and logged
+    assert changed_settings(old, new) == ([], ["model.new_key (unset) -> 1", "trainer.max_steps 5 -> 9"])
+    del new["model"]["ema"]  # a key the run had and this config lacks (`~model.ema`): refused
+    assert changed_settings(old, new)[0] == ["model.ema.snapshot_dir ${paths.output_dir}/ema -> (unset)"]
+    old["model"]["ema"], new["model"]["ema"] = None, {"decay": 0.999}  # trained without EMA, now with
+    assert changed_settings(old, new)[0] == ["model.ema null -> (unset)", "model.ema.decay (unset) -> 0.999"]
 
 
 # A process that holds a run dir's lock as a running difflab-train does, until it is killed.

@@ -210,7 +210,11 @@ def changed_settings(recorded: Mapping[str, Any], new: Mapping[str, Any]) -> tup
         a, b = old.get(key, _UNSET), now.get(key, _UNSET)
         if a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
             continue
-        (allowed if _may_change(key) else refused).append(f"{key} {_shown(a)} -> {_shown(b)}")
+        # A key the run's config never had was added to difflab after the run started: refusing it
+        # would strand every run across an upgrade, so it is taken at its value and the log says so.
+        # (A key the run had and the new config lacks, e.g. `~model.ema`, is a real change: refused.)
+        new_setting = a is _UNSET and not any(key.startswith(k + ".") for k in old)
+        (allowed if _may_change(key) or new_setting else refused).append(f"{key} {_shown(a)} -> {_shown(b)}")
     return refused, allowed
 
 
