@@ -34,6 +34,7 @@ from difflab import config
 from difflab.config import CONF_DIR
 from difflab.errors import DifflabError
 from difflab.rules import check_arguments, closest, config_problems, dotted_keys, missing_keys
+from difflab.rundir import launched_rank_args
 
 
 def register_resolvers() -> None:
@@ -195,6 +196,7 @@ class Command:
         register_resolvers()
         quiet_third_party_noise()
         args = rewrite_group_aliases(sys.argv[1:] if argv is None else list(argv))
+        args = launched_rank_args(args)
         try:
             stop_signals_interrupt()
             preflight(self, args)
@@ -213,6 +215,9 @@ class Command:
 
             restore_stop_signals()
             release_locks()  # the run is over (matters when called in-process: tests, notebooks)
+            # The next command in this process (a test, a notebook) names a sweep of its own.
+            config.unique_suffix.cache_clear()
+            os.environ.pop(config.UNIQUE_VARIABLE, None)
         return None
 
     def _hydra_main(self) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 
@@ -19,9 +20,9 @@ def new_run_dir(log_dir: str, ckpt_path: str | None = None) -> str:
         p = Path(ckpt_path).expanduser().resolve()
         if p.parent.name == "checkpoints":
             return str(p.parent.parent)
-    if os.environ.get("SLURM_JOB_ID") and not os.environ.get("SLURM_ARRAY_TASK_ID"):
-        # A requeued SLURM job keeps its job id: same run dir, so ckpt_path=last resumes it.
-        return str(Path(log_dir) / "runs" / f"slurm_{os.environ['SLURM_JOB_ID']}")
+    if (job := launcher_job_name()) is not None:
+        # Every rank of the job resolves this name, and a requeued job keeps it: ckpt_path=last resumes.
+        return str(Path(log_dir) / "runs" / job)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     while True:
         run = Path(log_dir) / "runs" / f"{stamp}_{secrets.token_hex(3)}"
@@ -29,10 +30,40 @@ def new_run_dir(log_dir: str, ckpt_path: str | None = None) -> str:
             return str(run)
 
 
+# Set by the process that resolves a sweep dir first, for the processes it starts: the submitit
+# launcher's jobs (local, or sbatch, which passes the environment on, to every task and requeue)
+# resolve the sweep config again and must find the same dir.
+UNIQUE_VARIABLE = "DIFFLAB_UNIQUE"
+
+
+def launcher_job_name() -> str | None:
+    """A name every process of one launched job shares, and a requeue of it keeps: ``slurm_<job>``
+    (``slurm_<array job>_<task>`` for an array task), ``torchrun_<rdzv id>``; None outside a launcher."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm_{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm_{env['SLURM_JOB_ID']}"
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if run_id not in (None, "", "none"):
+        return f"torchrun_{run_id}"
+    if run_id == "none" and env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE"):
+        # torchrun on one node without --rdzv-id: its agent, every rank's parent, names the job (and
+        # stays the parent when it restarts the ranks). Several nodes need --rdzv-id (launch_problems).
+        return f"torchrun_{socket.gethostname()}_{os.getppid()}"
+    return None
+
+
 @functools.cache
 def unique_suffix() -> str:
-    """`<time>_<random>`, fixed for the process: Hydra resolves a sweep dir more than once."""
-    return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+    """A sweep dir's name: the one the launching process chose, else the launched job's, else
+    `<time>_<random>`; fixed for the process (Hydra resolves a sweep dir more than once) and passed
+    on to the processes it starts."""
+    name = os.environ.get(UNIQUE_VARIABLE) or launcher_job_name()
+    if name is None:
+        name = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+    os.environ[UNIQUE_VARIABLE] = name
+    return name
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import tempfile
@@ -85,6 +86,30 @@ def remove_dirs(created: list[Path]) -> None:
 def is_launched_rank() -> bool:
     """A process a launcher started for a rank other than the first: its run dir is rank 0's."""
     return any(os.environ.get(v, "0") not in ("", "0") for v in _RANK_VARIABLES)
+
+
+# Lightning's subprocess launcher (strategy=ddp) starts each further local rank with this process's
+# sys.argv (-m and every sweep value included) and the parent's hydra.run.dir appended: each rank would
+# run the whole sweep again, in dirs of its own. The parent's job passes its dir and overrides on here
+# instead, and the rank runs that one job in that dir.
+JOB_VARIABLE = "DIFFLAB_RANK_JOB"
+
+
+def pass_job_to_ranks(output_dir: Path | str, overrides: list[str]) -> None:
+    """Tell the local ranks this process is about to start which job they join (see JOB_VARIABLE)."""
+    os.environ[JOB_VARIABLE] = json.dumps({"dir": str(output_dir), "overrides": list(overrides)})
+
+
+def launched_rank_args(args: list[str]) -> list[str]:
+    """The command line a local rank started by Lightning's subprocess launcher runs: its parent
+    job's overrides in the parent job's dir (Lightning's own hydra.job.name and hydra.output_subdir
+    kept); any other process's ``args`` unchanged."""
+    job = os.environ.get(JOB_VARIABLE)
+    if job is None or os.environ.get("LOCAL_RANK", "0") == "0":
+        return args
+    parent = json.loads(job)
+    lightning = [a for a in args if a.startswith(("hydra.job.name=", "hydra.output_subdir="))]
+    return [*parent["overrides"], f"hydra.run.dir={parent['dir']}", *lightning]
 
 
 def lock_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> bool:
@@ -275,7 +300,11 @@ def start_train_run(cfg: DictConfig) -> None:
     from difflab.checkpoints import resume_checkpoint
     from difflab.diffusion.noise import objective_of
 
-    given = [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []]
+    given = [
+        str(o)
+        for part in ("task", "hydra")  # hydra.run.dir=... is one of Hydra's own overrides
+        for o in OmegaConf.select(cfg, f"hydra.overrides.{part}", default=None) or []
+    ]
     where = str(cfg.hydra.run.dir)
     # The default run dir is made from paths.log_dir: name that if it is the user's.
     log_dir = next((o.partition("=")[2] for o in given if o.startswith("paths.log_dir=")), None)

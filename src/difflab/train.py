@@ -19,6 +19,7 @@ from difflab.checkpoints import check_resume_compatible, resume_checkpoint
 from difflab.cli import Command, instantiate, restore_stop_signals
 from difflab.diffusion.sampling import sampler_problem, steps_problem
 from difflab.errors import DifflabError
+from difflab.launch import launch_problems, ranks_started_here
 from difflab.loggers import finish_loggers
 from difflab.precision import precision_problems
 from difflab.rules import Above, AtLeast, Between, check_values
@@ -81,6 +82,7 @@ def cross_group_problems(cfg: DictConfig) -> list[str]:
                 f"{depth + 1} blocks (model.unet.block_out_channels)"
             )
     problems += precision_problems(str(cfg.trainer.get("precision")), str(cfg.trainer.get("accelerator")))
+    problems += launch_problems(cfg)
     schedule = OmegaConf.to_container(cfg.model.get("noise_scheduler") or DictConfig({}), resolve=True)
     for name, cb in (cfg.get("callbacks") or {}).items():
         why = (
@@ -146,7 +148,8 @@ def train(cfg: DictConfig) -> float | None:
 
     restore_stop_signals()  # from here on SIGTERM is Lightning's and the preemption callback's
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        with ranks_started_here(trainer):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except ProcessRaisedException as e:  # a spawned DDP rank raised: its error text is all that returns
         found = re.search(r"^difflab\.errors\.DifflabError: (.*)$", str(e), flags=re.M)
         if found is None:
