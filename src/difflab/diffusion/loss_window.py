@@ -3,6 +3,9 @@
 Per step, the loss and the loss per timestep quartile are added into device tensors: no host sync,
 and one ``self.log`` per window instead of per step (each costs ~0.3 ms of Python, 1% of a ``tiny``
 step on CPU). The window's sums travel in checkpoints, so logged means resume exactly.
+
+Under DDP each rank keeps its own window: plain tensors, not module buffers, which DDP would overwrite
+with rank 0's on every forward (``broadcast_buffers``).
 """
 
 from __future__ import annotations
@@ -10,24 +13,29 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 
-class LossWindow(nn.Module):
+class LossWindow:
     """Sums of the loss (per step) and of the per-sample loss per timestep quartile, since the last reset."""
 
     def __init__(self, num_timesteps: int) -> None:
-        super().__init__()
         self.num_timesteps = num_timesteps
-        # Buffers, so they follow the module's device; not persistent: the checkpoint holds state().
-        self.register_buffer("loss_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("q_sum", torch.zeros(4), persistent=False)
-        self.register_buffer("q_count", torch.zeros(4), persistent=False)
+        self.loss_sum = torch.zeros(())
+        self.q_sum = torch.zeros(4)
+        self.q_count = torch.zeros(4)
         self.steps = 0  # micro-batches added since the last reset
+
+    def _follow(self, device: torch.device) -> None:
+        # Not buffers, so Module.to does not move them: they follow the losses (a check, no sync).
+        if self.loss_sum.device != device:
+            self.loss_sum, self.q_sum, self.q_count = (
+                t.to(device) for t in (self.loss_sum, self.q_sum, self.q_count)
+            )
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> None:
         """One micro-batch: its (weighted) loss and each sample's loss at its timestep ``t``."""
+        self._follow(loss.device)
         q = (t * 4 // self.num_timesteps).long().clamp(max=3)  # float timesteps under flow matching
         self.loss_sum.add_(loss.detach().float())
         self.q_sum.index_add_(0, q, per_sample.detach().float())
@@ -60,7 +68,7 @@ class LossWindow(nn.Module):
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.loss_sum.copy_(state["loss_sum"])
-        self.q_sum.copy_(state["q_sum"])
-        self.q_count.copy_(state["q_count"])
+        self.loss_sum = state["loss_sum"].to(self.loss_sum.device, torch.float32).clone()
+        self.q_sum = state["q_sum"].to(self.q_sum.device, torch.float32).clone()
+        self.q_count = state["q_count"].to(self.q_count.device, torch.float32).clone()
         self.steps = int(state["steps"])

@@ -96,6 +96,11 @@ class DiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
+        # Every buffer here (the noise process's tables) is a function of the config, equal on every
+        # rank: DDP need not broadcast rank 0's on each forward.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [name for name, _ in self.named_buffers()]
+        )
         if self.ema is not None:
             # ddp_spawn hands each worker the module through shared memory. Lightning gives the module's
             # parameters and buffers private storage, but the EMA shadows are plain attributes: left
@@ -189,9 +194,15 @@ class DiffusionModule(L.LightningModule):
         return bool(every) and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def _stop_if_diverged(self, finite: torch.Tensor, what: str, last_step: int) -> None:
-        """Stop the run (one line, non-zero exit) unless ``finite`` (a bool tensor) is all true. Steps
-        are counted from 1: the loss window covers optimizer steps ``last_step - window + 1 .. last_step``."""
-        if bool(finite.all()):  # the one host sync
+        """Stop the run (one line, non-zero exit) unless ``finite`` (a bool tensor) is all true, on
+        every rank. Steps are counted from 1: the loss window covers optimizer steps
+        ``last_step - window + 1 .. last_step``. Every rank calls it at the same step."""
+        bad = (~finite.all()).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Each rank has its own losses: all stop if any saw a NaN (a rank stopping alone would leave
+            # the others waiting in the next collective). One all_reduce per logging window/checkpoint.
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bool(bad):  # the one host sync
             return
         if what == "the loss":
             first = last_step - self.loss_window.steps + 1
