@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo, two ranks) and mixed precision on CPU."""
+"""DDP on CPU (gloo, two spawned ranks, in-process) and mixed precision on CPU; the launch paths
+(trainer=ddp_cpu under difflab-train, torchrun, SLURM, submitit) are in test_launchers.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_ddp_cpu_two_ranks(make_cfg, tmp_path):
     run = tmp_path / "ddp"
     cfg = make_cfg(
         *FAST,
-        "trainer=ddp_cpu",
+        "trainer=ddp_spawn_cpu",  # in-process: trainer=ddp_cpu's ranks rerun difflab-train's command line
         "trainer.devices=2",
         "trainer.max_steps=30",
         "data.batch_size=32",

@@ -119,23 +119,21 @@ def test_torchrun_ranks_resolve_the_same_dirs(tmp_path, standalone):
 
 def test_slurm_tasks_array_tasks_and_requeues_resolve_the_same_dirs(tmp_path):
     """Faked SLURM variables: the 2 tasks of a job resolve one run dir and one sweep dir, and so does
-    the job requeued (same job id); each array task its own, shared by its tasks (before, an array
-    task's processes each drew a random name)."""
+    the job requeued (same job id); an array task one named by its array job and task id, shared by
+    its tasks (before, an array task's processes each drew a random name)."""
     job = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train"}
     array = {**job, "SLURM_ARRAY_JOB_ID": "4200", "SLURM_JOB_ID": "4243"}
-    task0, task1, requeued, a3, a3b, a4 = _probe(
+    task0, task1, requeued, a3, a3b = _probe(
         tmp_path,
         {**job, "SLURM_PROCID": "0"},
         {**job, "SLURM_PROCID": "1"},
         {**job, "SLURM_PROCID": "0", "SLURM_RESTART_COUNT": "1"},
         {**array, "SLURM_ARRAY_TASK_ID": "3", "SLURM_PROCID": "0"},
         {**array, "SLURM_ARRAY_TASK_ID": "3", "SLURM_PROCID": "1"},
-        {**array, "SLURM_ARRAY_TASK_ID": "4", "SLURM_PROCID": "0", "SLURM_JOB_ID": "4244"},
     )
     logs = tmp_path / "logs"
     assert task0 == task1 == requeued == [str(logs / "runs/slurm_4242"), str(logs / "multiruns/slurm_4242")]
     assert a3 == a3b == [str(logs / "runs/slurm_4200_3"), str(logs / "multiruns/slurm_4200_3")]
-    assert a4[0] == str(logs / "runs/slurm_4200_4")
 
 
 def test_outside_a_launcher_each_process_names_its_own_dirs(monkeypatch, tmp_path):
@@ -145,10 +143,10 @@ def test_outside_a_launcher_each_process_names_its_own_dirs(monkeypatch, tmp_pat
         monkeypatch.delenv(name)
     names = set()
     for _ in range(2):  # as two processes would: nothing cached, nothing passed on
-        config.unique_suffix.cache_clear()
+        config.own_suffix.cache_clear()
         monkeypatch.delenv(config.UNIQUE_VARIABLE, raising=False)
         names.add((config.new_run_dir(str(tmp_path)), config.unique_suffix()))
-    config.unique_suffix.cache_clear()
+    config.own_suffix.cache_clear()
     assert len(names) == 2
 
 

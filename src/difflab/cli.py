@@ -197,6 +197,9 @@ class Command:
         quiet_third_party_noise()
         args = rewrite_group_aliases(sys.argv[1:] if argv is None else list(argv))
         args = launched_rank_args(args)
+        named_here = config.UNIQUE_VARIABLE not in os.environ
+        if named_here:
+            os.environ[config.UNIQUE_VARIABLE] = config.unique_suffix()
         try:
             stop_signals_interrupt()
             preflight(self, args)
@@ -216,8 +219,9 @@ class Command:
             restore_stop_signals()
             release_locks()  # the run is over (matters when called in-process: tests, notebooks)
             # The next command in this process (a test, a notebook) names a sweep of its own.
-            config.unique_suffix.cache_clear()
-            os.environ.pop(config.UNIQUE_VARIABLE, None)
+            config.own_suffix.cache_clear()
+            if named_here:
+                os.environ.pop(config.UNIQUE_VARIABLE, None)
         return None
 
     def _hydra_main(self) -> Any:

@@ -30,9 +30,9 @@ def new_run_dir(log_dir: str, ckpt_path: str | None = None) -> str:
             return str(run)
 
 
-# Set by the process that resolves a sweep dir first, for the processes it starts: the submitit
-# launcher's jobs (local, or sbatch, which passes the environment on, to every task and requeue)
-# resolve the sweep config again and must find the same dir.
+# The sweep dir's name, set by difflab-train (cli.Command.main) for the processes it starts: the
+# submitit launcher's jobs (local, or sbatch, which passes the environment on to every task and
+# requeue) resolve the sweep config again and must find the same dir.
 UNIQUE_VARIABLE = "DIFFLAB_UNIQUE"
 
 
@@ -54,16 +54,16 @@ def launcher_job_name() -> str | None:
     return None
 
 
-@functools.cache
 def unique_suffix() -> str:
-    """A sweep dir's name: the one the launching process chose, else the launched job's, else
-    `<time>_<random>`; fixed for the process (Hydra resolves a sweep dir more than once) and passed
-    on to the processes it starts."""
-    name = os.environ.get(UNIQUE_VARIABLE) or launcher_job_name()
-    if name is None:
-        name = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
-    os.environ[UNIQUE_VARIABLE] = name
-    return name
+    """A sweep dir's name: the one the launching difflab-train chose, else this process's own."""
+    return os.environ.get(UNIQUE_VARIABLE) or own_suffix()
+
+
+@functools.cache
+def own_suffix() -> str:
+    """The launched job's name, else `<time>_<random>`; fixed for the process (Hydra resolves a sweep
+    dir more than once)."""
+    return launcher_job_name() or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
 
 
 @functools.cache
