@@ -61,14 +61,18 @@ def test_sweep_under_ddp_runs_each_job_once_with_every_rank_in_its_dir(tmp_path)
         assert log.count(f"run dir: {sweep / job}\n") == 2, log
 
 
-# Each rank process resolves the run and sweep dirs a `difflab-train` started with its environment
-# would write to, and prints them as one JSON line.
+# Each rank process resolves the run and sweep dirs of conf/hydra/default.yaml (hydra.run.dir,
+# hydra.sweep.dir) with difflab's resolvers, as difflab-train started in its environment would, and
+# prints them as one JSON line (without composing the whole config: 2 cores, many processes).
 PROBE = """
 import json, sys
 from omegaconf import OmegaConf
-from difflab.cli import compose
-cfg = compose("train", ["paths.log_dir=" + sys.argv[1]])
-print(json.dumps([OmegaConf.select(cfg, "hydra.run.dir"), OmegaConf.select(cfg, "hydra.sweep.dir")]))
+from difflab import config
+OmegaConf.register_new_resolver("difflab_run_dir", config.run_dir_once)
+OmegaConf.register_new_resolver("difflab_unique", config.unique_suffix)
+hydra = OmegaConf.to_container(OmegaConf.load(config.CONF_DIR + "/hydra/default.yaml"))  # unresolved
+cfg = OmegaConf.create({"paths": {"log_dir": sys.argv[1]}, "ckpt_path": "last", "hydra": hydra})
+print(json.dumps([cfg.hydra.run.dir, cfg.hydra.sweep.dir]))
 """
 
 
