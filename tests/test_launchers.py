@@ -65,14 +65,17 @@ def test_sweep_under_ddp_runs_each_job_once_with_every_rank_in_its_dir(tmp_path)
 # hydra.sweep.dir) with difflab's resolvers, as difflab-train started in its environment would, and
 # prints them as one JSON line (without composing the whole config: 2 cores, many processes).
 PROBE = """
-import json, sys
+import json, os, sys
 from omegaconf import OmegaConf
 from difflab import config
 OmegaConf.register_new_resolver("difflab_run_dir", config.run_dir_once)
 OmegaConf.register_new_resolver("difflab_unique", config.unique_suffix)
 hydra = OmegaConf.to_container(OmegaConf.load(config.CONF_DIR + "/hydra/default.yaml"))  # unresolved
 cfg = OmegaConf.create({"paths": {"log_dir": sys.argv[1]}, "ckpt_path": "last", "hydra": hydra})
-print(json.dumps([cfg.hydra.run.dir, cfg.hydra.sweep.dir]))
+line = json.dumps([cfg.hydra.run.dir, cfg.hydra.sweep.dir])
+if len(sys.argv) > 2:  # torchrun: one file per rank (the ranks' prints can interleave)
+    open(sys.argv[2] + "." + os.environ["RANK"], "w").write(line)
+print(line)
 """
 
 
@@ -108,7 +111,7 @@ def test_torchrun_ranks_resolve_the_same_dirs(tmp_path, standalone):
     script.write_text(PROBE)
     how = ["--standalone"] if standalone else [f"--master-port={_free_port()}"]
     p = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node=2", *how, str(script), str(tmp_path / "logs")],
+        [str(BIN / "torchrun"), "--nproc_per_node=2", *how, str(script), str(tmp_path / "logs"), "dirs"],
         env=_env(),
         capture_output=True,
         text=True,
@@ -116,7 +119,7 @@ def test_torchrun_ranks_resolve_the_same_dirs(tmp_path, standalone):
         cwd=tmp_path,
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    dirs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("[")]
+    dirs = [json.loads((tmp_path / f"dirs.{rank}").read_text()) for rank in (0, 1)]
     assert len(dirs) == 2 and dirs[0] == dirs[1], dirs
     assert all(Path(d).name.startswith("torchrun_") for d in dirs[0])
 
