@@ -336,7 +336,7 @@ def test_ddp_ranks_read_disjoint_shards_that_cover_the_epoch(tmp_path, make_cfg)
     PREPARE.call(["data=digits", "data.source.max_items=1024", f"out={shards}", SMALL_CHUNKS])
     cfg = make_cfg(
         *streaming_run(shards, "data.flip=false", "data.batch_size=32", "trainer.max_steps=16"),
-        "trainer=ddp_cpu",
+        "trainer=ddp_spawn_cpu",  # in-process (trainer=ddp_cpu reruns the command line)
         "trainer.devices=2",
         "+callbacks.dump._target_=tests.helpers.DumpRankState",
         f"+callbacks.dump.path={tmp_path / 'dump'}",
