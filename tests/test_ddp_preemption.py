@@ -16,7 +16,7 @@ import torch
 
 from difflab.callbacks.preemption import requeue_slurm_job
 from difflab.checkpoints import load_checkpoint
-from tests.helpers import difflab_cli, max_abs_diff
+from tests.helpers import BIN, ROOT, max_abs_diff
 
 # 1,797 digits / (2 ranks x 32) = 28 steps an epoch; no checkpoint but the last (and the signal's).
 DDP = (
@@ -73,9 +73,18 @@ class DumpLossWindow(L.Callback):
 
 
 def _run(run: Path, *args: str) -> subprocess.CompletedProcess:
-    return difflab_cli(
-        "train", *DDP, *args, f"hydra.run.dir={run}", cwd=run.parent, timeout=TIMEOUT, new_group=True
-    )
+    """``difflab-train`` on 2 ranks in a process group of its own: a hang kills every rank, not rank 0."""
+    cmd = [str(BIN / "difflab-train"), *DDP, *args, f"hydra.run.dir={run}"]
+    env = {**os.environ, "WANDB_MODE": "", "WANDB_API_KEY": "", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=run.parent, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _signal_at(rank: int, step: int, sig: str) -> tuple[str, ...]:
@@ -91,11 +100,21 @@ def _assert_saved_and_stopped(p: subprocess.CompletedProcess, run: Path, step: i
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == step
 
 
-def test_sigterm_to_one_rank_saves_once_on_every_rank_and_resumes_exactly(tmp_path):
+# SIGTERM to one rank only (a scheduler signalling one task, or a user's kill); SIGUSR2, submitit's
+# warning before the time limit (its default action would kill the rank).
+@pytest.mark.parametrize(("sig", "rank"), [("SIGTERM", 1), ("SIGUSR2", 0)])
+def test_a_signal_on_one_rank_saves_once_and_stops_every_rank(tmp_path, sig, rank):
+    run = tmp_path / "run"
+    # After step 2; the ranks agree every 3 steps: all save step 3 and exit 0.
+    p = _run(run, *_signal_at(rank, 2, sig), "callbacks.preemption.sync_every_n_steps=3")
+    _assert_saved_and_stopped(p, run, 3)
+
+
+@pytest.mark.slow  # 3 runs on 2 ranks: ~65 s
+def test_a_run_stopped_by_a_signal_on_one_rank_resumes_exactly(tmp_path):
     straight = tmp_path / "straight"
     assert _run(straight).returncode == 0
     run = tmp_path / "run"
-    # Rank 1 alone gets SIGTERM after step 2; the ranks agree every 4 steps: all save step 4, exit 0.
     p = _run(run, *_signal_at(1, 2, "SIGTERM"), "callbacks.preemption.sync_every_n_steps=4")
     _assert_saved_and_stopped(p, run, 4)
     p = _run(run)  # the rerun resumes from last.ckpt
@@ -103,13 +122,6 @@ def test_sigterm_to_one_rank_saves_once_on_every_rank_and_resumes_exactly(tmp_pa
     final, reference = (load_checkpoint(r / "checkpoints" / "last.ckpt") for r in (run, straight))
     assert final["global_step"] == reference["global_step"] == 8
     assert max(max_abs_diff(reference, final).values()) == 0.0
-
-
-def test_submitits_time_limit_signal_saves_and_stops_every_rank(tmp_path):
-    # submitit warns with SIGUSR2 before the time limit (its default action would kill the rank).
-    run = tmp_path / "run"
-    p = _run(run, *_signal_at(0, 1, "SIGUSR2"), "callbacks.preemption.sync_every_n_steps=3")
-    _assert_saved_and_stopped(p, run, 3)
 
 
 def test_nan_on_one_rank_stops_every_rank_with_one_line(tmp_path):
