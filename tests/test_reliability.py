@@ -334,7 +334,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
 
 @pytest.mark.slow
 def test_divergence_under_ddp_is_one_line_too(tmp_path):
-    # A spawned rank's DifflabError comes back as torch's ProcessRaisedException with a traceback.
+    # Every rank sees the NaN (the gradients are averaged); test_ddp_preemption: a NaN on one rank only.
     p = difflab_cli(
         "train", *RUN, "trainer=ddp_cpu", "model.optimizer.lr=1e6", "model.warmup_steps=1",
         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
