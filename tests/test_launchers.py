@@ -258,3 +258,15 @@ def test_a_rank_that_cannot_write_the_shared_run_dir_stops_in_one_line(tmp_path)
     env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}
     line = _refused(tmp_path, f"hydra.run.dir={tmp_path / 'file' / 'run'}", env=env)
     assert "cannot be created" in line and "hydra.run.dir" in line, line
+
+
+def test_ddp_called_in_process_is_refused_not_rerun(make_cfg, tmp_path):
+    """train() with trainer=ddp_cpu in-process: Lightning would rerun this process's command line
+    (pytest's) for rank 1; one line instead, saying to use difflab-train or trainer=ddp_spawn_cpu."""
+    from difflab.errors import DifflabError
+    from difflab.train import train
+
+    cfg = make_cfg(*FAST_DIGITS, "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=1")
+    with pytest.raises(DifflabError, match=r"not started by difflab-train.*trainer=ddp_spawn_cpu"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -4,8 +4,10 @@ the submitit launcher) and the ranks Lightning's subprocess launcher starts for 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -123,6 +125,17 @@ _SWEEP_ONLY = (
 _LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", JOB_VARIABLE)
 
 
+def _started_by_difflab_train() -> bool:
+    """This process's command line, the one Lightning reruns for each rank, is difflab-train's (not
+    pytest's or a notebook's): Lightning reruns ``python -m <__main__'s module>`` or ``sys.argv[0]``."""
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None:
+        return spec.name == "difflab.train"
+    return Path(sys.argv[0]).name == "difflab-train"
+
+
 @contextmanager
 def ranks_started_here(trainer: L.Trainer) -> Iterator[None]:
     """Around ``fit``: where Lightning's subprocess launcher (strategy=ddp) will start the other local
@@ -137,14 +150,16 @@ def ranks_started_here(trainer: L.Trainer) -> Iterator[None]:
     if (
         not isinstance(launcher, _SubprocessScriptLauncher)
         or launcher.cluster_environment.creates_processes_externally  # torchrun, srun, a started rank
+        or launcher.num_processes < 2
     ):
         yield
         return
-    if not HydraConfig.initialized():
+    if not HydraConfig.initialized() or not _started_by_difflab_train():
         raise DifflabError(
-            f"trainer.strategy={trainer.strategy.strategy_name} starts each further rank by running "
-            "the command line again, which only difflab-train's own is; run difflab-train, or use "
-            "trainer=ddp_spawn_cpu (trainer.strategy=ddp_spawn) when calling train in-process"
+            "Lightning's ddp strategy (trainer=ddp, ddp_cpu) starts each further rank by running "
+            "the command line again, and this process was not started by difflab-train; run "
+            "difflab-train, or use trainer=ddp_spawn_cpu (trainer.strategy=ddp_spawn) when calling "
+            "train in-process"
         )
     before = {k: os.environ.get(k) for k in _LAUNCH_VARIABLES}
     hydra_cfg = HydraConfig.get()
