@@ -21,7 +21,6 @@ from tests.helpers import BIN, ROOT, max_abs_diff
 # 1,797 digits / (2 ranks x 32) = 28 steps an epoch; no checkpoint but the last (and the signal's).
 DDP = (
     "experiment=digits",
-    "trainer=ddp_cpu",
     "trainer.precision=32-true",
     "data.batch_size=32",
     "trainer.max_steps=8",
@@ -39,12 +38,15 @@ class SignalRankAt(L.Callback):
     """Sends ``sig`` to its own process on global rank ``rank`` after optimizer step ``step`` (as a
     scheduler signalling one task, or one rank reaching the moment before the others)."""
 
-    def __init__(self, rank: int, step: int, sig: str) -> None:
-        self.rank, self.step, self.sig = rank, step, signal.Signals[sig]
+    def __init__(self, rank: int, step: int, sig: str, group: bool = False) -> None:
+        self.rank, self.step, self.sig, self.group = rank, step, signal.Signals[sig], group
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
-            os.kill(os.getpid(), self.sig)
+            if self.group:  # as a terminal's Ctrl-C: every process of the group, the launcher's too
+                os.killpg(os.getpgid(0), self.sig)
+            else:
+                os.kill(os.getpid(), self.sig)
 
 
 class PoisonRankAt(L.Callback):
@@ -72,9 +74,9 @@ class DumpLossWindow(L.Callback):
         (self.dirpath / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
 
 
-def _run(run: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(run: Path, *args: str, trainer: str = "ddp_cpu") -> subprocess.CompletedProcess:
     """``difflab-train`` on 2 ranks in a process group of its own: a hang kills every rank, not rank 0."""
-    cmd = [str(BIN / "difflab-train"), *DDP, *args, f"hydra.run.dir={run}"]
+    cmd = [str(BIN / "difflab-train"), *DDP, f"trainer={trainer}", *args, f"hydra.run.dir={run}"]
     env = {**os.environ, "WANDB_MODE": "", "WANDB_API_KEY": "", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=run.parent, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
@@ -107,6 +109,14 @@ def test_a_signal_on_one_rank_saves_once_and_stops_every_rank(tmp_path, sig, ran
     run = tmp_path / "run"
     # After step 2; the ranks agree every 3 steps: all save step 3 and exit 0.
     p = _run(run, *_signal_at(rank, 2, sig), "callbacks.preemption.sync_every_n_steps=3")
+    _assert_saved_and_stopped(p, run, 3)
+
+
+def test_ctrl_c_under_ddp_spawn_saves_instead_of_ending_the_ranks(tmp_path):
+    # The spawning process runs no callbacks: it outlives the first Ctrl-C while its ranks save.
+    run = tmp_path / "run"
+    ctrl_c = (*_signal_at(0, 2, "SIGINT"), "+callbacks.signal.group=true")
+    p = _run(run, *ctrl_c, "callbacks.preemption.sync_every_n_steps=3", trainer="ddp_spawn_cpu")
     _assert_saved_and_stopped(p, run, 3)
 
 

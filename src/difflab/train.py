@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessRaisedException
 
+from difflab.callbacks.preemption import launcher_outlives_first_ctrl_c
 from difflab.checkpoints import check_resume_compatible, resume_checkpoint
 from difflab.cli import Command, instantiate, restore_stop_signals
 from difflab.diffusion.sampling import sampler_problem, steps_problem
@@ -148,7 +149,7 @@ def train(cfg: DictConfig) -> float | None:
 
     restore_stop_signals()  # from here on SIGTERM is Lightning's and the preemption callback's
     try:
-        with ranks_started_here(trainer):
+        with ranks_started_here(trainer), launcher_outlives_first_ctrl_c(trainer):
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except ProcessRaisedException as e:  # a spawned DDP rank raised: its error text is all that returns
         found = re.search(r"^difflab\.errors\.DifflabError: (.*)$", str(e), flags=re.M)

@@ -7,6 +7,9 @@ import logging
 import os
 import signal
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Annotated, Literal
 
@@ -45,6 +48,32 @@ def requeue_slurm_job() -> None:
         log.warning("scontrol requeue %s failed: %s", job, done.stderr.strip())
     else:
         log.warning("requeued SLURM job %s", job)
+
+
+@contextmanager
+def launcher_outlives_first_ctrl_c(trainer: L.Trainer) -> Iterator[None]:
+    """Around ``fit`` in a process that only starts and waits for its ranks (``ddp_spawn``): Ctrl-C
+    reaches the ranks too (the terminal's process group), whose preemption callbacks save and stop;
+    the launcher, which runs no callbacks, keeps waiting for them instead of ending them unsaved. A
+    second Ctrl-C stops it at once."""
+    spawns = getattr(trainer.strategy, "_start_method", None) in ("spawn", "fork", "forkserver")
+    if not spawns or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal pressed
+        if pressed:
+            raise KeyboardInterrupt
+        pressed = True
+        log.warning("interrupted: the ranks save a checkpoint after this step, then stop (Ctrl-C again: now)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class PreemptionCallback(L.Callback):
