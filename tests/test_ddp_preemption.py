@@ -174,6 +174,30 @@ def test_requeue_runs_scontrol_with_the_jobs_id(tmp_path, monkeypatch):
     assert (tmp_path / "calls").read_text().splitlines() == ["requeue 123", "requeue 120_3"]
 
 
+@pytest.mark.parametrize(("sig", "requeued"), [("SIGUSR2", True), ("SIGTERM", False)])
+def test_rank_0_requeues_at_the_step_boundary_only_on_a_time_limit_signal(
+    tmp_path, monkeypatch, sig, requeued
+):
+    from types import SimpleNamespace
+
+    from difflab.callbacks.preemption import PreemptionCallback
+
+    calls = []
+    monkeypatch.setattr("difflab.callbacks.preemption.requeue_slurm_job", lambda: calls.append(1))
+    trainer = SimpleNamespace(world_size=1, global_step=0, is_global_zero=True, checkpoint_callbacks=[])
+    cb = PreemptionCallback()
+    cb.on_train_start(trainer, None)
+    try:
+        cb.on_train_batch_start(trainer, None)
+        os.kill(os.getpid(), signal.Signals[sig])
+        assert not calls  # the handler only notes it
+        trainer.global_step = 1
+        cb.on_train_batch_end(trainer, None)
+    finally:
+        cb.teardown(trainer, None, "fit")
+    assert trainer.should_stop and calls == ([1] if requeued else [])
+
+
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGUSR2"])
 def test_only_the_time_limit_signals_ask_for_a_requeue(tmp_path, monkeypatch, sig):
     from difflab.callbacks.preemption import PreemptionCallback
