@@ -124,6 +124,23 @@ def test_torchrun_ranks_resolve_the_same_dirs(tmp_path, standalone):
     assert all(Path(d).name.startswith("torchrun_") for d in dirs[0])
 
 
+@pytest.mark.slow  # ~17 s on 2 idle cores; test_torchrun_ranks_resolve_the_same_dirs is the quick check
+def test_torchrun_trains_both_ranks_in_one_run_dir(tmp_path):
+    """``torchrun --nproc_per_node 2 --standalone difflab-train trainer=ddp_cpu``: Lightning sees
+    torchrun's ranks (no subprocess launch), and both run in one run dir named after the run id."""
+    logs = tmp_path / "logs"
+    p = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node=2", "--standalone", str(BIN / "difflab-train"),
+         *FAST_CLI, "trainer=ddp_cpu", f"paths.log_dir={logs}"],
+        env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run,) = (logs / "runs").iterdir()
+    assert run.name.startswith("torchrun_")
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert (run / "train.log").read_text().count(f"run dir: {run}\n") == 2
+
+
 def test_slurm_tasks_array_tasks_and_requeues_resolve_the_same_dirs(tmp_path):
     """Faked SLURM variables: the 2 tasks of a job resolve one run dir and one sweep dir, and so does
     the job requeued (same job id); an array task one named by its array job and task id, shared by
