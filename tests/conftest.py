@@ -38,6 +38,21 @@ def compose_config(
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Each test starts and ends with no Hydra config set and its own ``sys.argv`` (as the
+    Lightning-Hydra template's conftest does): ``compose_config`` and in-process commands set both,
+    and a later test would otherwise resolve ``${hydra:runtime.output_dir}`` from a stale config."""
+    import sys
+
+    argv = list(sys.argv)
+    HydraConfig.instance().cfg = None
+    yield
+    sys.argv[:] = argv
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     def _make(*overrides: str, run_dir: Path | None = None, config_name: str = "train") -> DictConfig:
