@@ -254,6 +254,13 @@ def test_sweep_with_ddp_under_submitit_local_is_refused(tmp_path):
     assert "hydra/launcher=submitit_local" in line
 
 
+def test_several_submitit_local_tasks_are_refused(tmp_path):
+    line = _refused(
+        tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "seed=1,2", flags=("-m",)
+    )
+    assert "hydra.launcher.tasks_per_node=2" in line
+
+
 def test_more_gpus_than_there_are_is_refused(make_cfg, monkeypatch):
     import torch
 

@@ -96,6 +96,15 @@ def _torchrun_problems(cfg: DictConfig) -> list[str]:
 def _submitit_problems(cfg: DictConfig, wanted: int | None) -> list[str]:
     target = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
     strategy = str(cfg.trainer.get("strategy"))
+    tasks = OmegaConf.select(cfg, "hydra.launcher.tasks_per_node", default=1) or 1
+    if target.endswith("submitit_launcher.LocalLauncher") and int(tasks) > 1:
+        # Its tasks set only SUBMITIT_LOCAL_* variables, which Lightning does not read as ranks:
+        # each task would train the whole job alone, all of them into one run dir.
+        return [
+            f"hydra.launcher.tasks_per_node={tasks}: the tasks of hydra/launcher=submitit_local are not "
+            "ranks Lightning joins (each would train the job alone); use hydra.launcher.tasks_per_node=1 "
+            "with trainer.devices=N (trainer=ddp_cpu on CPU), or hydra/launcher=slurm"
+        ]
     many = wanted is None or wanted > 1
     if (
         not target.endswith("submitit_launcher.LocalLauncher")
