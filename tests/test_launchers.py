@@ -256,7 +256,11 @@ def test_sweep_with_ddp_under_submitit_local_is_refused(tmp_path):
 
 def test_several_submitit_local_tasks_are_refused(tmp_path):
     line = _refused(
-        tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "seed=1,2", flags=("-m",)
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        "seed=1,2",
+        flags=("-m",),
     )
     assert "hydra.launcher.tasks_per_node=2" in line
 
