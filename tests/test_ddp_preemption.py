@@ -104,7 +104,9 @@ def _assert_saved_and_stopped(p: subprocess.CompletedProcess, run: Path, step: i
 
 # SIGTERM to one rank only (a scheduler signalling one task, or a user's kill); SIGUSR2, submitit's
 # warning before the time limit (its default action would kill the rank).
-@pytest.mark.parametrize(("sig", "rank"), [("SIGTERM", 1), ("SIGUSR2", 0)])
+@pytest.mark.parametrize(
+    ("sig", "rank"), [("SIGTERM", 1), pytest.param("SIGUSR2", 0, marks=pytest.mark.slow)]
+)
 def test_a_signal_on_one_rank_saves_once_and_stops_every_rank(tmp_path, sig, rank):
     run = tmp_path / "run"
     # After step 2; the ranks agree every 3 steps: all save step 3 and exit 0.
@@ -112,6 +114,7 @@ def test_a_signal_on_one_rank_saves_once_and_stops_every_rank(tmp_path, sig, ran
     _assert_saved_and_stopped(p, run, 3)
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_ddp_spawn_saves_instead_of_ending_the_ranks(tmp_path):
     # The spawning process runs no callbacks: it outlives the first Ctrl-C while its ranks save.
     run = tmp_path / "run"

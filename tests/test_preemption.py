@@ -55,7 +55,12 @@ ARGS = (
 )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "sig",
+    # SIGKILL: test_reliability.py's kill -9 test covers it in the default suite.
+    [pytest.param(signal.SIGKILL, marks=pytest.mark.slow), signal.SIGTERM, signal.SIGINT],
+    ids=lambda s: s.name,
+)
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, sig):
     straight = tmp_path / "straight"
     assert train_cli(*ARGS, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0

@@ -257,14 +257,23 @@ EXPECTED = {
     "command",
     [("train", "experiment=digits", "ckpt_path={}"), ("sample", "ckpt={}"), ("export", "ckpt={}", "out=x")],
 )
-def test_a_file_that_is_no_checkpoint_gets_one_line(foreign_files, tmp_path, command):
+def test_a_file_that_is_no_checkpoint_gets_one_line(foreign_files, tmp_path, command, monkeypatch, capsys):
+    # In-process through each console script's main (the installed script's code path; a subprocess
+    # per file cost ~5 s of imports each): test_cli.py runs the real scripts.
+    from difflab.export import COMMAND as EXPORT
+    from difflab.sample import COMMAND as SAMPLE
+    from difflab.train import COMMAND as TRAIN
+
+    main = {"train": TRAIN, "sample": SAMPLE, "export": EXPORT}[command[0]].main
+    monkeypatch.chdir(tmp_path)
     for kind, path in foreign_files.items():
-        args = [a.format(path) for a in command[1:]]
-        p = difflab_cli(command[0], *args, cwd=tmp_path)
-        assert p.returncode != 0
-        assert "Traceback" not in p.stderr and "weights_only" not in p.stderr, p.stderr[-2000:]
-        errors = [line for line in p.stderr.splitlines() if line.startswith("difflab: error:")]
-        assert len(errors) == 1 and f"{path} " in errors[0] and EXPECTED[kind] in errors[0], p.stderr[-2000:]
+        with pytest.raises(SystemExit) as e:
+            main([a.format(path) for a in command[1:]])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "weights_only" not in err, err[-2000:]
+        errors = [line for line in err.splitlines() if line.startswith("difflab: error:")]
+        assert len(errors) == 1 and f"{path} " in errors[0] and EXPECTED[kind] in errors[0], err[-2000:]
     assert not (tmp_path / "x").exists()
 
 

@@ -9,7 +9,8 @@ from difflab.checkpoints import load_checkpoint
 from tests.helpers import train_cli
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "ddp_cpu"])  # the template's users report DDP + multirun breaks
+# The template's users report DDP + multirun breaks; ddp_cpu in the default suite: test_launchers.py.
+@pytest.mark.parametrize("trainer", ["cpu", pytest.param("ddp_cpu", marks=pytest.mark.slow)])
 def test_multirun_gives_each_job_its_own_dir(tmp_path, trainer):
     sweep = tmp_path / "sweep"
     p = train_cli(
