@@ -75,3 +75,16 @@ def test_bf16_mixed_on_cpu_trains(make_cfg, tmp_path):
     # Lightning cannot clip a fused optimizer's gradients under mixed precision: foreach is used.
     group = ckpt["optimizer_states"][0]["param_groups"][0]
     assert not group["fused"] and group["foreach"] is True
+
+
+def test_a_spawned_rank_adds_into_its_own_loss_window():
+    # ddp_spawn hands each worker the module in shared memory: a shared window summed every rank's
+    # losses into one and logged N times the loss (test_ddp_cpu_two_ranks' ratio, intermittently).
+    from difflab.diffusion.loss_window import LossWindow
+
+    window = LossWindow(1000)
+    received = [window.loss_sum.share_memory_(), window.q_sum.share_memory_(), window.q_count.share_memory_()]
+    window.unshare()
+    window.add(torch.tensor(2.0), torch.tensor([1.0, 3.0]), torch.tensor([10, 900]))
+    assert all(float(t.sum()) == 0 for t in received)  # the shared copies stay untouched
+    assert float(window.means()["train/loss"]) == 2.0

@@ -32,6 +32,13 @@ class LossWindow:
                 t.to(device) for t in (self.loss_sum, self.q_sum, self.q_count)
             )
 
+    def unshare(self) -> None:
+        """Private storage for tensors a spawned DDP worker received in shared memory (ddp_spawn):
+        shared, every rank would add into one window and log N times its loss."""
+        self.loss_sum, self.q_sum, self.q_count = (
+            t.clone() if t.is_shared() else t for t in (self.loss_sum, self.q_sum, self.q_count)
+        )
+
     @torch.no_grad()
     def add(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> None:
         """One micro-batch: its (weighted) loss and each sample's loss at its timestep ``t``."""

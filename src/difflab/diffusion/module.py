@@ -106,6 +106,7 @@ class DiffusionModule(L.LightningModule):
             # parameters and buffers private storage, but the EMA shadows are plain attributes: left
             # shared, every rank lerps the same storage and the EMA moves N times too fast.
             self.ema.map_shadows(lambda s: s.clone() if s.is_shared() else s)
+        self.loss_window.unshare()  # plain attributes too, for the same reason
         device_type = self.trainer.strategy.root_device.type
         fp32_matmul_policy(self.trainer.strategy.root_device)  # in every rank: a process-wide setting
         if not self.channels_last and uses_channels_last(
