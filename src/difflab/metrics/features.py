@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Annotated, Literal
@@ -108,6 +109,10 @@ class SmallClassifier(nn.Module):
 
 
 Labels = Literal["auto", "dataset", "instance"]
+# The version of the code that trains a classifier (SmallClassifier, shift_and_flip, fit, _train and the
+# constants they use). It is part of every cached classifier's file name: bump it whenever a change to
+# that code would train a different network, so no cache dir hands back a file the old code trained.
+CLASSIFIER_VERSION = 2
 # Training passes per label kind: class labels are learnt in a few; one class per image needs many.
 DEFAULT_EPOCHS = {"dataset": 3, "instance": 40}
 # Instance labels use at most this many images: the cost grows as images x passes (all 4,009 twemoji
@@ -137,9 +142,10 @@ class ClassifierFeatures(nn.Module):
     ``labels``: ``dataset`` learns the dataset's classes; ``instance`` makes every image its own class
     under random shifts and flips (exemplar training, Dosovitskiy et al. 2014), so folders without
     labels get a feature space that tells images apart; ``auto`` is the first when the data has labels.
-    ``prepare(datamodule)`` loads the classifier cached for that dataset (file named by the dataset's
-    identity) or trains one (seconds on digits, about a minute on Fashion-MNIST with 2 cores) and caches
-    it. Numbers are comparable only between runs using the same classifier file, whose hash is in
+    ``prepare(datamodule)`` loads the classifier cached for that dataset and these settings (the file
+    is named by a hash of the dataset's identity, every setting below and ``CLASSIFIER_VERSION``) or
+    trains one (seconds on digits, about a minute on Fashion-MNIST with 2 cores) and caches it.
+    Numbers are comparable only between runs using the same classifier file, whose hash is in
     ``identity``, and never with Inception FID.
     """
 
@@ -172,11 +178,31 @@ class ClassifierFeatures(nn.Module):
         datamodule.setup()  # the source exists only once set up
         return "dataset" if getattr(datamodule.source, "labels", None) is not None else "instance"
 
+    def settings(self, kind: str) -> dict:
+        """Everything besides the data that decides the trained classifier (defaults resolved): the
+        cache key, and what its file records."""
+        return {
+            "labels": kind,
+            "epochs": self.epochs or DEFAULT_EPOCHS[kind],
+            "width": self.width,
+            "num_features": self.num_features,
+            "max_train_images": self.max_train_images,
+            "instance_images": INSTANCE_IMAGES if kind == "instance" else None,
+            "seed": self.seed,
+            "version": CLASSIFIER_VERSION,
+        }
+
+    def cache_key(self, data_identity: str, kind: str = "dataset") -> str:
+        """The text the cached file is named by: the data and every setting that changes the network,
+        so a new seed, width or epoch count trains (and caches) a new classifier instead of reusing one."""
+        return json.dumps({"data": data_identity, **self.settings(kind)}, sort_keys=True)
+
     def file_for(self, data_identity: str, kind: str = "dataset") -> Path:
+        """The classifier file for this data and these settings (``path`` when given: used as it is)."""
         if self.path is not None:
             return self.path
-        key = data_identity if kind == "dataset" else f"{data_identity}|instance"  # old names stay valid
-        return self.cache_dir / f"classifier_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+        digest = hashlib.sha1(self.cache_key(data_identity, kind).encode()).hexdigest()[:16]
+        return self.cache_dir / f"classifier_{digest}.pt"
 
     def prepare(
         self, datamodule: object, train_if_missing: bool = True, device: torch.device | None = None
@@ -203,8 +229,9 @@ class ClassifierFeatures(nn.Module):
             images = torch.cat(list(datamodule.real_images(num, 4096)))
             labels = torch.arange(len(images))
         self._build(images.shape[1], int(labels.max()) + 1)
-        epochs = self.epochs or DEFAULT_EPOCHS[kind]
-        self.fit(images, labels, path, augment=kind == "instance", epochs=epochs, device=device)
+        epochs = self.settings(kind)["epochs"]
+        meta = {"key": self.cache_key(datamodule.identity, kind)}
+        self.fit(images, labels, path, augment=kind == "instance", epochs=epochs, device=device, meta=meta)
 
     def shared_state(self) -> bytes | None:
         """The classifier file this extractor loaded, for ranks whose cache dir lacks it."""
@@ -255,10 +282,12 @@ class ClassifierFeatures(nn.Module):
         augment: bool = False,
         epochs: int = DEFAULT_EPOCHS["dataset"],
         device: torch.device | None = None,
+        meta: dict | None = None,
     ) -> float:
         """Train on float images in [0, 1] and integer labels (batches moved to ``device``, default
         CPU), save to ``path``; returns train accuracy (of the last pass, on augmented images when
-        ``augment``). The batch order and augmentation are drawn on the CPU: the same on any device."""
+        ``augment``). The batch order and augmentation are drawn on the CPU: the same on any device.
+        ``meta`` (e.g. the cache key it was trained for) is stored in the file beside the weights."""
         g = torch.Generator().manual_seed(self.seed)
         device = torch.device(device or "cpu")
         net = self.net.to(device).train().requires_grad_(True)
@@ -282,6 +311,7 @@ class ClassifierFeatures(nn.Module):
             "channels": images.shape[1],
             "num_classes": int(labels.max()) + 1,
             "train_accuracy": correct / n,
+            **(meta or {}),
         }
         atomic_write(path, lambda f: torch.save(state, f), shared=True)  # ranks may train it at once
         log.info("trained FID classifier on %d images: train accuracy %.3f, saved %s", n, correct / n, path)
