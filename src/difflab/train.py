@@ -25,6 +25,7 @@ from difflab.loggers import finish_loggers
 from difflab.precision import precision_problems
 from difflab.rules import Above, AtLeast, Between, check_values
 from difflab.rundir import check_resume_settings, log_changed_settings, start_train_run
+from difflab.sweeps import trial_value
 
 log = logging.getLogger("difflab.train")
 
@@ -163,8 +164,18 @@ def train(cfg: DictConfig) -> float | None:
     return float(metric) if metric is not None else None
 
 
+def train_or_trial(cfg: DictConfig) -> float | None:
+    """``train``; in an Optuna sweep a failed trial is reported to the study, not the end of it."""
+    return trial_value(train, cfg)
+
+
 COMMAND = Command(
-    "train", train, settings, cross_group_problems, start=start_train_run, start_files=("config.yaml",)
+    "train",
+    train_or_trial,
+    settings,
+    cross_group_problems,
+    start=start_train_run,
+    start_files=("config.yaml",),
 )
 
 

@@ -1,4 +1,5 @@
-"""FID (and KID) during training: every N steps and at the last step, from the EMA weights, on all ranks."""
+"""FID (and KID) during training: every N steps and at the last step, from the EMA weights, on all ranks;
+against the training images or a held-out split of the run's data source."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import lightning as L
 from torch import nn
 
 from difflab.diffusion.sampling import SamplerName, build_sampler
+from difflab.errors import DifflabError
 from difflab.metrics.fid import FIDEvaluator, prepare_extractor, real_features
 from difflab.rules import AtLeast
 from difflab.rundir import make_writable_dir
@@ -27,6 +29,11 @@ class FIDCallback(L.Callback):
     Rank 0 prepares the extractor (trains the classifier on its device when it has none) and sends it
     to the others; the real features are extracted in shards by all ranks on their devices, gathered,
     and cached under ``cache_dir`` (each rank whose dir lacks them writes them: shared or node-local).
+
+    ``real_split``: null, the reference is the training images; a split name (``test``), that split of
+    the run's data source (held-out images: a model that memorises its training set gains nothing);
+    ``auto``, ``test`` where the source has it, else the training images. The feature extractor is
+    prepared on the training images either way.
     """
 
     def __init__(
@@ -42,12 +49,14 @@ class FIDCallback(L.Callback):
         kid: bool = False,
         cache_dir: str = "data_cache/fid",
         results_file: str | None = None,
+        real_split: str | None = None,
     ) -> None:
         self.extractor = extractor
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
         self.sampler_name, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
         self.kid, self.cache_dir = kid, cache_dir
         self.results_file = Path(results_file) if results_file else None
+        self.real_split = real_split
         self.evaluator: FIDEvaluator | None = None
         self.last_step = -1
 
@@ -60,11 +69,41 @@ class FIDCallback(L.Callback):
         dm, world = trainer.datamodule, trainer.strategy
         device = world.root_device  # the module is not on it yet in setup()
         prepare_extractor(self.extractor, dm, device, world)
+        reference = self.reference_data(dm, getattr(pl_module, "run_config", None))
         feats = real_features(
-            dm, self.extractor, self.num_real, self.cache_dir, device, self.batch_size, world
+            reference, self.extractor, self.num_real, self.cache_dir, device, self.batch_size, world
         )
         self.evaluator = FIDEvaluator(self.extractor, self.num_samples, kid=self.kid)
         self.evaluator.set_real_features(feats, rank=trainer.global_rank, world_size=trainer.world_size)
+
+    def reference_data(self, datamodule: object, run_config: dict | None) -> object:
+        """The datamodule whose images form the FID reference (``real_split``, see the class)."""
+        if self.real_split is None:
+            return datamodule
+        data_cfg = (run_config or {}).get("data") or {}
+        if "split" not in data_cfg.get("source", {}):
+            if self.real_split == "auto":
+                log.info("FID reference: the training images (the data source has no splits)")
+                return datamodule
+            raise DifflabError(
+                f"callbacks.fid.real_split={self.real_split}: the data source "
+                f"({data_cfg.get('source', {}).get('_target_')}) has no splits; use real_split=null "
+                "(the training images) or auto"
+            )
+        from difflab.cli import instantiate
+        from difflab.evaluate import split_config
+
+        split = "test" if self.real_split == "auto" else self.real_split
+        try:
+            reference = instantiate(split_config(data_cfg, split, "this run"))
+            reference.setup()
+        except DifflabError as e:
+            if self.real_split != "auto":
+                raise
+            log.warning("FID reference: the training images (no %s split: %s)", split, e)
+            return datamodule
+        log.info("FID reference: the %s split (%s)", split, reference.identity)
+        return reference
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
