@@ -1,31 +1,35 @@
-"""Time to quality: classifier-FID against wall time for each training recipe, same UNet, data, batch,
-seeds and step budget; the diffusers example's recipe as the baseline, also as a bare PyTorch loop.
+"""Time to quality under the protocol (PROTOCOL.md / protocol.py): held-out classifier-FID (and KID)
+against wall time and optimizer steps for each training recipe, same UNet, data, batch and step budget.
 
-    .venv/bin/python experiments/benchmarks/time_to_quality.py                       # every row, 2 seeds
-    .venv/bin/python experiments/benchmarks/time_to_quality.py --rows ddpm default --seeds 0 --train-only
-    .venv/bin/python experiments/benchmarks/time_to_quality.py --rows ddpm default --seeds 0   # then evaluate
-    .venv/bin/python experiments/benchmarks/time_to_quality.py --report --reference ddpm   # tabulate the done
-    .venv/bin/python experiments/benchmarks/time_to_quality.py --data twemoji --rows ddpm default
-    .venv/bin/python experiments/benchmarks/time_to_quality.py --rows ddpm default@600 --seeds 0 1
-    .venv/bin/python experiments/benchmarks/time_to_quality.py --steps 40 --eval-every 20 --num-samples 64 \
-        --num-real 256 --rows baseline default bare --seeds 0 --work /tmp/ttq_smoke    # a smoke run (~6 min)
+    .venv/bin/python experiments/benchmarks/time_to_quality.py                  # train, evaluate, record
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --train-only     # train every (row, seed)
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --eval-only      # evaluate what is trained
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --report         # RESULTS.md + plot from raw
+    .venv/bin/python experiments/benchmarks/time_to_quality.py --steps 40 --eval-every 20 --seeds 0 \
+        --num-samples 64 --num-real 256 --work /tmp/ttq_smoke                    # a smoke run
 
-The target of the summary is the baseline's final FID, or the first row's when the baseline is not run.
-A row written ROW@STEPS trains ROW with a budget of STEPS instead of --steps: its cosine LR decays to zero
-and its EMA ends there, as for a user who has that much time. A checkpoint of a longer run at STEPS is
-still mid-schedule, so it understates what STEPS steps buy.
+Training: every (row, seed) in ONE invocation, interleaved seed-major (seed 0: every row, seed 1: every
+row, ...), so the machine's drift falls on every row alike; each with the real `difflab-train`,
+checkpoints every --eval-every steps. The wall time of a point is its checkpoint file's mtime minus the
+launch time of its training command (launched.json), start-up included: what a user waits.
 
-Each row trains with the real `difflab-train` (checkpoints every --eval-every steps, nothing else in
-the process), then `difflab-eval` measures every checkpoint at 20 sampler steps and the last one also at
-10 (dpmsolver++, which samples both objectives), against the test split (Fashion-MNIST) or the training
-images (twemoji, which has no split; its classifier is trained label-free); the `posthoc` row's checkpoints
-at each of --posthoc-stds post-hoc EMA lengths, its point the best. The wall time of a point is
-the time from launching the training command to that checkpoint's file, start-up included: what a user
-waits. The bare loop
-is the diffusers example's training loop written out (UNet2DModel, DDPMScheduler, AdamW, cosine
-warm-up, EMAModel, clipping) on the same tensors, evaluated with the same FID code in-process.
-Results accumulate in --work (a rerun skips what is done); prints markdown tables for RESULTS.md
-and writes fid_vs_time.png (fid_vs_time_twemoji.png) next to this script.
+Evaluation (lazy, to spare the CPU): `difflab-eval`, DPM-Solver++ at 20 sampler steps (and 10 at the end
+of budget), --num-samples images against --num-real held-out images (Fashion-MNIST's test split), KID
+beside FID. Per seed: the --target row (the old default, ddpm) at the end of its budget; every other row
+at its end; each --cross row at increasing steps until the first point at or below the same seed's target
+(every evaluated point is recorded, not only the crossing); and a noise floor: the --noise-row's end
+checkpoint of the first seed sampled again with other image seeds (--noise-seeds).
+
+Raw records (raw/time_to_quality.jsonl, via protocol.Recorder): one ``kind="run"`` per trained (row,
+seed) with every checkpoint's wall time (kept before any checkpoint is deleted), one ``kind="point"`` per
+evaluated (checkpoint, sampler steps, image seed). ``training`` names the training session the wall times
+come from: the invocation that trained the run (launched.json), or the work dir for runs trained by
+another driver (one work dir = one training session). A crossing ratio divides only times of one session.
+
+--report reads only the raw records and writes the "time_to_quality" block of RESULTS.md and
+fid_vs_time.png. --code DIR evaluates (and trains) with the difflab of another source tree (DIR/src, e.g.
+the frozen copy the runs were trained from), so edits to this checkout during a long run cannot change the
+FID's classifier half-way.
 """
 
 from __future__ import annotations
@@ -33,16 +37,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(HERE))
 
+from protocol import (  # noqa: E402
+    Interval,
+    Recorder,
+    interleaved,
+    interval,
+    load,
+    machine_line,
+    ratio_pairs,
+    table,
+    verdict,
+    write_section,
+)
+
+BENCH = "time_to_quality"
 # The diffusers example (train_unconditional.py) as difflab overrides: AdamW lr 1e-4, betas (0.95,
 # 0.999), weight decay 1e-6, cosine with 500 warm-up steps, clipping at 1.0, linear betas over 1,000
 # steps, epsilon prediction, EMA inv_gamma 1.0 / power 0.75 / max decay 0.9999.
@@ -63,11 +85,14 @@ DIFFUSERS = [
 # in fp32 (its precision then; today's default picks bf16 where the hardware runs it fast).
 OLD_DEFAULT = ["model=ddpm", "trainer.precision=32-true"]
 # Each lever alone on "ddpm", the old default, then combined; "default" is whatever the default job is now.
+# The _bf16 / _fp32 rows pin the precision, so that a row means the same on every CPU class.
 ROWS: dict[str, list[str]] = {
     "baseline": [*OLD_DEFAULT, *DIFFUSERS],  # the example trains in fp32 by default (--mixed_precision no)
     "ddpm": OLD_DEFAULT,
     "default_fp32": ["trainer.precision=32-true"],
+    "default_bf16": ["trainer.precision=bf16-mixed"],
     "default": [],
+    "posthoc_bf16": ["model/ema=posthoc", "trainer.precision=bf16-mixed"],  # posthoc_ema.py's runs
     "min_snr": [*OLD_DEFAULT, "model.min_snr_gamma=5"],
     "v_pred": [*OLD_DEFAULT, "model.noise_scheduler.prediction_type=v_prediction"],
     "v_pred_min_snr": [
@@ -86,62 +111,57 @@ ROWS: dict[str, list[str]] = {
     "flow_noclip": ["model=flow", "trainer.gradient_clip_val=null"],
     "flow_learned": ["model=flow", "model.learned_weighting=true"],
     "flow_learned_noclip": ["model=flow", "model.learned_weighting=true", "trainer.gradient_clip_val=null"],
-    "posthoc": ["model/ema=posthoc"],  # the default with EDM2's post-hoc EMA: each point at its best length
+    "posthoc": ["model/ema=posthoc"],
 }
-# The post-hoc EMA lengths (σ_rel) each checkpoint of the `posthoc` row is reconstructed at; its point is
-# the best of them (what a user who picks the length after training gets; --posthoc-stds replaces them).
-POSTHOC_STDS = [0.05, 0.10, 0.20]
-SAMPLER, STEPS = "dpmsolver++", [10, 20]  # --sampler-steps replaces STEPS
-# The FID reference per --data: its test split, or its training images where it has no split (twemoji's
-# 4,009 emoji leave too few for a held-out reference of 128-d features).
+# The re-measurement of issue 29: the old default (the target), today's default on this CPU (bf16), the
+# diffusers recipe, the precision row, and the post-hoc EMA runs posthoc_ema.py reads.
+DEFAULT_ROWS = ["ddpm", "default_bf16", "baseline", "default_fp32", "posthoc_bf16"]
+SAMPLER = "dpmsolver++"  # samples both objectives (epsilon and flow)
+COMPARED, END_STEPS = 20, [20, 10]  # sampler steps along the way; at the end of budget
+EVAL_SEED = 1234  # difflab-eval's default image seed; the noise floor adds others
+# The FID reference per --data: its test split (held out: a recipe cannot score by copying its training
+# set); twemoji has none (its 4,009 emoji leave too few for a held-out reference), so its training images.
 HELD_OUT = {"fashion_mnist": "test", "twemoji": None}
+GOAL = 1 / 3  # the README's claim: today's default reaches the old default's end FID in a third of its time
+
+
+# ----------------------------------------------------------------------------------------------- training
 
 
 def parse_row(spec: str, default_steps: int) -> tuple[str, int]:
     """``ROW`` or ``ROW@STEPS`` -> (row, step budget)."""
     name, _, steps = spec.partition("@")
-    if name not in [*ROWS, "bare"] or (steps and not steps.isdigit()) or (steps and name == "bare"):
-        raise ValueError(f"row {spec!r}: expected ROW or ROW@STEPS with ROW one of {[*ROWS, 'bare']}")
+    if name not in ROWS or (steps and not steps.isdigit()):
+        raise ValueError(f"row {spec!r}: expected ROW or ROW@STEPS with ROW one of {list(ROWS)}")
     return name, int(steps) if steps else default_steps
 
 
-def points_file(work: Path, spec: str, seed: int) -> Path:
-    """Where a (row, seed)'s evaluated points are kept: its presence means the pair is done."""
+def run_dir(work: Path, spec: str, seed: int) -> Path:
     name, _, steps = spec.partition("@")
-    return work / (f"{name}_{steps}steps_seed{seed}" if steps else f"{name}_seed{seed}") / "points.json"
+    return work / (f"{name}_{steps}steps_seed{seed}" if steps else f"{name}_seed{seed}")
 
 
-def train_row(spec: str, seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
-    """Train one (row, seed); one point per checkpoint: step, wall seconds, FID at 10 and 20 steps."""
+def code_env(code: str | None) -> dict[str, str]:
+    """The environment of difflab-train / -eval: with --code, its src/ first on the import path."""
+    env = dict(os.environ)
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(code) / "src"), env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        )
+    return env
+
+
+def trained(run: Path, budget: int) -> bool:
+    """Trained to the end of its budget: launched.json is written once difflab-train has returned."""
+    return (run / "launched.json").is_file() and (run / "checkpoints" / f"step_{budget:07d}.ckpt").is_file()
+
+
+def train(spec: str, seed: int, opts: argparse.Namespace, work: Path, rec: Recorder) -> None:
+    """The row's `difflab-train`; its launch time, invocation and commit kept in launched.json."""
     name, budget = parse_row(spec, opts.steps)
-    done = points_file(work, spec, seed)
-    run = done.parent
-    if done.is_file():
-        return json.loads(done.read_text())
-    launched, last = run / "launched.json", run / "checkpoints" / f"step_{budget:07d}.ckpt"
-    if not (launched.is_file() and last.is_file()):  # trained to the end: only its evaluation is left
-        train(name, budget, seed, opts, run, launched)
-    if opts.train_only:
-        return []
-    t0 = json.loads(launched.read_text())["t0"]
-    points = []
-    ckpts = sorted((run / "checkpoints").glob("step_*.ckpt"), key=lambda c: int(c.stem.split("_")[1]))
-    for ckpt in ckpts:
-        step = int(ckpt.stem.split("_")[1])
-        # Every --sampler-steps count at the end of the budget; along the way only 20 (the compared one).
-        counts = STEPS if ckpt == ckpts[-1] else [20]
-        stds = opts.posthoc_stds if name == "posthoc" else []
-        fid = evaluate(ckpt, opts, work, run / "eval" / ckpt.stem, counts, stds)
-        points.append({"step": step, "seconds": ckpt.stat().st_mtime - t0, **fid})
-        print(spec, seed, points[-1], flush=True)
-    done.write_text(json.dumps(points))
-    for ckpt in (run / "checkpoints").glob("*.ckpt"):  # the figures are kept; the weights need not be
-        ckpt.unlink()
-    return points
-
-
-def train(name: str, budget: int, seed: int, opts: argparse.Namespace, run: Path, launched: Path) -> None:
-    """The row's `difflab-train`, its launch time kept in ``launched`` (the clock of every point)."""
+    run = run_dir(work, spec, seed)
+    if trained(run, budget):
+        return
     if run.exists():
         shutil.rmtree(run)  # a half-finished run: its timings would be wrong
     every = opts.eval_every if budget % opts.eval_every == 0 else budget  # else one point, at its end
@@ -157,274 +177,507 @@ def train(name: str, budget: int, seed: int, opts: argparse.Namespace, run: Path
         f"hydra.run.dir={run}",
     ]
     t0 = time.time()
-    subprocess.run([str(BIN / "difflab-train"), *args], cwd=run.parent, check=True, capture_output=True)
-    launched.write_text(json.dumps({"t0": t0}))
-
-
-def evaluate(
-    ckpt: Path, opts: argparse.Namespace, work: Path, out: Path, counts: list[int], ema_stds: list[float]
-) -> dict[str, float]:
-    """FID per sampler-step count; with ``ema_stds`` (post-hoc EMA lengths), the best length's and which."""
-    steps = "[" + ",".join(map(str, counts)) + "]"
-    lengths = ["ema_std=[" + ",".join(map(str, ema_stds)) + "]"] if ema_stds else []
     subprocess.run(
-        [
-            str(BIN / "difflab-eval"),
-            f"ckpt={ckpt}",
-            f"sampler={SAMPLER}",
-            f"steps={steps}",
-            f"num_samples={opts.num_samples}",
-            f"num_real={opts.num_real}",
-            # Held-out images where the set has them: a recipe cannot score by copying its training set.
-            f"real_split={HELD_OUT[opts.data] or 'null'}",
-            f"out={out}",
-            *lengths,
-        ],
+        [str(BIN / "difflab-train"), *args],
         cwd=work,
         check=True,
         capture_output=True,
+        env=code_env(opts.code),
     )
-    rows = json.loads((out / "results.json").read_text())
-    key = next(k for k in rows[0] if k.startswith("val/fid_"))
-    fid = {}
-    for count in counts:
-        best = min((r for r in rows if r["steps"] == count), key=lambda r: r[key])
-        fid[f"fid{count}"] = best[key]
-        if "ema_std" in best:
-            fid[f"ema_std{count}"] = best["ema_std"]
-    return fid
+    launched = {"t0": t0, "invocation": rec.invocation, "commit": opts.train_commit}
+    (run / "launched.json").write_text(json.dumps(launched))
+    print(f"trained {spec} seed {seed}: {time.time() - t0:.0f} s", flush=True)
 
 
-def bare_loop(seed: int, opts: argparse.Namespace, work: Path) -> list[dict]:
-    """The diffusers example's loop on the default job's images and UNet, FID from difflab's code."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler, UNet2DModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from difflab.cli import register_resolvers
-    from difflab.config import CONF_DIR
-    from difflab.diffusion.sampling import build_sampler
-    from difflab.evaluate import reference_split
-    from difflab.metrics.fid import FIDEvaluator, real_features
-
-    done = points_file(work, "bare", seed)
-    if done.is_file():
-        return json.loads(done.read_text())
-    done.parent.mkdir(parents=True, exist_ok=True)
-    register_resolvers()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        overrides = [f"data={opts.data}", f"seed={seed}", f"paths.output_dir={done.parent}"]
-        cfg = compose("train", overrides=overrides)
-    torch.manual_seed(seed)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()
-    images = torch.cat(list(datamodule.real_images(len(datamodule.train_set), 4096))) * 2 - 1
-    unet_cfg = {k: v for k, v in dict(cfg.model.unet).items() if k != "_target_"}
-    unet = UNet2DModel(**unet_cfg)
-    noise_scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon"
-    )
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8
-    )
-    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=500, num_training_steps=opts.steps)
-    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
-    batch = int(cfg.data.batch_size)
-    extractor = instantiate(cfg.metrics.extractor)
-    extractor.prepare(datamodule)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    held_out = reference_split(data_cfg, HELD_OUT[opts.data], "bare") if HELD_OUT[opts.data] else datamodule
-    feats = real_features(held_out, extractor, opts.num_real, cfg.metrics.cache_dir, torch.device("cpu"))
-    # The clock starts after the data and the FID features are ready (difflab's rows include their
-    # start-up): the comparison favours the bare loop slightly.
-    t0 = time.time()
-    points, step, eval_seconds = [], 0, 0.0
-    while step < opts.steps:
-        for idx in torch.randperm(len(images)).split(batch):
-            if len(idx) < batch or step >= opts.steps:
-                continue
-            x0 = images[idx]
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, 1000, (batch,))
-            pred = unet(noise_scheduler.add_noise(x0, noise, t), t).sample
-            loss = F.mse_loss(pred, noise)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            ema.step(unet.parameters())
-            step += 1
-            if step % opts.eval_every == 0:
-                seconds = time.time() - t0 - eval_seconds  # training time only, as for the difflab rows
-                e0 = time.time()
-                ema_unet = UNet2DModel(**unet_cfg)
-                ema.copy_to(ema_unet.parameters())
-                ema_unet.eval()
-                evaluator = FIDEvaluator(extractor, opts.num_samples)
-                evaluator.set_real_features(feats)
-                fid = {}
-                for count in STEPS:
-                    sampler = build_sampler(SAMPLER, dict(noise_scheduler.config))
-                    values = evaluator.evaluate(ema_unet, sampler, count, 1234, 250)
-                    fid[f"fid{count}"] = next(v for k, v in values.items() if k.startswith("val/fid_"))
-                eval_seconds += time.time() - e0
-                points.append({"step": step, "seconds": seconds, **fid})
-                print("bare", seed, points[-1], flush=True)
-    done.write_text(json.dumps(points))
-    return points
+def checkpoints(run: Path) -> dict[int, Path]:
+    ckpts = (run / "checkpoints").glob("step_*.ckpt")
+    return dict(sorted((int(c.stem.split("_")[1]), c) for c in ckpts))
 
 
-def first_reaching(points: list[dict], target: float, key: str = "fid20") -> dict | None:
-    return next((p for p in points if p[key] <= target), None)
+# ----------------------------------------------------------------------------------------------- evaluation
 
 
-def summarise(results: dict[str, dict[int, list[dict]]], opts: argparse.Namespace) -> None:
-    import statistics
+class Evaluator:
+    """Records every evaluated point once: a point already in the raw file (same training session,
+    checkpoint, sampler steps, image seed and sizes) is read back instead of sampled again."""
 
-    def median_curve(name: str) -> list[dict]:
-        runs = list(results[name].values())
-        out = []
-        for k in range(min(len(r) for r in runs)):
-            out.append(
-                {
-                    "step": runs[0][k]["step"],
-                    "seconds": statistics.median(r[k]["seconds"] for r in runs),
-                    **{
-                        f"fid{n}": statistics.median(r[k].get(f"fid{n}", math.nan) for r in runs)
-                        for n in (10, 20)
-                    },
-                }
+    def __init__(self, opts: argparse.Namespace, work: Path, rec: Recorder) -> None:
+        self.opts, self.work, self.rec = opts, work, rec
+        self.done = {self.key(r): r for r in load(BENCH) if r.get("kind") == "point"}
+        self.runs = {(r["training"], r["row"], r["seed"]) for r in load(BENCH) if r.get("kind") == "run"}
+
+    def key(self, r: dict) -> tuple:
+        return tuple(
+            r[k]
+            for k in (
+                "training",
+                "row",
+                "seed",
+                "step",
+                "sampler_steps",
+                "eval_seed",
+                "num_samples",
+                "num_real",
             )
+        )
+
+    def session(self, spec: str, seed: int) -> tuple[Path, dict, str]:
+        run = run_dir(self.work, spec, seed)
+        launched = json.loads((run / "launched.json").read_text())
+        return run, launched, launched.get("invocation") or f"work:{self.work.resolve()}"
+
+    def record_run(self, spec: str, seed: int) -> None:
+        """Every checkpoint's wall time, once per (session, row, seed): the curve survives the weights."""
+        run, launched, training = self.session(spec, seed)
+        if (training, spec, seed) in self.runs:
+            return
+        budget = parse_row(spec, self.opts.steps)[1]
+        seconds = {str(s): c.stat().st_mtime - launched["t0"] for s, c in checkpoints(run).items()}
+        self.rec.record(
+            kind="run",
+            row=spec,
+            seed=seed,
+            budget=budget,
+            training=training,
+            t0=launched["t0"],
+            train_commit=launched.get("commit") or self.opts.train_commit,
+            checkpoint_seconds=seconds,
+            data=self.opts.data,
+        )
+        self.runs.add((training, spec, seed))
+
+    def point(
+        self, spec: str, seed: int, step: int, counts: Sequence[int], eval_seed: int = EVAL_SEED
+    ) -> dict:
+        """FID (and KID) of (row, seed)'s checkpoint at ``step`` for each sampler-step count; returns
+        {count: record}, evaluating only what is not recorded yet."""
+        run, launched, training = self.session(spec, seed)
+        budget = parse_row(spec, self.opts.steps)[1]
+        base = {
+            "training": training,
+            "row": spec,
+            "seed": seed,
+            "step": step,
+            "eval_seed": eval_seed,
+            "num_samples": self.opts.num_samples,
+            "num_real": self.opts.num_real,
+        }
+        out = {c: self.done.get(self.key({**base, "sampler_steps": c})) for c in counts}
+        missing = [c for c, r in out.items() if r is None]
+        if not missing:
+            return out
+        ckpt = checkpoints(run)[step]
+        mtime = ckpt.stat().st_mtime
+        dest = self.work / "eval" / run.name / f"step{step}_seed{eval_seed}_n{self.opts.num_samples}"
+        t_eval = time.time()
+        subprocess.run(
+            [
+                str(BIN / "difflab-eval"),
+                f"ckpt={ckpt}",
+                f"sampler={SAMPLER}",
+                "steps=[" + ",".join(map(str, missing)) + "]",
+                f"num_samples={self.opts.num_samples}",
+                f"num_real={self.opts.num_real}",
+                f"real_split={HELD_OUT[self.opts.data] or 'null'}",
+                "kid=true",
+                f"seed={eval_seed}",
+                f"metrics.cache_dir={self.opts.cache_dir}",
+                f"out={dest}",
+            ],
+            cwd=dest.parent.parent,
+            check=True,
+            capture_output=True,
+            env=code_env(self.opts.code),
+        )
+        rows = json.loads((dest / "results.json").read_text())
+        for r in rows:
+            fid_key = next(k for k in r if k.startswith("val/fid_"))
+            kid_key = next((k for k in r if k.startswith("val/kid_") and not k.endswith("_std")), None)
+            rec = self.rec.record(
+                kind="point",
+                **base,
+                sampler=SAMPLER,
+                sampler_steps=r["steps"],
+                budget=budget,
+                seconds=mtime - launched["t0"],
+                ckpt_mtime=mtime,
+                t0=launched["t0"],
+                fid=r[fid_key],
+                kid=r.get(kid_key) if kid_key else None,
+                kid_std=r.get(f"{kid_key}_std") if kid_key else None,
+                fid_key=fid_key,
+                extractor=r.get("extractor"),
+                real_split=HELD_OUT[self.opts.data],
+                num_real_used=r.get("num_real"),
+                eval_seconds=r.get("seconds"),
+                train_commit=launched.get("commit") or self.opts.train_commit,
+                eval_code=self.opts.code_commit,
+                data=self.opts.data,
+            )
+            out[r["steps"]] = self.done[self.key(rec)] = rec
+            print(f"{spec} seed {seed} step {step} eval seed {eval_seed}: FID{r['steps']} {rec['fid']:.3f}")
+        print(f"  ({time.time() - t_eval:.0f} s)", flush=True)
         return out
 
-    curves = {name: median_curve(name) for name in results}
-    reference = opts.reference or ("baseline" if "baseline" in curves else next(iter(curves)))
-    target = curves[reference][-1]["fid20"]
-    seeds = sorted({s for r in results.values() for s in r})
-    print(
-        f"\n{opts.steps} steps (ROW@STEPS: STEPS), small UNet, data={opts.data}, batch 32, seeds {seeds} "
-        "(medians), "
-        f"classifier-FID of {opts.num_samples} {SAMPLER} samples; target = {reference}'s final FID "
-        f"at 20 steps ({target:.2f})\n"
-    )
-    budget = curves[reference][-1]["seconds"]  # the reference's wall time for the whole budget
-    print(
-        f"| recipe | seeds | steps to target | minutes to target | ÷ {reference}'s time "
-        "| per seed (same seed's target and time) | best FID (20 steps) | final FID 10 / 20 steps |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, curve in curves.items():
-        hit = first_reaching(curve, target)
-        reach = (
-            (f"{hit['step']}", f"{hit['seconds'] / 60:.1f}", f"{hit['seconds'] / budget:.2f}")
-            if hit
-            else ("not reached", "-", "-")
+
+def evaluate_seed(seed: int, rows: list[str], ev: Evaluator, opts: argparse.Namespace) -> None:
+    """One seed, lazily: the target's end, every row's end, each --cross row up to its crossing."""
+    ready = [r for r in rows if trained(run_dir(ev.work, r, seed), parse_row(r, opts.steps)[1])]
+    if opts.target not in ready:
+        print(f"seed {seed}: {opts.target} is not trained yet; skipped", flush=True)
+        return
+    for spec in ready:
+        ev.record_run(spec, seed)
+    budget = {spec: parse_row(spec, opts.steps)[1] for spec in ready}
+    target = ev.point(opts.target, seed, budget[opts.target], END_STEPS)[COMPARED]["fid"]
+    for spec in ready:
+        ev.point(spec, seed, budget[spec], END_STEPS)
+    for spec in [r for r in opts.cross if r in ready]:
+        for step in checkpoints(run_dir(ev.work, spec, seed)):
+            counts = END_STEPS if step == budget[spec] else [COMPARED]
+            if ev.point(spec, seed, step, counts)[COMPARED]["fid"] <= target:
+                break
+    if opts.noise_row in ready and seed == opts.seeds[0]:
+        for eval_seed in opts.noise_seeds:
+            ev.point(opts.noise_row, seed, budget[opts.noise_row], [COMPARED], eval_seed)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def session_records(records: list[dict]) -> list[dict]:
+    """The records of the newest training session (the one whose latest record is newest)."""
+    if not records:
+        return []
+    newest = max(records, key=lambda r: r["time"])["training"]
+    return [r for r in records if r["training"] == newest]
+
+
+def points(
+    records: list[dict], row: str, seed: int, counts: int = COMPARED, eval_seed: int = EVAL_SEED
+) -> list[dict]:
+    """The row's evaluated points for one seed, by step (the newest record of a point re-evaluated)."""
+    by_step = {}
+    for r in records:
+        if (r["kind"], r["row"], r["seed"], r.get("sampler_steps"), r.get("eval_seed")) == (
+            "point",
+            row,
+            seed,
+            counts,
+            eval_seed,
+        ):
+            by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def end_point(records: list[dict], row: str, seed: int, counts: int = COMPARED) -> dict | None:
+    pts = [p for p in points(records, row, seed, counts) if p["step"] == p["budget"]]
+    return pts[-1] if pts else None
+
+
+def crossing(records: list[dict], row: str, seed: int, target: float) -> dict | None:
+    """The row's first evaluated point at or below ``target``; evaluation is lazy, so every point before
+    it was evaluated (the report checks that no checkpoint before it was skipped)."""
+    pts = points(records, row, seed)
+    hit = next((p for p in pts if p["fid"] <= target), None)
+    if hit is None:
+        return None
+    runs = [r for r in records if r["kind"] == "run" and (r["row"], r["seed"]) == (row, seed)]
+    if runs:
+        earlier = {int(s) for s in runs[-1]["checkpoint_seconds"] if int(s) < hit["step"]}
+        if not earlier <= {p["step"] for p in pts}:
+            raise ValueError(f"{row} seed {seed}: checkpoints before step {hit['step']} were not evaluated")
+    return hit
+
+
+def cell(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None]
+    return str(interval(xs)) if xs else "-"
+
+
+def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, dict]:
+    """The markdown of the "time_to_quality" block and the plot's curves, from raw records alone."""
+    records = session_records([r for r in records if r.get("bench", BENCH) == BENCH])
+    pts = [r for r in records if r["kind"] == "point"]
+    if not pts:
+        return "Not measured yet under the protocol.", {}
+    extractors = {r.get("extractor") for r in pts}
+    if len(extractors) > 1:
+        raise ValueError(
+            f"the points were measured with different FID extractors {sorted(map(str, extractors))}"
         )
-        # Seeds paired: a row's seed s against the reference's seed s (its target and its time, measured in
-        # the same session), so that the VM's drift between sessions cancels.
-        paired = []
-        for seed, points in sorted(results[name].items()):
-            ref = results[reference].get(seed)
-            if ref:
-                hit_s = first_reaching(points, ref[-1]["fid20"])
-                paired.append(f"{hit_s['seconds'] / ref[-1]['seconds']:.2f}" if hit_s else "not reached")
-        best, last = min(p["fid20"] for p in curve), curve[-1]
-        fid10 = "-" if math.isnan(last["fid10"]) else f"{last['fid10']:.2f}"  # --sampler-steps 20 alone
-        final = f"{fid10} / {last['fid20']:.2f}"
-        cells = [name, str(len(results[name])), *reach, ", ".join(paired) or "-", f"{best:.2f}", final]
-        print(f"| {' | '.join(cells)} |")
+    rows = list(dict.fromkeys(r["row"] for r in records if r["kind"] == "run" or r["kind"] == "point"))
+    seeds = sorted({r["seed"] for r in pts})
+    first = pts[0]
+    lines = []
+    budgets = ", ".join(map(str, sorted({r["budget"] for r in pts})))
+    lines.append(
+        f"**Time to quality**, data={first.get('data', 'fashion_mnist')}, {budgets} optimizer steps, "
+        f"seeds {seeds}, trained interleaved seed-major in one session "
+        f"(`{first['training']}`, training commit {first.get('train_commit') or 'unknown'}). "
+        f"Classifier-FID / KID of {first['num_samples']} {first['sampler']} samples against "
+        f"{first.get('num_real_used') or first['num_real']} held-out images "
+        f"({first.get('real_split') or 'training images'}), evaluated with commit "
+        f"{first.get('eval_code') or '?'}. Each cell: median [interval] over seeds (min-max below 5 seeds). "
+        "Wall time = checkpoint mtime minus the training command's launch, start-up included; "
+        "the machine was shared with other work during training, so wall times carry that load's "
+        "noise; the optimizer-step ratios do not."
+    )
+    lines.append("")
+    lines.append(machine_line(records))
+    lines.append("")
+    # End of budget, every row.
+    header = [
+        "row",
+        "seeds",
+        "FID 20 steps",
+        "KID 20 steps",
+        "FID 10 steps",
+        "KID 10 steps",
+        "minutes to end",
+    ]
+    body = []
+    for row in rows:
+        ends = {s: end_point(pts, row, s) for s in seeds}
+        ends10 = {s: end_point(pts, row, s, 10) for s in seeds}
+        have = [s for s in seeds if ends[s]]
+        if not have:
+            continue
+        body.append(
+            [
+                row,
+                len(have),
+                cell([ends[s]["fid"] for s in have]),
+                cell([ends[s]["kid"] for s in have]),
+                cell([ends10[s]["fid"] for s in seeds if ends10[s]]),
+                cell([ends10[s]["kid"] for s in seeds if ends10[s]]),
+                cell([ends[s]["seconds"] / 60 for s in have]),
+            ]
+        )
+    lines.append("End of budget (each row's last checkpoint):")
+    lines.append("")
+    lines.append(table(header, body))
+    lines.append("")
+    # Noise floor: one checkpoint, several image seeds.
+    noise = [r for r in pts if r["eval_seed"] != EVAL_SEED]
+    for row, seed in dict.fromkeys((r["row"], r["seed"]) for r in noise):
+        same = [r for r in pts if (r["row"], r["seed"], r["sampler_steps"]) == (row, seed, COMPARED)]
+        step = max(r["step"] for r in noise if (r["row"], r["seed"]) == (row, seed))
+        fids = {r["eval_seed"]: r["fid"] for r in same if r["step"] == step}
+        kids = {r["eval_seed"]: r["kid"] for r in same if r["step"] == step and r["kid"] is not None}
+        spread = max(fids.values()) - min(fids.values())
+        lines.append(
+            f"Noise floor: {row} seed {seed}'s checkpoint at step {step} sampled with image seeds "
+            f"{sorted(fids)}: FID {', '.join(f'{fids[k]:.3f}' for k in sorted(fids))} "
+            f"(spread {spread:.3f}, {spread / statistics.median(fids.values()):.1%} of the median)"
+            + (f"; KID spread {max(kids.values()) - min(kids.values()):.5f}" if len(kids) > 1 else "")
+            + ". A FID difference smaller than this is sampling noise, whatever the recipe."
+        )
+        lines.append("")
+    # Crossings: per seed, against the same seed's target end FID and wall time.
+    targets = {s: end_point(pts, target_row, s) for s in seeds}
+    cross_rows = [
+        row
+        for row in rows
+        if row != target_row and any(p["step"] < p["budget"] for s in seeds for p in points(pts, row, s))
+    ]
+    if any(targets.values()) and cross_rows:
+        header = [
+            "row",
+            f"per seed: step (minutes) of the first point at or below that seed's {target_row} end FID",
+            f"wall time ÷ {target_row}'s",
+            "goal < 1/3",
+            f"optimizer steps ÷ {target_row}'s",
+            "goal < 1/3",
+        ]
+        body = []
+        for row in cross_rows:
+            per_seed, numer, denom = [], [], []
+            for s in seeds:
+                tgt, mine = targets[s], points(pts, row, s)
+                if tgt is None or not mine:
+                    continue
+                hit = crossing(records, row, s, tgt["fid"])
+                if hit is None:  # an unreached target counts as infinitely late: never "shown"
+                    per_seed.append(f"seed {s}: not reached")
+                    numer.append(
+                        {"invocation": mine[0]["training"], "seed": s, "wall": math.inf, "steps": math.inf}
+                    )
+                else:
+                    per_seed.append(f"seed {s}: {hit['step']} ({hit['seconds'] / 60:.1f})")
+                    numer.append(
+                        {
+                            "invocation": hit["training"],
+                            "seed": s,
+                            "wall": hit["seconds"],
+                            "steps": hit["step"],
+                        }
+                    )
+                denom.append(
+                    {"invocation": tgt["training"], "seed": s, "wall": tgt["seconds"], "steps": tgt["budget"]}
+                )
+            if not per_seed:
+                continue
+            # Paired by seed within one training session: protocol.ratio_pairs refuses anything else.
+            iv_w = interval(ratio_pairs(numer, denom, "wall", by="seed"))
+            iv_s = interval(ratio_pairs(numer, denom, "steps", by="seed"))
+            body.append(
+                [
+                    row,
+                    "; ".join(per_seed),
+                    ratio_cell(iv_w),
+                    verdict(iv_w, GOAL),
+                    ratio_cell(iv_s),
+                    verdict(iv_s, GOAL),
+                ]
+            )
+        fids = ", ".join(f"seed {s}: {t['fid']:.3f}" for s, t in targets.items() if t)
+        lines.append(
+            f"Crossing: the first checkpoint (evaluated in order until it reaches the target) whose FID "
+            f"at {COMPARED} sampler steps is at or below the same seed's {target_row} end FID ({fids}), "
+            f"its wall time divided by that seed's {target_row} time to its end (same training session), "
+            f"and its step by {target_row}'s budget. The goal (1/3) is shown only when the whole interval "
+            "is below it."
+        )
+        lines.append("")
+        lines.append(table(header, body))
+        lines.append("")
+    # Precision: end FID bf16 vs fp32 of the default job, paired by seed.
+    if {"default_bf16", "default_fp32"} <= set(rows):
+        pairs = [(end_point(pts, "default_bf16", s), end_point(pts, "default_fp32", s)) for s in seeds]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if pairs:
+            diff = [a["fid"] - b["fid"] for a, b in pairs]
+            lines.append(
+                f"Precision (the default job, end of budget, {COMPARED} sampler steps): bf16-mixed FID "
+                f"{cell([a['fid'] for a, _ in pairs])}, 32-true FID {cell([b['fid'] for _, b in pairs])}; "
+                f"per-seed difference bf16 - fp32 {cell(diff)}. Minutes to the end: bf16 "
+                f"{cell([a['seconds'] / 60 for a, _ in pairs])}, "
+                f"fp32 {cell([b['seconds'] / 60 for _, b in pairs])}."
+            )
+            lines.append("")
+    curves = {
+        row: {s: [(p["seconds"] / 60, p["step"], p["fid"]) for p in points(pts, row, s)] for s in seeds}
+        for row in rows
+    }
+    return "\n".join(lines).strip(), curves
+
+
+def ratio_cell(iv: Interval) -> str:
+    return "not reached (all seeds)" if math.isinf(iv.lo) else str(iv).replace("inf", "not reached")
+
+
+def plot(curves: dict, path: Path, target_row: str = "ddpm") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        ax.plot([p["seconds"] / 60 for p in curve], [p["fid20"] for p in curve], marker="o", label=name)
-    ax.axhline(target, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("wall time (minutes, 2 CPU cores)")
-    ax.set_ylabel(f"classifier-FID ({SAMPLER}, 20 steps)")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, per_seed in enumerate(curves.values()):
+        for pts in per_seed.values():
+            if not pts:
+                continue
+            ax.plot(
+                [p[0] for p in pts],
+                [p[2] for p in pts],
+                marker="o",
+                markersize=3,
+                color=colors[i % len(colors)],
+            )
+    handles = [plt.Line2D([], [], color=colors[i % len(colors)], marker="o") for i in range(len(curves))]
+    ax.legend(handles, list(curves), fontsize=7)
+    ax.set_xlabel("wall time (minutes from launch, shared 2-core CPU)")
+    ax.set_ylabel(f"held-out classifier-FID ({SAMPLER}, {COMPARED} steps)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(
+        f"each line one seed; only the points evaluated (lazily, up to the {target_row} crossing)", fontsize=7
+    )
     fig.tight_layout()
-    fig.savefig(opts.plot, dpi=120)
-    print(f"\nplot: {opts.plot}")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(opts: argparse.Namespace) -> None:
+    text, curves = build_report(load(BENCH), opts.target)
+    write_section(BENCH, text)
+    if curves:
+        plot(curves, Path(opts.plot), opts.target)
+    print(text)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--rows",
+        "--rows", nargs="+", default=DEFAULT_ROWS, help=f"ROW or ROW@STEPS, ROW one of {list(ROWS)}"
+    )
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=1000, help="step budget of every run")
+    ap.add_argument("--eval-every", type=int, default=100, help="a checkpoint every N steps")
+    ap.add_argument("--num-samples", type=int, default=1000, help="generated images per FID")
+    ap.add_argument("--num-real", type=int, default=10000, help="held-out images of the reference")
+    ap.add_argument("--target", default="ddpm", help="the row whose end FID (per seed) is the target")
+    ap.add_argument(
+        "--cross",
         nargs="+",
-        default=[*ROWS, "bare"],
-        help=f"ROW or ROW@STEPS (a budget), ROW one of {[*ROWS, 'bare']}",
+        default=["default_bf16"],
+        help="rows evaluated at every checkpoint up to their crossing of the target",
     )
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--steps", type=int, default=2000, help="step budget of every run (the default job's)")
-    ap.add_argument("--eval-every", type=int, default=500, help="a FID point every N steps")
-    ap.add_argument("--num-samples", type=int, default=2000)
-    ap.add_argument("--sampler-steps", nargs="+", type=int, default=STEPS, help="FID at these sampler steps")
-    ap.add_argument("--num-real", type=int, default=10000)
+    ap.add_argument("--noise-row", default="default_bf16", help="the noise floor's row (first seed, end)")
+    ap.add_argument("--noise-seeds", nargs="*", type=int, default=[1, 2], help="image seeds besides 1234")
     ap.add_argument("--data", default="fashion_mnist", choices=list(HELD_OUT), help="the data= of every run")
-    ap.add_argument("--work", default=None, help="results accumulate here (default /tmp/difflab_ttq_<data>)")
-    ap.add_argument("--plot", default=None, help="default: fid_vs_time[_<data>].png next to this script")
+    ap.add_argument("--work", default=None, help="run dirs (default /tmp/difflab_ttq_<data>)")
     ap.add_argument(
-        "--reference", default=None, help="the row whose final FID is the target (default baseline)"
+        "--cache-dir", default=None, help="FID classifier and features (default <work>/eval/fid_cache)"
     )
     ap.add_argument(
-        "--report",
+        "--code", default=None, help="a difflab source tree to train and evaluate with (its src/)"
+    )
+    ap.add_argument(
+        "--train-commit", default=None, help="the training code's commit, for runs trained elsewhere"
+    )
+    ap.add_argument("--plot", default=str(HERE / "fid_vs_time.png"))
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--report", action="store_true", help="write RESULTS.md's block and the plot from raw")
+    mode.add_argument("--train-only", action="store_true", help="train every (row, seed), evaluate nothing")
+    mode.add_argument(
+        "--eval-only",
         action="store_true",
-        help="tabulate the (row, seed) runs already evaluated in --work, train and evaluate nothing",
-    )
-    ap.add_argument(
-        "--train-only",
-        action="store_true",
-        help="train every row, evaluate nothing: a later run evaluates them while other work may share the "
-        "machine (only training is timed); the bare loop evaluates as it trains either way (untimed)",
-    )
-    ap.add_argument(
-        "--posthoc-stds", nargs="+", type=float, default=POSTHOC_STDS, help="EMA lengths of the posthoc row"
+        help="evaluate the (row, seed) runs already trained, train nothing (safe beside a running driver)",
     )
     opts = ap.parse_args()
+    if opts.report:
+        return report(opts)
     if opts.steps % opts.eval_every:
         ap.error("--steps must be a multiple of --eval-every")
-    STEPS[:] = opts.sampler_steps
-    if 20 not in STEPS:
-        ap.error("--sampler-steps must include 20 (the steps the summary compares at)")
-    for spec in opts.rows:
+    for spec in [*opts.rows, *opts.cross]:
         try:
             parse_row(spec, opts.steps)
         except ValueError as err:
             ap.error(str(err))
-    if opts.reference and opts.reference not in opts.rows:
-        ap.error(f"--reference {opts.reference} is not one of --rows")
-    suffix = "" if opts.data == "fashion_mnist" else f"_{opts.data}"
-    opts.plot = opts.plot or str(HERE / f"fid_vs_time{suffix}.png")
-    work = Path(opts.work or f"/tmp/difflab_ttq_{opts.data}")
+    if opts.target not in opts.rows:
+        ap.error(f"--target {opts.target} is not one of --rows")
+    work = Path(opts.work or f"/tmp/difflab_ttq_{opts.data}").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO))
-    results: dict[str, dict[int, list[dict]]] = {}
-    for name in opts.rows:
-        for seed in opts.seeds:
-            if opts.report:  # rows may have different seed counts (medians over what each has)
-                done = points_file(work, name, seed)
-                if done.is_file():
-                    results.setdefault(name, {})[seed] = json.loads(done.read_text())
-                continue
-            points = bare_loop(seed, opts, work) if name == "bare" else train_row(name, seed, opts, work)
-            results.setdefault(name, {})[seed] = points
+    opts.cache_dir = opts.cache_dir or str(work / "eval" / "fid_cache")
+    code = Path(opts.code).resolve() if opts.code else REPO
+    head = subprocess.run(
+        ["git", "-C", str(code), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    opts.code_commit = f"{head} ({code})" if opts.code else head
+    opts.train_commit = opts.train_commit or (head if not opts.eval_only else None)
+    rec = Recorder(BENCH)
+    if not opts.eval_only:
+        for k, spec in interleaved(opts.rows, len(opts.seeds)):  # seed-major: A B C A B C ...
+            train(spec, opts.seeds[k], opts, work, rec)
     if opts.train_only:
         return
-    if opts.report and opts.reference and opts.reference not in results:
-        sys.exit(f"--report: no evaluated run of --reference {opts.reference} in {work}")
-    assert all(not math.isnan(p["fid20"]) for r in results.values() for ps in r.values() for p in ps)
-    summarise(results, opts)
+    ev = Evaluator(opts, work, rec)
+    for seed in opts.seeds:
+        evaluate_seed(seed, opts.rows, ev, opts)
+    print(f"raw: {rec.path}; tables: {Path(__file__).name} --report")
 
 
 if __name__ == "__main__":
