@@ -48,5 +48,10 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests experiments
 	$(VENV)/bin/ruff format src tests experiments
 
+# Every generated table of experiments/benchmarks/RESULTS.md, rewritten from raw/*.jsonl (no measuring).
+.PHONY: report
+report: install
+	$(PY) experiments/benchmarks/protocol.py --report
+
 clean:
 	rm -rf logs outputs multirun .pytest_cache

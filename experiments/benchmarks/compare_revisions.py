@@ -7,6 +7,10 @@ Lightning, EMA, logging and callbacks at default cadence). The base revision run
 git worktree with the same virtualenv (its src/ first on PYTHONPATH, its own conf/). Runs alternate
 base, head, base, head, ... and the ratio is taken within each pair: on a noisy machine absolute
 times from different moments do not compare, neighbours do.
+
+Not yet under the protocol (PROTOCOL.md): it prints its ratio instead of recording raw JSON lines and
+writes no generated table (an A/B of two revisions is a check made while changing code, not a standing
+figure); the figures it gave are in docs/benchmark-notes.md.
 """
 
 from __future__ import annotations
