@@ -184,7 +184,7 @@ EVAL_LINES = [
     (["ckpt={junk}", "metrics.extractor.epochs=0"], "metrics.extractor.epochs=0 must be at least 1"),
     (["ckpt={junk}", "metrics.extractor.widht=8"], "unknown key metrics.extractor.widht; did you mean"),
     (["ckpt={junk}", "extractor=foo"], "extractor=foo must be a Module"),
-    (["ckpt={junk}", "kid=maybe"], "kid=maybe must be true or false"),
+    (["ckpt={junk}", "kid=maybe"], "kid=maybe is not valid; allowed: auto or true or false"),
     (
         ["ckpt={junk}", "ema_std=[0.05,0.3]"],
         "ema_std=[0.05,0.3] has an item 0.3 that must be between 0.01 and 0.25",

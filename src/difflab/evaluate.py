@@ -11,7 +11,7 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +24,7 @@ from difflab.diffusion.posthoc import EMAStd
 from difflab.diffusion.sampling import SamplerName, batch_fits, build_sampler, steps_problem
 from difflab.errors import DifflabError
 from difflab.files import Readable, atomic_write, atomic_write_text
-from difflab.metrics.fid import FIDEvaluator, real_features
+from difflab.metrics.fid import FIDEvaluator, kid_wanted, real_features
 from difflab.rules import AtLeast, Device, Exists, resolve_device
 from difflab.sample import sampler_steps_problems, warn_if_long
 
@@ -37,7 +37,7 @@ def evaluate(
     num_real: Annotated[int, AtLeast(2)],
     extractor: nn.Module,
     cache_dir: str,
-    kid: bool,
+    kid: bool | Literal["auto"],
     seed: int,
     batch_size: Annotated[int, AtLeast(1)],
     out: str,
@@ -47,8 +47,9 @@ def evaluate(
     channels_last: ChannelsLast,
     real_split: str | None = None,
 ) -> list[dict]:
-    """One row per (EMA length, sampler, steps): FID (and KID), seconds; written to ``out``
-    (conf/eval.yaml documents each setting). ``extractor`` comes from the metrics group, as in training."""
+    """One row per (EMA length, sampler, steps): FID (and KID with its std over subsets), seconds;
+    written to ``out`` (conf/eval.yaml documents each setting). ``extractor`` comes from the metrics
+    group, as in training. ``kid="auto"``: KID beside FID when ``num_samples`` < 10,000."""
     samplers = [sampler] if isinstance(sampler, str) else list(sampler)
     step_counts = [steps] if isinstance(steps, int) else list(steps)
     ema_stds = list(ema_std) if isinstance(ema_std, list) else [ema_std]
@@ -81,8 +82,9 @@ def evaluate(
         ) from None
     extractor.prepare(datamodule)  # a classifier learns from the training images, whatever real_split
     reference = datamodule if reference_cfg is None else instantiate(reference_cfg)
+    # (the classifier above learnt from the run's training split only: a held-out split stays unseen)
     feats = real_features(reference, extractor, num_real, cache_dir, torch.device("cpu"))
-    evaluator = FIDEvaluator(extractor, num_samples, kid=kid)
+    evaluator = FIDEvaluator(extractor, num_samples, kid=kid_wanted(kid, num_samples))
     evaluator.set_real_features(feats)
     evaluator.to(torch.device(device))
     rows = []
@@ -139,6 +141,14 @@ def split_config(data_cfg: dict, split: str, ckpt: str) -> DictConfig:
         why = problems[0].partition(" ")[2]
         raise DifflabError(f"real_split={split} {why} (the splits of {ckpt}'s data source)")
     return cfg
+
+
+def reference_split(data_cfg: dict, split: str, ckpt: str) -> object:
+    """The datamodule of ``split`` of the run's data source (``split_config``), set up: a held-out
+    FID reference for scripts that build their own evaluation."""
+    datamodule = instantiate(split_config(data_cfg, split, ckpt))
+    datamodule.setup()
+    return datamodule
 
 
 def plot_fid_vs_ema(rows: list[dict], out: Path, fid_key: str) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,16 @@ class World(Protocol):
 def count_label(n: int) -> str:
     """1000 → '1k', 2500 → '2500': the sample count as it appears in metric names."""
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+# Below this many samples FID's bias (it grows as 1/n, and differs between feature spaces) can decide a
+# comparison; KID is unbiased at any n, so it is reported beside FID there (Bińkowski et al. 2018).
+KID_BELOW = 10_000
+
+
+def kid_wanted(kid: bool | str, num_samples: int) -> bool:
+    """``kid`` as given, or for ``"auto"``: on when ``num_samples`` < KID_BELOW."""
+    return num_samples < KID_BELOW if kid == "auto" else bool(kid)
 
 
 def metric_name(extractor_name: str, num_samples: int, kind: str = "fid") -> str:
@@ -224,13 +235,14 @@ class FIDEvaluator:
         self.extractor = extractor
         self.num_samples = num_samples
         self.fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
-        self.kid = (
-            KernelInceptionDistance(
-                feature=extractor, reset_real_features=False, subset_size=min(kid_subset_size, num_samples)
-            )
-            if kid
-            else None
-        )
+        self.kid = None
+        if kid:
+            with warnings.catch_warnings():  # "will save all extracted features": a few MB at these sizes
+                warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save")
+                subset = min(kid_subset_size, num_samples)
+                self.kid = KernelInceptionDistance(
+                    feature=extractor, reset_real_features=False, subset_size=subset
+                )
         self._real_loaded = False
 
     def names(self) -> dict[str, str]:
