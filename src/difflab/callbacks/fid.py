@@ -57,6 +57,7 @@ class FIDCallback(L.Callback):
         self.kid, self.cache_dir = kid, cache_dir
         self.results_file = Path(results_file) if results_file else None
         self.real_split = real_split
+        self.reference = ""  # the identity of the reference images (set in setup)
         self.evaluator: FIDEvaluator | None = None
         self.last_step = -1
 
@@ -73,6 +74,7 @@ class FIDCallback(L.Callback):
         feats = real_features(
             reference, self.extractor, self.num_real, self.cache_dir, device, self.batch_size, world
         )
+        self.reference = str(getattr(reference, "identity", ""))  # set up by real_features
         self.evaluator = FIDEvaluator(self.extractor, self.num_samples, kid=self.kid)
         self.evaluator.set_real_features(feats, rank=trainer.global_rank, world_size=trainer.world_size)
 
@@ -129,6 +131,7 @@ class FIDCallback(L.Callback):
                 "extractor": self.extractor.identity,
                 "num_samples": self.num_samples,
                 "num_real": self.num_real,
+                "reference": self.reference,  # training images or a held-out split (real_split)
                 "sampler": self.sampler_name,
                 "steps": self.steps,
                 "seconds": round(seconds, 2),
