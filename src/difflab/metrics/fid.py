@@ -239,7 +239,9 @@ class FIDEvaluator:
         if kid:
             with warnings.catch_warnings():  # "will save all extracted features": a few MB at these sizes
                 warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save")
-                subset = min(kid_subset_size, num_samples)
+                # Subsets of at most half the samples: with all of them in every subset, the subsets
+                # would not differ and KID's std over subsets would say nothing.
+                subset = max(2, min(kid_subset_size, num_samples // 2))
                 self.kid = KernelInceptionDistance(
                     feature=extractor, reset_real_features=False, subset_size=subset
                 )
@@ -255,7 +257,7 @@ class FIDEvaluator:
         """Give each rank a disjoint slice of the real features: the cross-rank sync (sums for FID, a
         gather for KID) then sees every real feature exactly once, on any number of ranks."""
         if self.kid is not None:  # torchmetrics refuses subsets larger than the real set, after sampling
-            self.kid.subset_size = min(self.kid.subset_size, len(feats))
+            self.kid.subset_size = max(2, min(self.kid.subset_size, len(feats) // 2))
         feats = feats.double()[rank::world_size]
         with torch.no_grad():
             self.fid.real_features_sum.copy_(feats.sum(0))
