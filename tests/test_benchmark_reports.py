@@ -126,6 +126,12 @@ def test_ttq_report_unreached_target_is_never_shown():
     assert "seed 1: not reached" in row and "not reached]" in row and "| not shown |" in row
 
 
+def test_ttq_report_fewer_than_three_seeds_settle_nothing():
+    text, _ = ttq.build_report([r for r in ttq_fixture() if r["seed"] == 0])
+    row = next(line for line in text.splitlines() if line.startswith("| default_bf16 | seed 0"))
+    assert row.count("not shown (n=1 < 3 seeds)") == 2  # 0.2 < 1/3 on its one seed, yet not shown
+
+
 def test_ttq_report_uses_the_newest_training_session_only():
     old = [{**r, "training": "work:/old", "time": "2026-12-01T00:00:00", "fid": 1.0} for r in ttq_fixture()]
     text, _ = ttq.build_report(old + ttq_fixture())
@@ -158,11 +164,10 @@ def test_ttq_report_writes_its_block_and_plot_only(tmp_path, monkeypatch):
         "prose\n\n<!-- generated: time_to_quality -->\nold\n<!-- end generated: time_to_quality -->\n"
     )
     (tmp_path / "notes.md").write_text("keep")
-    monkeypatch.setattr(ttq, "load", functools.partial(protocol.load, raw_dir=raw))
     monkeypatch.setattr(ttq, "write_section", functools.partial(protocol.write_section, path=page))
     monkeypatch.setattr(ttq, "plot", lambda curves, path, target: Path(path).write_bytes(b"png"))  # 3 s less
     before = {p for p in tmp_path.rglob("*")}
-    ttq.report(type("Opts", (), {"target": "ddpm", "plot": str(tmp_path / "fid_vs_time.png")})())
+    ttq.report(type("Opts", (), {"target": "ddpm", "raw": raw, "plot": str(tmp_path / "fid_vs_time.png")})())
     assert {p for p in tmp_path.rglob("*")} == before | {tmp_path / "fid_vs_time.png"}
     text = page.read_text()
     assert text.startswith("prose\n\n<!-- generated: time_to_quality -->") and "old" not in text

@@ -32,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from protocol import Recorder, interval, load, machine_line, table, verdict, write_section  # noqa: E402
+from protocol import RAW, Recorder, interval, load, machine_line, table, write_section  # noqa: E402
+from time_to_quality import claim  # noqa: E402
 
 BENCH = "posthoc_ema"
 SAMPLER, STEPS, EVAL_SEED = "dpmsolver++", 20, 1234
@@ -201,7 +202,7 @@ def build_report(records: list[dict]) -> tuple[str, dict]:
                 str(interval(ph)),
                 str(interval(tr)),
                 str(diff),
-                verdict(diff, 0.0),
+                claim(diff, 0.0),
             ]
         )
     lines += [table(header, body), ""]
@@ -247,7 +248,7 @@ def plot(curves: dict, path: Path, sample_std: float = 0.10) -> None:
 
 
 def report(opts: argparse.Namespace) -> None:
-    records = load(BENCH)
+    records = load(BENCH, opts.raw)
     text, curves = build_report(records)
     write_section(BENCH, text)
     if curves:
@@ -262,7 +263,7 @@ def main() -> None:
     ap.add_argument("--row", default="posthoc_bf16", help="the post-hoc EMA row of time_to_quality.py")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=1000, help="the checkpoint: the end of the runs' budget")
-    ap.add_argument("--stds", nargs="+", type=float, default=STDS, help="EMA lengths σ_rel reconstructed")
+    ap.add_argument("--stds", nargs="*", type=float, default=STDS, help="EMA lengths σ_rel reconstructed")
     ap.add_argument("--num-samples", type=int, default=1000, help="generated images per EMA length")
     ap.add_argument("--num-real", type=int, default=10000, help="held-out images, split into halves A and B")
     ap.add_argument(
@@ -272,6 +273,7 @@ def main() -> None:
     ap.add_argument(
         "--train-commit", default=None, help="the training code's commit, for runs trained elsewhere"
     )
+    ap.add_argument("--raw", default=str(RAW), help="raw records dir (a smoke run writes elsewhere)")
     ap.add_argument("--plot", default=str(HERE / "fid_vs_ema.png"))
     ap.add_argument("--report", action="store_true", help="write RESULTS.md's block and the plot from raw")
     opts = ap.parse_args()
@@ -285,10 +287,10 @@ def main() -> None:
     ).stdout.strip()
     opts.code_commit = f"{head} ({code})" if opts.code else head
     opts.cache_dir = opts.cache_dir or str(Path(opts.work) / "eval" / "fid_cache")
-    rec = Recorder(BENCH)
+    rec = Recorder(BENCH, opts.raw)
     done = {
         (r["training"], r["seed"], r["ema"])
-        for r in load(BENCH)
+        for r in load(BENCH, opts.raw)
         if r.get("kind") == "point" and r["num_samples"] == opts.num_samples
     }
     for seed in opts.seeds:

@@ -18,7 +18,7 @@ of budget), --num-samples images against --num-real held-out images (Fashion-MNI
 beside FID. Per seed: the --target row (the old default, ddpm) at the end of its budget; every other row
 at its end; each --cross row at increasing steps until the first point at or below the same seed's target
 (every evaluated point is recorded, not only the crossing); and a noise floor: the --noise-row's end
-checkpoint of the first seed sampled again with other image seeds (--noise-seeds).
+checkpoint of one seed (--noise-run-seed) sampled again with other image seeds (--noise-seeds).
 
 Raw records (raw/time_to_quality.jsonl, via protocol.Recorder): one ``kind="run"`` per trained (row,
 seed) with every checkpoint's wall time (kept before any checkpoint is deleted), one ``kind="point"`` per
@@ -52,6 +52,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))
 
 from protocol import (  # noqa: E402
+    RAW,
     Interval,
     Recorder,
     interleaved,
@@ -122,6 +123,7 @@ EVAL_SEED = 1234  # difflab-eval's default image seed; the noise floor adds othe
 # The FID reference per --data: its test split (held out: a recipe cannot score by copying its training
 # set); twemoji has none (its 4,009 emoji leave too few for a held-out reference), so its training images.
 HELD_OUT = {"fashion_mnist": "test", "twemoji": None}
+MIN_SEEDS = 3  # the protocol's minimum for a quality claim
 GOAL = 1 / 3  # the README's claim: today's default reaches the old default's end FID in a third of its time
 
 
@@ -151,6 +153,14 @@ def code_env(code: str | None) -> dict[str, str]:
     return env
 
 
+def run_command(args: list[str], cwd: Path, code: str | None) -> None:
+    """Run a difflab command quietly; on failure, its last output lines and the command, then stop."""
+    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=code_env(code))
+    if out.returncode:
+        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-15:])
+        sys.exit(f"{tail}\n{' '.join(args)} failed (exit {out.returncode})")
+
+
 def trained(run: Path, budget: int) -> bool:
     """Trained to the end of its budget: launched.json is written once difflab-train has returned."""
     return (run / "launched.json").is_file() and (run / "checkpoints" / f"step_{budget:07d}.ckpt").is_file()
@@ -177,13 +187,7 @@ def train(spec: str, seed: int, opts: argparse.Namespace, work: Path, rec: Recor
         f"hydra.run.dir={run}",
     ]
     t0 = time.time()
-    subprocess.run(
-        [str(BIN / "difflab-train"), *args],
-        cwd=work,
-        check=True,
-        capture_output=True,
-        env=code_env(opts.code),
-    )
+    run_command([str(BIN / "difflab-train"), *args], work, opts.code)
     launched = {"t0": t0, "invocation": rec.invocation, "commit": opts.train_commit}
     (run / "launched.json").write_text(json.dumps(launched))
     print(f"trained {spec} seed {seed}: {time.time() - t0:.0f} s", flush=True)
@@ -203,8 +207,9 @@ class Evaluator:
 
     def __init__(self, opts: argparse.Namespace, work: Path, rec: Recorder) -> None:
         self.opts, self.work, self.rec = opts, work, rec
-        self.done = {self.key(r): r for r in load(BENCH) if r.get("kind") == "point"}
-        self.runs = {(r["training"], r["row"], r["seed"]) for r in load(BENCH) if r.get("kind") == "run"}
+        raw = load(BENCH, opts.raw)
+        self.done = {self.key(r): r for r in raw if r.get("kind") == "point"}
+        self.runs = {(r["training"], r["row"], r["seed"]) for r in raw if r.get("kind") == "run"}
 
     def key(self, r: dict) -> tuple:
         return tuple(
@@ -270,7 +275,8 @@ class Evaluator:
         mtime = ckpt.stat().st_mtime
         dest = self.work / "eval" / run.name / f"step{step}_seed{eval_seed}_n{self.opts.num_samples}"
         t_eval = time.time()
-        subprocess.run(
+        dest.mkdir(parents=True, exist_ok=True)
+        run_command(
             [
                 str(BIN / "difflab-eval"),
                 f"ckpt={ckpt}",
@@ -284,10 +290,8 @@ class Evaluator:
                 f"metrics.cache_dir={self.opts.cache_dir}",
                 f"out={dest}",
             ],
-            cwd=dest.parent.parent,
-            check=True,
-            capture_output=True,
-            env=code_env(self.opts.code),
+            self.work / "eval",
+            self.opts.code,
         )
         rows = json.loads((dest / "results.json").read_text())
         for r in rows:
@@ -337,7 +341,7 @@ def evaluate_seed(seed: int, rows: list[str], ev: Evaluator, opts: argparse.Name
             counts = END_STEPS if step == budget[spec] else [COMPARED]
             if ev.point(spec, seed, step, counts)[COMPARED]["fid"] <= target:
                 break
-    if opts.noise_row in ready and seed == opts.seeds[0]:
+    if opts.noise_row in ready and seed == opts.noise_run_seed:
         for eval_seed in opts.noise_seeds:
             ev.point(opts.noise_row, seed, budget[opts.noise_row], [COMPARED], eval_seed)
 
@@ -526,9 +530,9 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
                     row,
                     "; ".join(per_seed),
                     ratio_cell(iv_w),
-                    verdict(iv_w, GOAL),
+                    claim(iv_w, GOAL),
                     ratio_cell(iv_s),
-                    verdict(iv_s, GOAL),
+                    claim(iv_s, GOAL),
                 ]
             )
         fids = ", ".join(f"seed {s}: {t['fid']:.3f}" for s, t in targets.items() if t)
@@ -561,6 +565,13 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
         for row in rows
     }
     return "\n".join(lines).strip(), curves
+
+
+def claim(iv: Interval, target: float, lower_is_better: bool = True) -> str:
+    """protocol.verdict, for a quality claim: fewer than MIN_SEEDS seeds settle nothing either way."""
+    if iv.n < MIN_SEEDS:
+        return f"not shown (n={iv.n} < {MIN_SEEDS} seeds)"
+    return verdict(iv, target, lower_is_better)
 
 
 def ratio_cell(iv: Interval) -> str:
@@ -601,7 +612,7 @@ def plot(curves: dict, path: Path, target_row: str = "ddpm") -> None:
 
 
 def report(opts: argparse.Namespace) -> None:
-    text, curves = build_report(load(BENCH), opts.target)
+    text, curves = build_report(load(BENCH, opts.raw), opts.target)
     write_section(BENCH, text)
     if curves:
         plot(curves, Path(opts.plot), opts.target)
@@ -625,7 +636,8 @@ def main() -> None:
         default=["default_bf16"],
         help="rows evaluated at every checkpoint up to their crossing of the target",
     )
-    ap.add_argument("--noise-row", default="default_bf16", help="the noise floor's row (first seed, end)")
+    ap.add_argument("--noise-row", default="default_bf16", help="the noise floor's row (at its end)")
+    ap.add_argument("--noise-run-seed", type=int, default=0, help="the noise floor run's seed")
     ap.add_argument("--noise-seeds", nargs="*", type=int, default=[1, 2], help="image seeds besides 1234")
     ap.add_argument("--data", default="fashion_mnist", choices=list(HELD_OUT), help="the data= of every run")
     ap.add_argument("--work", default=None, help="run dirs (default /tmp/difflab_ttq_<data>)")
@@ -638,6 +650,7 @@ def main() -> None:
     ap.add_argument(
         "--train-commit", default=None, help="the training code's commit, for runs trained elsewhere"
     )
+    ap.add_argument("--raw", default=str(RAW), help="raw records dir (a smoke run writes elsewhere)")
     ap.add_argument("--plot", default=str(HERE / "fid_vs_time.png"))
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--report", action="store_true", help="write RESULTS.md's block and the plot from raw")
@@ -668,7 +681,7 @@ def main() -> None:
     ).stdout.strip()
     opts.code_commit = f"{head} ({code})" if opts.code else head
     opts.train_commit = opts.train_commit or (head if not opts.eval_only else None)
-    rec = Recorder(BENCH)
+    rec = Recorder(BENCH, opts.raw)
     if not opts.eval_only:
         for k, spec in interleaved(opts.rows, len(opts.seeds)):  # seed-major: A B C A B C ...
             train(spec, opts.seeds[k], opts, work, rec)
