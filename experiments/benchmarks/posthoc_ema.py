@@ -69,7 +69,7 @@ def measure_seed(seed: int, opts: argparse.Namespace, rec: Recorder, done: set[t
         return
     launched, training = session(run, work)
     _, sched_cfg, run_cfg = load_trained_unet(ckpt, use_ema=True)
-    sample_std = float(run_cfg["model"]["ema"]["sample_std"])
+    sample_std = run_cfg["model"]["ema"].get("sample_std")  # None: a standard EMA (a smoke run)
     variants = [("training", None), *((f"{s:g}", s) for s in opts.stds)]
     todo = [(label, std) for label, std in variants if (training, seed, label) not in done]
     if not todo:
@@ -174,7 +174,7 @@ def build_report(records: list[dict]) -> tuple[str, dict]:
     for e in ["training", *lengths]:
         body.append(
             [
-                f"training-time EMA ({pts[complete[0], e, 'A']['ema_std']:g})" if e == "training" else e,
+                f"training-time EMA ({pts[complete[0], e, 'A']['ema_std']})" if e == "training" else e,
                 str(interval([pts[s, e, "A"]["fid"] for s in complete])),
                 str(interval([pts[s, e, "B"]["fid"] for s in complete])),
                 str(interval([pts[s, e, "B"]["kid"] for s in complete])),

@@ -15,10 +15,11 @@ launch time of its training command (launched.json), start-up included: what a u
 
 Evaluation (lazy, to spare the CPU): `difflab-eval`, DPM-Solver++ at 20 sampler steps (and 10 at the end
 of budget), --num-samples images against --num-real held-out images (Fashion-MNIST's test split), KID
-beside FID. Per seed: the --target row (the old default, ddpm) at the end of its budget; every other row
-at its end; each --cross row at increasing steps until the first point at or below the same seed's target
-(every evaluated point is recorded, not only the crossing); and a noise floor: the --noise-row's end
-checkpoint of one seed (--noise-run-seed) sampled again with other image seeds (--noise-seeds).
+beside FID. Per seed: the --target row (the old default, ddpm) at the end of its budget; each --cross row
+at increasing steps until the first point at or below the same seed's target (every evaluated point is
+recorded, not only the crossing), and at its end; every other row at its end (--skip-eval: the post-hoc
+row, which posthoc_ema.py evaluates); and a noise floor: the --noise-row's end checkpoint of one seed
+(--noise-run-seed) sampled again with other image seeds (--noise-seeds).
 
 Raw records (raw/time_to_quality.jsonl, via protocol.Recorder): one ``kind="run"`` per trained (row,
 seed) with every checkpoint's wall time (kept before any checkpoint is deleted), one ``kind="point"`` per
@@ -325,22 +326,24 @@ class Evaluator:
 
 
 def evaluate_seed(seed: int, rows: list[str], ev: Evaluator, opts: argparse.Namespace) -> None:
-    """One seed, lazily: the target's end, every row's end, each --cross row up to its crossing."""
+    """One seed, lazily, the headline first: the target's end, each --cross row up to its crossing and
+    at its end, every other row's end, then the noise floor."""
     ready = [r for r in rows if trained(run_dir(ev.work, r, seed), parse_row(r, opts.steps)[1])]
+    for spec in ready:  # the checkpoints' wall times, before any checkpoint may be deleted
+        ev.record_run(spec, seed)
     if opts.target not in ready:
         print(f"seed {seed}: {opts.target} is not trained yet; skipped", flush=True)
         return
-    for spec in ready:
-        ev.record_run(spec, seed)
     budget = {spec: parse_row(spec, opts.steps)[1] for spec in ready}
     target = ev.point(opts.target, seed, budget[opts.target], END_STEPS)[COMPARED]["fid"]
-    for spec in ready:
-        ev.point(spec, seed, budget[spec], END_STEPS)
     for spec in [r for r in opts.cross if r in ready]:
         for step in checkpoints(run_dir(ev.work, spec, seed)):
             counts = END_STEPS if step == budget[spec] else [COMPARED]
             if ev.point(spec, seed, step, counts)[COMPARED]["fid"] <= target:
                 break
+        ev.point(spec, seed, budget[spec], END_STEPS)
+    for spec in [r for r in ready if r not in opts.skip_eval]:
+        ev.point(spec, seed, budget[spec], END_STEPS)
     if opts.noise_row in ready and seed == opts.noise_run_seed:
         for eval_seed in opts.noise_seeds:
             ev.point(opts.noise_row, seed, budget[opts.noise_row], [COMPARED], eval_seed)
@@ -563,6 +566,7 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
     curves = {
         row: {s: [(p["seconds"] / 60, p["step"], p["fid"]) for p in points(pts, row, s)] for s in seeds}
         for row in rows
+        if any(points(pts, row, s) for s in seeds)
     }
     return "\n".join(lines).strip(), curves
 
@@ -635,6 +639,12 @@ def main() -> None:
         nargs="+",
         default=["default_bf16"],
         help="rows evaluated at every checkpoint up to their crossing of the target",
+    )
+    ap.add_argument(
+        "--skip-eval",
+        nargs="*",
+        default=["posthoc_bf16"],
+        help="rows trained here but evaluated elsewhere (posthoc_ema.py evaluates posthoc_bf16)",
     )
     ap.add_argument("--noise-row", default="default_bf16", help="the noise floor's row (at its end)")
     ap.add_argument("--noise-run-seed", type=int, default=0, help="the noise floor run's seed")
