@@ -1,8 +1,9 @@
 """One benchmark measurement in a fresh process; prints one JSON line. Driven by run_benchmarks.py.
 
 Modes:
-  difflab  -- a real difflab-train run (datamodule, Lightning, EMA, logging, callbacks at default cadence)
-  bare     -- a hand-written PyTorch loop with the same UNet, batch, AdamW and EMA update
+  difflab  -- a real difflab-train run of the default objective (flow; datamodule, Lightning, EMA, logging,
+              callbacks at default cadence); --precision auto keeps the hardware's default
+  bare     -- a hand-written PyTorch loop with the same UNet, objective, batch, AdamW and EMA update
   sample   -- difflab's sampler vs diffusers DDPMPipeline on the same model
   startup  -- seconds from process start to the first optimizer step of `difflab-train`
 """
@@ -62,16 +63,16 @@ def run_difflab(args) -> dict:
     from difflab.train import train
 
     overrides = [
-        "model=ddpm",  # the same objective as the bare DDPM loop it is timed against
-        f"model/unet={args.preset}",
+        f"model/unet={args.preset}",  # the default objective (flow), as the bare loop's
         f"data={args.data}",
         f"data.batch_size={args.batch}",
         f"trainer.max_steps={args.warmup + args.steps}",
-        f"trainer.precision={args.precision}",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
         "trainer.enable_model_summary=false",
     ]
+    if args.precision != "auto":  # auto: the hardware's default, as a user's run gets it
+        overrides.append(f"trainer.precision={args.precision}")
     if args.resolution:
         overrides += [f"data.resolution={args.resolution}", f"data.channels={args.channels}"]
     cfg = compose(overrides + args.override, Path(args.tmp) / "run")
@@ -111,6 +112,8 @@ def run_difflab(args) -> dict:
     dt_s = t[-1] - t[args.warmup - 1]
     return {
         "images_per_sec": args.batch * (len(t) - args.warmup) / dt_s,
+        "precision": str(cfg.trainer.precision),
+        "threads": torch.get_num_threads(),
         "max_rss_mb": max_rss_mb(),
         "first_step_s": t[0] - timer.start,  # includes torch.compile's compilation when enabled
     }
@@ -127,14 +130,18 @@ def synthetic_source(n: int, size: int, channels: int):
 
 
 def run_bare(args) -> dict:
-    """What a user would write by hand. naive: NCHW, per-tensor AdamW, EMA and clipping, diffusers' own
-    UNet class (fp32 unless --precision says otherwise); matched: difflab's precision, layout and kernels."""
+    """What a user would write by hand, with difflab's default objective (flow matching: logit-normal
+    noise levels, velocity target). naive: NCHW, per-tensor AdamW, EMA and clipping, diffusers' own UNet
+    class (fp32 unless --precision says otherwise); matched: difflab's precision (--precision auto: the
+    hardware's default), layout, kernels and UNet class (whose CPU bf16 attention runs the math kernel)."""
     import hydra
-    from diffusers import DDPMScheduler
 
     from difflab.diffusion.module import uses_channels_last
+    from difflab.precision import auto_precision
 
-    overrides = ["model=ddpm", f"model/unet={args.preset}", f"data={args.data}"]
+    if args.precision == "auto":
+        args.precision = auto_precision("cpu")
+    overrides = [f"model/unet={args.preset}", f"data={args.data}"]
     if args.resolution:
         overrides += [f"data.resolution={args.resolution}", f"data.channels={args.channels}"]
     cfg = compose(overrides, Path(args.tmp) / "bare")
@@ -159,7 +166,6 @@ def run_bare(args) -> dict:
             unet.parameters(), lr=1e-3, fused=cfg.model.optimizer.fused, foreach=cfg.model.optimizer.foreach
         )
     ema = [p.detach().clone() for p in unet.parameters()]
-    sched = DDPMScheduler()
     use_bf16 = args.precision == "bf16-mixed"  # naive at bf16: the issue's "same loop, same precision"
     times = []
     params = list(unet.parameters())
@@ -169,11 +175,12 @@ def run_bare(args) -> dict:
         if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (args.batch,))
-        xt = sched.add_noise(x0, noise, t)
+        sigma = torch.sigmoid(torch.randn(args.batch)).clamp(1e-5, 1.0)  # logit-normal noise levels
+        s = sigma.view(-1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            pred = unet(xt, t).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            pred = unet(xt, sigma * 1000).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)  # velocity target
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=not naive)
@@ -187,7 +194,12 @@ def run_bare(args) -> dict:
                 torch._foreach_lerp_(ema, params, 1 - decay)
         times.append(time.perf_counter())
     dt_s = times[-1] - times[args.warmup - 1]
-    return {"images_per_sec": args.batch * args.steps / dt_s, "max_rss_mb": max_rss_mb()}
+    return {
+        "images_per_sec": args.batch * args.steps / dt_s,
+        "max_rss_mb": max_rss_mb(),
+        "precision": args.precision,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_flops(args) -> dict:
@@ -310,6 +322,28 @@ class FirstStepClock:
             def on_train_batch_end(self, trainer, *a) -> None:
                 if trainer.global_step == 1:
                     print(f"FIRST_STEP_AT={time.time()}", flush=True)
+
+        return _Clock()
+
+
+class StepClock:
+    """Prints, when training ends, the wall-clock time after every optimizer step and the thread count:
+    added to a real `difflab-train` run as ``+callbacks.step_clock._target_=...StepClock`` (a fresh process
+    of the job itself, nothing composed by hand)."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class _Clock(L.Callback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def on_train_batch_end(self, trainer, *a) -> None:
+                self.times.append(time.perf_counter())
+
+            def on_train_end(self, trainer, *a) -> None:
+                clock = {"times": self.times, "threads": torch.get_num_threads()}
+                print("STEP_CLOCK=" + json.dumps(clock), flush=True)
 
         return _Clock()
 

@@ -1,223 +1,202 @@
-"""Benchmark difflab against a bare PyTorch loop and diffusers; writes experiments/benchmarks/RESULTS.md.
+"""Framework cost: a real `difflab-train` run against hand-written PyTorch loops of the same job (issue 29).
 
-    .venv/bin/python experiments/benchmarks/run_benchmarks.py [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/benchmarks/run_benchmarks.py --presets small tiny
+    .venv/bin/python experiments/benchmarks/run_benchmarks.py --report       # RESULTS.md "framework_cost"
+    .venv/bin/python experiments/benchmarks/run_benchmarks.py --lever post-hoc  # a spot check, printed
 
-Each figure comes from a fresh process (bench_worker.py). difflab and its baseline run alternately, and
-ratios are taken within each alternation pair: the machine is noisy, absolute times from different
-moments are not comparable.
+Today's default job: flow matching, the hardware's automatic precision (`trainer.precision`'s default,
+difflab.precision), the UNet class's CPU attention-kernel choice. Rows, each a fresh process
+(bench_worker.py), interleaved in every alternation (protocol.py):
+
+- ``difflab``: `difflab-train`'s own code path (datamodule, Lightning, EMA, logging and callbacks at
+  the default cadence) at the automatic precision;
+- ``matched``: a hand-written loop given everything difflab's config gives the model (precision, UNet
+  class, memory format, fused/foreach AdamW, foreach clipping, one-pass EMA): difflab ÷ matched is what
+  the framework itself costs;
+- ``naive``: the loop a user writes first (fp32, NCHW, per-tensor AdamW, EMA and clipping, diffusers'
+  own UNet class);
+- ``difflab again``: the first row repeated, the A/A noise floor.
+
+Speed is images/s over each preset's timed steps after its warm-up. The thread count is the
+environment's (recorded): on a shared machine run it at OMP_NUM_THREADS=1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shutil
-import statistics
+import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+from protocol import (  # noqa: E402
+    RAW,
+    REPO,
+    Recorder,
+    interleaved,
+    interval,
+    latest,
+    load,
+    machine_line,
+    ratio_pairs,
+    table,
+    write_section,
+)
+
+BENCH = "framework_cost"
+# preset: (data, resolution (0: the data's), channels, batch, timed steps, warm-up steps). Every preset is
+# timed over >= 30 steps, so one slow step (a checkpoint, a logging step, the machine) cannot decide a ratio.
+PRESETS = {
+    "tiny": ("digits", 0, 1, 64, 100, 10),
+    "small": ("fashion_mnist", 0, 1, 32, 40, 5),
+    "ddpm_cifar10": ("fashion_mnist", 32, 3, 16, 30, 3),
+}
+# row: (bench_worker mode, variant, precision)
+ROWS = {
+    "difflab": ("difflab", None, "auto"),
+    "matched": ("bare", "matched", "auto"),
+    "naive": ("bare", "naive", "32-true"),
+    "difflab again": ("difflab", None, "auto"),
+}
 
 
 def worker(mode: str, **kw) -> dict:
-    # Each run's scratch (run dir, checkpoints, caches: up to ~1 GB) goes when it ends; ~150 runs add up.
+    # Each run's scratch (run dir, checkpoints, caches) goes when it ends.
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-        return _run_worker(mode, tmp, kw)
-
-
-def _run_worker(mode: str, tmp: str, kw: dict) -> dict:
-    args = [sys.executable, str(HERE / "bench_worker.py"), mode, "--tmp", tmp]
-    for k, v in kw.items():
-        if isinstance(v, list | tuple):
-            for item in v:
-                args += [f"--{k}", str(item)]
-        elif v is True:
-            args.append(f"--{k}")
-        elif v not in (False, None):
-            args += [f"--{k}", str(v)]
-    p = subprocess.run(
-        args, capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), **_env()}
-    )
+        args = [sys.executable, str(HERE / "bench_worker.py"), mode, "--tmp", tmp]
+        for k, v in kw.items():
+            if isinstance(v, list | tuple):
+                for item in v:
+                    args += [f"--{k}", str(item)]
+            elif v is True:
+                args.append(f"--{k}")
+            elif v not in (False, None):
+                args += [f"--{k}", str(v)]
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(REPO)}
+        p = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env)
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         raise RuntimeError(f"{mode} {kw} failed:\n{p.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def _env() -> dict:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-
-
-def med_spread(xs: list[float]) -> str:
-    if not xs:
-        return "n/a"  # a column an older --rows-from log did not record
-    if len(xs) == 1:
-        return f"{xs[0]:.3g}"
-    return f"{statistics.median(xs):.3g} ({min(xs):.3g}-{max(xs):.3g})"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="one repeat, fewer configs (smoke test)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
-    ap.add_argument(
-        "--rows-from", help="reuse the training rows printed (JSON lines) by an earlier run's log"
-    )
-    ap.add_argument(
-        "--remeasure",
-        choices=("32-true", "bf16-mixed"),
-        help="with --rows-from: measure this precision's training rows again and reuse the others",
-    )
-    ap.add_argument("--presets", nargs="+", help="only these UNet presets' training rows (a spot check)")
-    ap.add_argument("--precisions", nargs="+", help="only these precisions' training rows")
-    ap.add_argument(
-        "--training-only", action="store_true", help="print the training rows; no levers, no RESULTS.md"
-    )
-    ap.add_argument("--lever", help="measure only the levers whose name contains this, print, stop")
-    opts = ap.parse_args()
-    if opts.lever:
-        for r in measure_levers(opts.repeats, only=opts.lever):
-            print(f"{r['lever']}: default ÷ changed {med_spread(r['ratio'])}")
-        return
-    repeats = 1 if opts.quick else opts.repeats
-    t_start = time.time()
-
-    matmul = worker("matmul")
-    configs = [  # (preset, data, resolution, channels, batch, steps, warmup)
-        ("tiny", "digits", 0, 1, 64, 150, 10),
-        ("small", "fashion_mnist", 0, 1, 32, 40, 5),
-        ("ddpm_cifar10", "fashion_mnist", 32, 3, 16, 4, 2),
-    ]
-    if opts.quick:
-        configs = configs[:2]
-    if opts.presets:
-        configs = [c for c in configs if c[0] in opts.presets]
-    rows = []
-    precisions = tuple(opts.precisions or ("32-true", "bf16-mixed"))
-    if opts.rows_from:
-        with open(opts.rows_from) as f:
-            rows = [json.loads(line) for line in f if line.startswith('{"preset"')]
-        if opts.remeasure:
-            rows = [r for r in rows if r["precision"] != opts.remeasure]
-            precisions = (opts.remeasure,)
-        else:
-            configs = []
-    for preset, data, res, ch, batch, steps, warmup in configs:
-        flops = worker("flops", preset=preset, data=data, resolution=res or None, channels=ch)
-        for precision in precisions:
-            for synthetic in (True, False):
-                if preset == "ddpm_cifar10" and not synthetic:
-                    continue  # same network cost; the real-data path is covered by the smaller presets
-                common = dict(
-                    preset=preset,
-                    data=data,
-                    resolution=res or None,
-                    channels=ch,
-                    batch=batch,
-                    steps=steps,
-                    warmup=warmup,
-                    synthetic=synthetic,
-                )
-                d, naive, same, matched = [], [], [], []
-                for _ in range(repeats):  # alternate: difflab, naive, naive at its precision, matched
-                    d.append(worker("difflab", precision=precision, **common))
-                    naive.append(worker("bare", variant="naive", **common))
-                    if precision != "32-true":
-                        same.append(worker("bare", variant="naive", precision=precision, **common))
-                    matched.append(worker("bare", variant="matched", precision=precision, **common))
-                same = same or naive
-                ips = [r["images_per_sec"] for r in d]
-                r_naive = [a["images_per_sec"] / b["images_per_sec"] for a, b in zip(d, naive, strict=True)]
-                r_same = [a["images_per_sec"] / b["images_per_sec"] for a, b in zip(d, same, strict=True)]
-                r_match = [a["images_per_sec"] / b["images_per_sec"] for a, b in zip(d, matched, strict=True)]
-                peak = matmul["matmul_bf16_gflops" if precision == "bf16-mixed" else "matmul_fp32_gflops"]
-                per_image = flops["train_flops_per_image"] / 1e9
-                achieved = [x * per_image for x in ips]
-                achieved_matched = [x["images_per_sec"] * per_image for x in matched]
-                mem = [a["max_rss_mb"] / b["max_rss_mb"] for a, b in zip(d, naive, strict=True)]
-                rows.append(
-                    {
-                        "preset": preset,
-                        "precision": precision,
-                        "data": "synthetic" if synthetic else data,
-                        "batch": batch,
-                        "ips": ips,
-                        "r_naive": r_naive,
-                        "r_same": r_same,
-                        "r_match": r_match,
-                        "gflops": achieved,
-                        "gflops_matched": achieved_matched,
-                        "peak": peak,
-                        "mem": mem,
-                        "rss": [a["max_rss_mb"] for a in d],
-                    }
-                )
-                print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
-
-    if opts.training_only:
-        for r in rows:
-            print(
-                f"{r['preset']} {r['precision']} {r['data']}: {med_spread(r['ips'])} img/s, "
-                f"÷ matched {med_spread(r['r_match'])}, ÷ naive {med_spread(r['r_naive'])}"
+def measure(presets: list[str], repeats: int, raw_dir: Path) -> None:
+    rec = Recorder(BENCH, raw_dir)
+    threads = os.environ.get("OMP_NUM_THREADS", "torch default")
+    for preset in presets:
+        data, res, ch, batch, steps, warmup = PRESETS[preset]
+        common = dict(
+            preset=preset,
+            data=data,
+            resolution=res or None,
+            channels=ch,
+            batch=batch,
+            steps=steps,
+            warmup=warmup,
+        )
+        for k, row in interleaved(list(ROWS), repeats):
+            mode, variant, precision = ROWS[row]
+            r = worker(mode, variant=variant, precision=precision, **common)
+            rec.record(
+                row=row,
+                repeat=k,
+                preset=preset,
+                data=data,
+                batch=batch,
+                steps=steps,
+                warmup=warmup,
+                omp_num_threads=threads,
+                **r,
             )
-        return
-    order = [c[0] for c in configs] or [r["preset"] for r in rows]
-    rows.sort(
-        key=lambda r: (order.index(r["preset"]), r["precision"] != "32-true")
-    )  # stable: data order kept
-    levers = measure_levers(repeats)
-    ckpt = make_demo_checkpoint()
-    samp_d, samp_p = [], []
-    for _ in range(repeats):
-        samp_d.append(worker("sample", variant="difflab", ckpt=ckpt, batch=64, steps=20)["images_per_sec"])
-        samp_p.append(worker("sample", variant="pipeline", ckpt=ckpt, batch=64, steps=20)["images_per_sec"])
-    fid = worker("fid", ckpt=ckpt, data="fashion_mnist")
-    shutil.rmtree(Path(ckpt).parents[1], ignore_errors=True)  # the demo run dir
-    startup = [worker("startup")["startup_seconds"] for _ in range(repeats)]
-    default_row = next(
-        r for r in rows if r["preset"] == "small" and r["precision"] == "32-true" and r["data"] != "synthetic"
-    )
-    from omegaconf import OmegaConf
+            print(json.dumps({"preset": preset, "repeat": k, "row": row, **r}), flush=True)
 
-    every = OmegaConf.load(REPO / "conf" / "callbacks" / "with_fid.yaml").fid.every_n_steps
-    train_s = every * 32 / statistics.median(default_row["ips"])  # default FID cadence, default batch
-    fid_share = fid["fid_seconds"] / (fid["fid_seconds"] + train_s)
-    write_results(
-        opts.out,
-        matmul,
-        rows,
-        samp_d,
-        samp_p,
-        fid,
-        fid_share,
-        train_s,
-        startup,
-        time.time() - t_start,
-        opts,
-        every,
-        levers,
-    )
+
+def report() -> None:
+    records = load(BENCH)
+    parts = ["## Framework cost: difflab vs hand-written loops of the default job", ""]
+    summary, details, shown = [], [], []
+    for preset in PRESETS:
+        recs = latest(records, preset=preset)
+        if not recs:
+            continue
+        shown += recs
+        by = {row: [r for r in recs if r["row"] == row] for row in ROWS}
+        ips = {row: {r["repeat"]: r["images_per_sec"] for r in by[row]} for row in ROWS}
+        r_matched = ratio_pairs(by["difflab"], by["matched"], "images_per_sec")
+        r_naive = ratio_pairs(by["difflab"], by["naive"], "images_per_sec")
+        r_floor = ratio_pairs(by["difflab again"], by["difflab"], "images_per_sec")
+        first = by["difflab"][0]
+        summary.append(
+            [
+                preset,
+                f"{first['data']}, batch {first['batch']}, {first['steps']} steps after {first['warmup']}",
+                first["precision"],
+                str(interval(list(ips["difflab"].values()))),
+                str(interval(r_matched)),
+                str(interval(r_naive)),
+                str(interval(r_floor)),
+            ]
+        )
+        for k in sorted(ips["difflab"]):
+            vals = [ips[row].get(k) for row in ROWS]
+            d, m, n, a = vals
+            details.append(
+                [
+                    preset,
+                    k,
+                    *[v if v is not None else "-" for v in vals],
+                    d / m if m else "-",
+                    d / n if n else "-",
+                    a / d if a else "-",
+                ]
+            )
+    if not shown:
+        sys.exit(f"no raw/{BENCH}.jsonl records: run the benchmark first")
+    threads = sorted({str(r.get("threads")) for r in shown})
+    parts += [
+        machine_line(shown),
+        "",
+        "Default objective (flow), automatic precision, a fresh process per figure, rows interleaved in each "
+        f"alternation, {', '.join(threads)} thread(s). `matched`: a hand-written loop given difflab's "
+        "precision, UNet class, memory format and kernels (difflab ÷ matched is the framework's own cost); "
+        "`naive`: the loop a user writes first (fp32, NCHW, per-tensor AdamW/EMA/clipping, diffusers' UNet "
+        "class); `difflab again` ÷ `difflab`: the A/A noise floor. Images/s; median [95% interval].",
+        "",
+        table(
+            [
+                "preset",
+                "job",
+                "precision",
+                "difflab img/s",
+                "difflab ÷ matched",
+                "difflab ÷ naive",
+                "noise floor (A/A)",
+            ],
+            summary,
+        ),
+        "",
+        "Per alternation:",
+        "",
+        table(
+            [
+                "preset",
+                "alternation",
+                *[f"{row} img/s" for row in ROWS],
+                "÷ matched",
+                "÷ naive",
+                "A/A",
+            ],
+            details,
+        ),
+    ]
+    body = "\n".join(parts)
+    write_section(BENCH, body)
+    print(body)
 
 
 # Each default speed lever, turned off one at a time on the default job's model and data:
@@ -271,112 +250,22 @@ def measure_levers(repeats: int, only: str | None = None) -> list[dict]:
     return out
 
 
-def make_demo_checkpoint() -> str:
-    """A short default-job checkpoint (the sampling/FID cost does not depend on how trained it is)."""
-    run = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "difflab-train"),
-            "trainer.max_steps=5",
-            "callbacks.sample_grid=null",
-            "logger=none",
-            f"hydra.run.dir={run}",
-        ],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
-    return str(run / "checkpoints" / "last.ckpt")
-
-
-def write_results(
-    out, matmul, rows, samp_d, samp_p, fid, fid_share, train_s, startup, total_s, opts, every, levers
-):
-    command = " ".join([".venv/bin/python experiments/benchmarks/run_benchmarks.py", *sys.argv[1:]])
-    L = [
-        "# difflab benchmarks",
-        "",
-        f"Machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"Python {platform.python_version()}. Command: `{command}` ({total_s / 60:.1f} min). "
-        "Medians with (min-max) over "
-        f"{1 if opts.quick else opts.repeats} alternating repeats; each figure from a fresh process.",
-        "",
-        f"Matmul peak (2048², measured): fp32 {matmul['matmul_fp32_gflops']:.0f} GFLOP/s, "
-        f"bf16 {matmul['matmul_bf16_gflops']:.0f} GFLOP/s.",
-        "",
-        *(
-            [
-                f"Training rows reused from an earlier full run's log (`--rows-from {opts.rows_from}`"
-                + (
-                    f" `--remeasure {opts.remeasure}`), except the {opts.remeasure} rows; those and "
-                    if opts.remeasure
-                    else "); "
-                )
-                + "the other figures were measured by this invocation.",
-                "",
-            ]
-            if opts.rows_from
-            else []
-        ),
-        "## Training",
-        "",
-        "`naive`: hand-written loop, fp32, NCHW, per-tensor AdamW/EMA/clipping, diffusers' own UNet class "
-        "(what a user writes first). `naive, same precision`: that loop under difflab's precision (bf16 "
-        "autocast in the bf16-mixed rows; in fp32 rows it is the naive loop). `matched`: the loop with "
-        "difflab's precision, model class, memory format (channels_last) and kernels (fused AdamW in fp32, "
-        "foreach under bf16-mixed, foreach clipping, one-pass foreach EMA), so its ratio is what the "
-        "framework itself costs. difflab: a real `difflab-train` run (datamodule, Lightning, EMA, logging "
-        "and callbacks at default cadence). % of peak: achieved training GFLOP/s ÷ the matmul rate of the "
-        "precision used, for difflab and for the matched loop.",
-        "",
-        "| preset | precision | data | batch | difflab img/s | ÷ naive | ÷ naive, same precision "
-        "| ÷ matched | GFLOP/s | % of matmul peak | matched loop % of peak | RSS MB | RSS ÷ naive |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        pct = [g / r["peak"] * 100 for g in r["gflops"]]
-        pct_matched = [g / r["peak"] * 100 for g in r.get("gflops_matched", [])]
-        L.append(
-            f"| {r['preset']} | {r['precision']} | {r['data']} | {r['batch']} | {med_spread(r['ips'])} | "
-            f"{med_spread(r['r_naive'])} | {med_spread(r.get('r_same', []))} | {med_spread(r['r_match'])} | "
-            f"{med_spread(r['gflops'])} | {med_spread(pct)} | {med_spread(pct_matched)} | "
-            f"{med_spread(r['rss'])} | {med_spread(r['mem'])} |"
-        )
-    L += [
-        "",
-        "## Speed levers (kept only where they win)",
-        "",
-        "`small` preset, Fashion-MNIST 28 px, batch 32: the default ÷ the same run with one lever "
-        "changed, both at the row's precision (> 1: the default is faster). First step: seconds from train "
-        "start to the first optimizer step of the changed run (compilation included).",
-        "",
-        "| changed | overrides | precision | default ÷ changed | changed run's first step (s) |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for lv in levers:
-        L.append(
-            f"| {lv['lever']} | `{' '.join(lv['overrides'])}` | {lv.get('precision', '32-true')} "
-            f"| {med_spread(lv['ratio'])} | {med_spread(lv['first_step_s'])} |"
-        )
-    ratio = [a / b for a, b in zip(samp_d, samp_p, strict=True)]
-    L += [
-        "",
-        "## Sampling, FID, start-up",
-        "",
-        "| what | figure |",
-        "| --- | --- |",
-        f"| sampling, `small` 28 px, DPM-Solver++ 20 steps, batch 64: difflab img/s | {med_spread(samp_d)} |",
-        f"| same, diffusers `DDPMPipeline` img/s | {med_spread(samp_p)} |",
-        f"| sampling ratio difflab ÷ pipeline | {med_spread(ratio)} |",
-        f"| one FID evaluation (1,000 samples, DPM-Solver++ 20 steps, classifier features) | "
-        f"{fid['fid_seconds']:.1f} s |",
-        f"| training time between FID evaluations at the default cadence ({every:,} steps x 32) "
-        f"| {train_s:.0f} s |",
-        f"| FID share of training wall time | {fid_share * 100:.1f}% |",
-        f"| start-up: process start → first optimizer step of `difflab-train` | {med_spread(startup)} s |",
-    ]
-    Path(out).write_text("\n".join(L) + "\n")
-    print("\n".join(L))
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--report", action="store_true", help="write RESULTS.md's section from raw JSON lines")
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    ap.add_argument("--repeats", type=int, default=5, help="alternations (>= 5 for a speed claim)")
+    ap.add_argument("--raw-dir", type=Path, default=RAW, help="JSON lines go here (smoke runs: elsewhere)")
+    ap.add_argument("--lever", help="measure only the levers whose name contains this, print, stop")
+    opts = ap.parse_args()
+    if opts.report:
+        report()
+    elif opts.lever:
+        for r in measure_levers(opts.repeats, only=opts.lever):
+            ratio = interval(r["ratio"])
+            print(f"{r['lever']}: default ÷ changed {ratio} (printed only; not a RESULTS.md figure)")
+    else:
+        measure(opts.presets, opts.repeats, opts.raw_dir)
 
 
 if __name__ == "__main__":
