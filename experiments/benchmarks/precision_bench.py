@@ -8,9 +8,9 @@ Each alternation runs, each in a fresh process: the default job (`difflab-train`
 Fashion-MNIST, batch 32, its callbacks and progress bar; no sample grid, no logger) in bf16-mixed, in
 32-true, in 32-true again (the A-vs-A noise floor: what two identical runs differ by at that moment),
 and a 2048x2048 matmul in bf16 and fp32 (bench_worker's ``matmul``). A run's speed is its steady-state
-steps/s: ``--steps`` optimizer steps after ``--warmup`` (the last step, which writes the checkpoint,
-is not timed). Ratios are taken within each alternation (protocol.py); the end-FID comparison of the
-two precisions is time_to_quality's, not this script's.
+steps/s over ``--steps`` optimizer steps after ``--warmup`` (the last step, which writes the
+checkpoint, is not timed), by the wall clock and by the process's CPU time. Ratios are taken within
+each alternation (protocol.py); the end-FID comparison of the two precisions is time_to_quality's.
 
 The thread count is the environment's (OMP_NUM_THREADS, recorded in every row): on a machine shared
 with other work run it at 1 thread, so the measurement does not slow the others' down.
@@ -75,9 +75,16 @@ def train_once(precision: str, warmup: int, steps: int) -> dict:
     if p.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
     clock = json.loads(lines[-1][len("STEP_CLOCK=") :])
-    t = clock["times"]
+    t, c = clock["times"], clock["cpu"]
     seconds = t[warmup + steps - 1] - t[warmup - 1]  # steps warmup+1 .. warmup+steps
-    return {"steps_per_sec": steps / seconds, "step_ms": 1000 * seconds / steps, "threads": clock["threads"]}
+    cpu_seconds = c[warmup + steps - 1] - c[warmup - 1]
+    return {
+        "steps_per_sec": steps / seconds,
+        "step_ms": 1000 * seconds / steps,
+        "steps_per_cpu_sec": steps / cpu_seconds,
+        "cpu_step_ms": 1000 * cpu_seconds / steps,
+        "threads": clock["threads"],
+    }
 
 
 def matmul_once() -> dict:
@@ -89,6 +96,7 @@ def matmul_once() -> dict:
         raise RuntimeError(f"matmul failed:\n{p.stderr[-3000:]}")
     out = json.loads(lines[-1][len("RESULT ") :])
     out["matmul_ratio"] = out["matmul_bf16_gflops"] / out["matmul_fp32_gflops"]
+    out["matmul_ratio_cpu"] = out["matmul_bf16_gflops_cpu"] / out["matmul_fp32_gflops_cpu"]
     return out
 
 
@@ -106,38 +114,51 @@ def measure(repeats: int, warmup: int, steps: int, raw_dir: Path) -> None:
         print(json.dumps({"repeat": k, "row": row, **r}), flush=True)
 
 
+def _newest(records: list[dict]) -> list[dict]:
+    """Every record of the newest invocation that measured a bf16-mixed training run."""
+    newest = latest(records, row="bf16-mixed")
+    if not newest:
+        return []
+    return [r for r in records if r["invocation"] == newest[0]["invocation"]]
+
+
 def report() -> None:
-    records = latest(load(BENCH), row="bf16-mixed")
+    records = _newest(load(BENCH))
     if not records:
         sys.exit(f"no raw/{BENCH}.jsonl records: run the benchmark first")
     by = {row: [r for r in records if r["row"] == row] for row in ROWS}
-    speed = {row: {r["repeat"]: r["steps_per_sec"] for r in by[row]} for row in ROWS if ROWS[row]}
-    mm = {r["repeat"]: r for r in by["matmul"]}
-    ratio = ratio_pairs(by["bf16-mixed"], by["32-true"], "steps_per_sec")
-    floor = ratio_pairs(by["32-true again"], by["32-true"], "steps_per_sec")
-    mm_ratio = [r["matmul_ratio"] for r in by["matmul"]]
+    # Only whole alternations: a run killed mid-alternation leaves rows without their pair.
+    whole = set.intersection(*({r["repeat"] for r in by[row]} for row in ROWS))
+    by = {row: [r for r in rs if r["repeat"] in whole] for row, rs in by.items()}
+    get = {row: {r["repeat"]: r for r in by[row]} for row in ROWS}
     rows = []
-    for k in sorted(speed["bf16-mixed"]):
-        fp32 = speed["32-true"].get(k)
-        again = speed["32-true again"].get(k)
-        bf16 = speed["bf16-mixed"][k]
-        m = mm.get(k, {})
+    for k in sorted(whole):
+        b, f, a, m = (get[row][k] for row in ROWS)
         rows.append(
             [
                 k,
-                bf16,
-                fp32 if fp32 else "-",
-                again if again else "-",
-                bf16 / fp32 if fp32 else "-",
-                again / fp32 if fp32 and again else "-",
-                m.get("matmul_bf16_gflops", "-"),
-                m.get("matmul_fp32_gflops", "-"),
-                m.get("matmul_ratio", "-"),
+                b["steps_per_sec"],
+                f["steps_per_sec"],
+                a["steps_per_sec"],
+                b["steps_per_sec"] / f["steps_per_sec"],
+                a["steps_per_sec"] / f["steps_per_sec"],
+                b["steps_per_cpu_sec"] / f["steps_per_cpu_sec"],
+                a["steps_per_cpu_sec"] / f["steps_per_cpu_sec"],
+                m["matmul_bf16_gflops_cpu"],
+                m["matmul_fp32_gflops_cpu"],
+                m["matmul_ratio_cpu"],
             ]
         )
-    iv, iv_floor = interval(ratio), interval(floor)
+
+    def iv(key: str, numer: str, denom: str = "32-true") -> object:
+        return interval(ratio_pairs(by[numer], by[denom], key))
+
+    wall, wall_floor = iv("steps_per_sec", "bf16-mixed"), iv("steps_per_sec", "32-true again")
+    cpu, cpu_floor = iv("steps_per_cpu_sec", "bf16-mixed"), iv("steps_per_cpu_sec", "32-true again")
+    mm = interval([r["matmul_ratio_cpu"] for r in by["matmul"]])
+    mm_wall = interval([r["matmul_ratio"] for r in by["matmul"]])
     sample = by["bf16-mixed"][0]
-    threads = {r["threads"] for r in records if "threads" in r}
+    threads = sorted({str(r["threads"]) for r in records if "threads" in r})
     body = "\n".join(
         [
             "## Precision: bf16-mixed vs 32-true on the default job",
@@ -145,9 +166,12 @@ def report() -> None:
             machine_line(records),
             "",
             f"Default job (`difflab-train`: flow, `small` UNet, Fashion-MNIST, batch 32; no sample grid, no "
-            f"logger), a fresh process per figure, steady-state steps/s over {sample['steps']} optimizer "
-            f"steps after {sample['warmup']} warm-up steps, at {', '.join(map(str, sorted(threads)))} "
-            "thread(s); rows interleaved in each alternation. Matmul: 2048x2048, GFLOP/s.",
+            f"logger), a fresh process per figure, {sample['steps']} optimizer steps timed after "
+            f"{sample['warmup']} warm-up steps, {', '.join(threads)} thread(s); the rows interleaved in "
+            f"each of {len(whole)} alternations. Speed by the wall clock (steps/s) and by the process's CPU "
+            "time (steps per CPU second: on a machine shared with other work, the figure the others disturb "
+            "least; at 1 thread it is the wall-clock speed of an idle machine). Matmul: 2048x2048, GFLOP/s "
+            "of CPU time.",
             "",
             table(
                 [
@@ -155,10 +179,12 @@ def report() -> None:
                     "bf16-mixed step/s",
                     "32-true step/s",
                     "32-true again step/s",
-                    "bf16 ÷ fp32",
-                    "fp32 again ÷ fp32 (A/A)",
-                    "matmul bf16 GFLOP/s",
-                    "matmul fp32 GFLOP/s",
+                    "bf16 ÷ fp32 (wall)",
+                    "A/A (wall)",
+                    "bf16 ÷ fp32 (CPU time)",
+                    "A/A (CPU time)",
+                    "matmul bf16",
+                    "matmul fp32",
                     "matmul bf16 ÷ fp32",
                 ],
                 rows,
@@ -167,9 +193,16 @@ def report() -> None:
             table(
                 ["figure", "median [95% interval]", "verdict: bf16-mixed faster than 32-true"],
                 [
-                    ["training step speed, bf16-mixed ÷ 32-true", str(iv), verdict(iv, 1.0, False)],
-                    ["noise floor: 32-true again ÷ 32-true", str(iv_floor), ""],
-                    ["matmul GFLOP/s, bf16 ÷ fp32", str(interval(mm_ratio)), ""],
+                    ["step speed per CPU second, bf16-mixed ÷ 32-true", str(cpu), verdict(cpu, 1.0, False)],
+                    ["noise floor (CPU time): 32-true again ÷ 32-true", str(cpu_floor), ""],
+                    [
+                        "step speed by the wall clock, bf16-mixed ÷ 32-true",
+                        str(wall),
+                        verdict(wall, 1.0, False),
+                    ],
+                    ["noise floor (wall clock): 32-true again ÷ 32-true", str(wall_floor), ""],
+                    ["matmul GFLOP/s, bf16 ÷ fp32 (CPU time)", str(mm), ""],
+                    ["matmul GFLOP/s, bf16 ÷ fp32 (wall clock)", str(mm_wall), ""],
                 ],
             ),
         ]

@@ -17,8 +17,9 @@ difflab.precision), the UNet class's CPU attention-kernel choice. Rows, each a f
   own UNet class);
 - ``difflab again``: the first row repeated, the A/A noise floor.
 
-Speed is images/s over each preset's timed steps after its warm-up. The thread count is the
-environment's (recorded): on a shared machine run it at OMP_NUM_THREADS=1.
+Speed is images/s over each preset's timed steps after its warm-up, by the wall clock and by the
+process's CPU time. The thread count is the environment's (recorded): on a shared machine run it at
+OMP_NUM_THREADS=1.
 """
 
 from __future__ import annotations
@@ -122,37 +123,43 @@ def report() -> None:
     summary, details, shown = [], [], []
     for preset in PRESETS:
         recs = latest(records, preset=preset)
+        # Only whole alternations: a run killed mid-alternation leaves rows without their pair.
+        whole = set.intersection(*({r["repeat"] for r in recs if r["row"] == row} for row in ROWS))
+        recs = [r for r in recs if r["repeat"] in whole]
         if not recs:
             continue
         shown += recs
         by = {row: [r for r in recs if r["row"] == row] for row in ROWS}
-        ips = {row: {r["repeat"]: r["images_per_sec"] for r in by[row]} for row in ROWS}
-        r_matched = ratio_pairs(by["difflab"], by["matched"], "images_per_sec")
-        r_naive = ratio_pairs(by["difflab"], by["naive"], "images_per_sec")
-        r_floor = ratio_pairs(by["difflab again"], by["difflab"], "images_per_sec")
+        get = {row: {r["repeat"]: r for r in by[row]} for row in ROWS}
+
+        def iv(key: str, numer: str, denom: str, by: dict = by) -> str:
+            return str(interval(ratio_pairs(by[numer], by[denom], key)))
+
         first = by["difflab"][0]
-        summary.append(
-            [
-                preset,
-                f"{first['data']}, batch {first['batch']}, {first['steps']} steps after {first['warmup']}",
-                first["precision"],
-                str(interval(list(ips["difflab"].values()))),
-                str(interval(r_matched)),
-                str(interval(r_naive)),
-                str(interval(r_floor)),
-            ]
-        )
-        for k in sorted(ips["difflab"]):
-            vals = [ips[row].get(k) for row in ROWS]
-            d, m, n, a = vals
+        for key, clock in (("images_per_cpu_sec", "CPU time"), ("images_per_sec", "wall clock")):
+            summary.append(
+                [
+                    preset,
+                    f"{first['data']}, batch {first['batch']}, {first['steps']} steps after "
+                    f"{first['warmup']}",
+                    first["precision"],
+                    clock,
+                    str(interval([r[key] for r in by["difflab"]])),
+                    iv(key, "difflab", "matched"),
+                    iv(key, "difflab", "naive"),
+                    iv(key, "difflab again", "difflab"),
+                ]
+            )
+        for k in sorted(whole):
+            d, m, n, a = (get[row][k] for row in ROWS)
             details.append(
                 [
                     preset,
                     k,
-                    *[v if v is not None else "-" for v in vals],
-                    d / m if m else "-",
-                    d / n if n else "-",
-                    a / d if a else "-",
+                    *(get[row][k]["images_per_sec"] for row in ROWS),
+                    d["images_per_cpu_sec"] / m["images_per_cpu_sec"],
+                    d["images_per_cpu_sec"] / n["images_per_cpu_sec"],
+                    a["images_per_cpu_sec"] / d["images_per_cpu_sec"],
                 ]
             )
     if not shown:
@@ -165,13 +172,16 @@ def report() -> None:
         f"alternation, {', '.join(threads)} thread(s). `matched`: a hand-written loop given difflab's "
         "precision, UNet class, memory format and kernels (difflab ÷ matched is the framework's own cost); "
         "`naive`: the loop a user writes first (fp32, NCHW, per-tensor AdamW/EMA/clipping, diffusers' UNet "
-        "class); `difflab again` ÷ `difflab`: the A/A noise floor. Images/s; median [95% interval].",
+        "class); `difflab again` ÷ `difflab`: the A/A noise floor. Images/s by the process's CPU time (on a "
+        "shared machine the figure other work disturbs least; at 1 thread, an idle machine's wall-clock "
+        "speed) and by the wall clock; median [95% interval].",
         "",
         table(
             [
                 "preset",
                 "job",
                 "precision",
+                "clock",
                 "difflab img/s",
                 "difflab ÷ matched",
                 "difflab ÷ naive",
@@ -180,7 +190,7 @@ def report() -> None:
             summary,
         ),
         "",
-        "Per alternation:",
+        "Per alternation (img/s by the wall clock; ratios by CPU time):",
         "",
         table(
             [
