@@ -61,13 +61,15 @@ def _study(tmp_path: Path):
 
 
 def test_readme_optuna_line_runs_and_a_rerun_proposes_new_points(tmp_path):
-    # The README line with two cheap overrides appended (later overrides win): 2 trials of 20 steps.
-    args = [*sweep_lines()["optuna"], "hydra.sweeper.n_trials=2", "trainer.max_steps=20"]
+    # The README line with cheap overrides appended (later overrides win): 2 trials of 20 steps, each
+    # ending with a 200-sample FID from a 1-epoch classifier.
+    cheap = ["callbacks.fid.num_samples=200", "metrics.extractor.epochs=1"]
+    args = [*sweep_lines()["optuna"], "hydra.sweeper.n_trials=2", "trainer.max_steps=20", *cheap]
     for _ in range(2):
         p = difflab_cli("train", *args, cwd=tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
     trials = _study(tmp_path).trials
-    assert len(trials) == 4 and all(t.value is not None for t in trials)
+    assert len(trials) == 4 and all(t.value is not None and t.value > 0 for t in trials)
     first, second = [t.params for t in trials[:2]], [t.params for t in trials[2:]]
     assert not any(p in first for p in second), (first, second)  # the rerun continued, not replayed
 
