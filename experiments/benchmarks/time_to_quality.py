@@ -335,13 +335,13 @@ def evaluate_seed(seed: int, rows: list[str], ev: Evaluator, opts: argparse.Name
         print(f"seed {seed}: {opts.target} is not trained yet; skipped", flush=True)
         return
     budget = {spec: parse_row(spec, opts.steps)[1] for spec in ready}
-    target = ev.point(opts.target, seed, budget[opts.target], END_STEPS)[COMPARED]["fid"]
+    # At the compared sampler steps first (the crossing needs nothing else); the ends' other counts after.
+    target = ev.point(opts.target, seed, budget[opts.target], [COMPARED])[COMPARED]["fid"]
     for spec in [r for r in opts.cross if r in ready]:
         for step in checkpoints(run_dir(ev.work, spec, seed)):
-            counts = END_STEPS if step == budget[spec] else [COMPARED]
-            if ev.point(spec, seed, step, counts)[COMPARED]["fid"] <= target:
+            if ev.point(spec, seed, step, [COMPARED])[COMPARED]["fid"] <= target:
                 break
-        ev.point(spec, seed, budget[spec], END_STEPS)
+        ev.point(spec, seed, budget[spec], [COMPARED])
     for spec in [r for r in ready if r not in opts.skip_eval]:
         ev.point(spec, seed, budget[spec], END_STEPS)
     if opts.noise_row in ready and seed == opts.noise_run_seed:
