@@ -241,6 +241,8 @@ def test_ddp_fid_equals_one_process_fid_of_the_same_samples(tmp_path, shards):
             "channels_last=false",
             "device=cpu",
             f"metrics.cache_dir={cache}",
+            "metrics.extractor.epochs=1",  # the run's classifier settings: the same cached file
+            "metrics.extractor.max_train_images=500",
             f"out={tmp_path / 'eval'}",
         ]
     )
@@ -249,7 +251,7 @@ def test_ddp_fid_equals_one_process_fid_of_the_same_samples(tmp_path, shards):
     # The gathered shards are the one-process features, in image order.
     data = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["difflab"]["config"]["data"]
     dm = hydra.utils.instantiate(OmegaConf.create(data))
-    ext = ClassifierFeatures(str(cache))
+    ext = ClassifierFeatures(str(cache), epochs=1, max_train_images=500)  # the run's: its cached file
     ext.prepare(dm)
     cached = torch.load(next(cache.glob("fid_real_*.pt")))["features"]
     torch.testing.assert_close(cached, fid_module.compute_real_features(dm, ext, 301, CPU))
