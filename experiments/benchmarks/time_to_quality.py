@@ -252,6 +252,39 @@ class Evaluator:
         )
         self.runs.add((training, spec, seed))
 
+    def left_behind(self, dest: Path, counts: list[int]) -> bool:
+        """A results.json an interrupted invocation left for exactly these settings: recorded, not redone."""
+        try:
+            rows = json.loads((dest / "results.json").read_text())
+        except (OSError, ValueError):
+            return False
+        same = [
+            r
+            for r in rows
+            if r["steps"] in counts and r["num_samples"] == self.opts.num_samples and r["sampler"] == SAMPLER
+        ]
+        return {r["steps"] for r in same} == set(counts)
+
+    def evaluate(self, ckpt: Path, dest: Path, counts: list[int], eval_seed: int) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        run_command(
+            [
+                str(BIN / "difflab-eval"),
+                f"ckpt={ckpt}",
+                f"sampler={SAMPLER}",
+                "steps=[" + ",".join(map(str, counts)) + "]",
+                f"num_samples={self.opts.num_samples}",
+                f"num_real={self.opts.num_real}",
+                f"real_split={HELD_OUT[self.opts.data] or 'null'}",
+                "kid=true",
+                f"seed={eval_seed}",
+                f"metrics.cache_dir={self.opts.cache_dir}",
+                f"out={dest}",
+            ],
+            self.work / "eval",
+            self.opts.code,
+        )
+
     def point(
         self, spec: str, seed: int, step: int, counts: Sequence[int], eval_seed: int = EVAL_SEED
     ) -> dict:
@@ -276,25 +309,9 @@ class Evaluator:
         mtime = ckpt.stat().st_mtime
         dest = self.work / "eval" / run.name / f"step{step}_seed{eval_seed}_n{self.opts.num_samples}"
         t_eval = time.time()
-        dest.mkdir(parents=True, exist_ok=True)
-        run_command(
-            [
-                str(BIN / "difflab-eval"),
-                f"ckpt={ckpt}",
-                f"sampler={SAMPLER}",
-                "steps=[" + ",".join(map(str, missing)) + "]",
-                f"num_samples={self.opts.num_samples}",
-                f"num_real={self.opts.num_real}",
-                f"real_split={HELD_OUT[self.opts.data] or 'null'}",
-                "kid=true",
-                f"seed={eval_seed}",
-                f"metrics.cache_dir={self.opts.cache_dir}",
-                f"out={dest}",
-            ],
-            self.work / "eval",
-            self.opts.code,
-        )
-        rows = json.loads((dest / "results.json").read_text())
+        if not self.left_behind(dest, missing):
+            self.evaluate(ckpt, dest, missing, eval_seed)
+        rows = [r for r in json.loads((dest / "results.json").read_text()) if r["steps"] in missing]
         for r in rows:
             fid_key = next(k for k in r if k.startswith("val/fid_"))
             kid_key = next((k for k in r if k.startswith("val/kid_") and not k.endswith("_std")), None)
