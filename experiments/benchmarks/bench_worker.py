@@ -29,8 +29,10 @@ def max_rss_mb() -> float:
 
 
 def compose(overrides: list[str], run_dir: Path):
-    from tests.conftest import compose_config
+    threads = torch.get_num_threads()  # the environment's (OMP_NUM_THREADS) ...
+    from tests.conftest import compose_config  # ... which the test suite's conftest sets to 2 on import
 
+    torch.set_num_threads(threads)
     return compose_config(run_dir, overrides)
 
 
