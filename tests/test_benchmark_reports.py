@@ -110,6 +110,10 @@ def test_ttq_report_straddling_wall_interval_is_not_shown():
     )
     assert "bf16-mixed FID 8.00 [7.00, 9.00]" in text and "32-true FID 7.50 [6.50, 8.50]" in text
     assert "Test CPU (2 cores; no AMX, AVX512-BF16)" in text
+    assert (
+        "| default_bf16 | 0, 1, 2 | 6.67 [5.00, 6.67] (n=3, min-max) | 40.0 [30.0, 40.0] (n=3, min-max) |"
+        in text
+    )
     assert [p[1] for p in curves["default_bf16"][1]] == [100, 200, 300, 1000]
 
 

@@ -482,6 +482,28 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
     lines.append("")
     lines.append(table(header, body))
     lines.append("")
+    # Training time of every trained (row, seed), evaluated or not: from the checkpoints' mtimes.
+    runs = {(r["row"], r["seed"]): r for r in records if r["kind"] == "run"}
+    body = []
+    for row in dict.fromkeys(row for row, _ in runs):
+        mine = [runs[row, s] for s in sorted(s for r, s in runs if r == row)]
+        ends, rates = [], []
+        for r in mine:
+            t = {int(k): v for k, v in r["checkpoint_seconds"].items()}
+            ends.append(t[r["budget"]] / 60)
+            if len(t) > 1:  # steady state: the first checkpoint's start-up left out
+                lo = min(t)
+                rates.append((t[r["budget"]] - t[lo]) / (r["budget"] - lo) * 100)
+        body.append([row, ", ".join(str(r["seed"]) for r in mine), cell(ends), cell(rates)])
+    if body:
+        lines.append(
+            "Training time of every trained run (checkpoint mtimes; the machine's other load included):"
+        )
+        lines.append("")
+        lines.append(
+            table(["row", "seeds", "minutes to the end", "seconds per 100 steps after the first"], body)
+        )
+        lines.append("")
     # Noise floor: one checkpoint, several image seeds.
     noise = [r for r in pts if r["eval_seed"] != EVAL_SEED]
     for row, seed in dict.fromkeys((r["row"], r["seed"]) for r in noise):
