@@ -60,11 +60,11 @@ def shift_right(images, pixels: int = 1):
     return torch.cat([images[..., :, :1].expand(*images.shape[:-1], pixels), images[..., :, :-pixels]], -1)
 
 
-def stack(datamodule, indices) -> object:
-    """The un-augmented images ``indices`` of a datamodule, float [0, 1] (as FID's real images are)."""
+def all_images(datamodule) -> object:
+    """Every image of a datamodule without augmentation, float [0, 1] (as FID's real images are)."""
     import torch
 
-    return torch.stack([datamodule._unaugmented(int(i)) for i in indices])
+    return torch.cat(list(datamodule.real_images(len(datamodule.train_set), 4096)))
 
 
 def measure(opts: argparse.Namespace) -> None:
@@ -93,12 +93,13 @@ def measure(opts: argparse.Namespace) -> None:
         split = REFERENCE[data]
         ref_dm = reference_split(data_cfg, split, data) if split else train_dm
         n = min(opts.num, len(ref_dm.train_set) // 2)
+        ref_images, train_images = all_images(ref_dm), all_images(train_dm)
         print(f"{data}: classifier {extractor.identity} ({time.time() - t0:.0f} s); n={n}", flush=True)
         for seed in range(opts.seeds):
             g = torch.Generator().manual_seed(seed)
             order = torch.randperm(len(ref_dm.train_set), generator=g)
-            half_a, half_b = stack(ref_dm, order[:n]), stack(ref_dm, order[n : 2 * n])
-            copies = stack(train_dm, torch.randperm(len(train_dm.train_set), generator=g)[:n])
+            half_a, half_b = ref_images[order[:n]], ref_images[order[n : 2 * n]]
+            copies = train_images[torch.randperm(len(train_images), generator=g)[:n]]
             candidates = {
                 "real": half_b,
                 "blur": blur(half_b),
