@@ -101,7 +101,9 @@ def test_recorder_writes_lines_and_latest_picks_the_newest_invocation(tmp_path):
     records = load("bench_x", tmp_path)
     assert [r["value"] for r in records] == [1.0, 2.0]
     assert all(k in records[0] for k in ("bench", "invocation", "time", "command", "machine"))
+    records[0]["time"] = "2026-01-01T00:00:00"  # latest() orders by time: one second apart at least
     assert [r["value"] for r in latest(records)] == [2.0]
+    assert [r["value"] for r in latest(records, value=1.0)] == [1.0]
     assert load("nothing", tmp_path) == []
     with pytest.raises(ValueError):
         Recorder("Bad Name", tmp_path)
