@@ -1,6 +1,6 @@
-"""The default precision follows the hardware (emulated bf16 is not bf16); precisions difflab cannot
-run are refused at start-up; the GradScaler path clips unscaled gradients; CPU bf16 attention runs on
-the math kernel."""
+"""The default precision follows the hardware (each CPU class its measured row; emulated bf16 is not
+bf16); precisions difflab cannot run are refused at start-up; the GradScaler path clips unscaled
+gradients; CPU bf16 attention runs on the math kernel."""
 
 from __future__ import annotations
 
@@ -20,33 +20,71 @@ from difflab.errors import DifflabError
 from difflab.train import COMMAND, train
 from tests.conftest import FAST_DIGITS
 
+# CPUs as /proc/cpuinfo and torch's AMX probe describe them: (vendor_id, flags, AMX usable).
+SAPPHIRE_RAPIDS = ("GenuineIntel", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, True)
+INTEL_BF16_NO_AMX = ("GenuineIntel", {"avx512f", "avx512_bf16"}, False)  # the VM measured 0.63-0.77x
+ZEN4 = ("AuthenticAMD", {"avx512f", "avx512_bf16"}, False)  # the EPYC measured in RESULTS.md
+ZEN3 = ("AuthenticAMD", {"avx2"}, False)
+INTEL_AVX2 = ("GenuineIntel", {"avx2"}, False)
+NO_CPUINFO = ("", set(), False)  # macOS, Windows
+AMX_HIDDEN_FROM_OS = ("GenuineIntel", {"avx512_bf16", "amx_tile"}, False)  # flag listed, probe says no
+
+
+def _fake_cpu(monkeypatch, cpu: tuple[str, set[str], bool]) -> None:
+    vendor, flags, amx = cpu
+    monkeypatch.setattr(precision, "_cpu_info", lambda: (vendor, frozenset(flags)))
+    monkeypatch.setattr(precision, "_cpu_has_amx", lambda: amx)
+
 
 @pytest.mark.parametrize(
-    ("accelerator", "cuda", "cuda_bf16", "amx", "expect"),
+    ("accelerator", "cuda", "cuda_bf16", "cpu", "expect"),
     [
-        ("cpu", False, False, True, "bf16-mixed"),  # AMX: bf16 matrix products run 2.7x fp32
-        ("cpu", False, False, False, "32-true"),  # AVX512 only: bf16 is slower than fp32
-        ("cpu", True, True, False, "32-true"),  # the CPU asked for although a GPU is there
-        ("auto", False, False, True, "bf16-mixed"),
-        ("auto", False, False, False, "32-true"),
-        ("auto", True, True, False, "bf16-mixed"),  # auto picks the GPU: its bf16 counts
-        ("gpu", True, True, False, "bf16-mixed"),
-        ("gpu", True, False, True, "32-true"),  # a GPU without bf16 (pre-Ampere)
-        ("mps", False, False, True, "32-true"),
+        ("cpu", False, False, SAPPHIRE_RAPIDS, "bf16-mixed"),  # AMX: bf16 matrix products run 2.7x fp32
+        ("cpu", False, False, INTEL_BF16_NO_AMX, "32-true"),  # bf16 at half the fp32 rate there
+        ("cpu", False, False, ZEN4, "bf16-mixed"),  # the same flag, measured faster in bf16
+        ("cpu", False, False, ZEN3, "32-true"),  # classes nobody measured keep fp32
+        ("cpu", False, False, INTEL_AVX2, "32-true"),
+        ("cpu", False, False, NO_CPUINFO, "32-true"),
+        ("cpu", False, False, AMX_HIDDEN_FROM_OS, "32-true"),  # torch's probe, not the flag, decides AMX
+        ("cpu", True, True, INTEL_BF16_NO_AMX, "32-true"),  # the CPU asked for although a GPU is there
+        ("cpu", True, True, ZEN4, "bf16-mixed"),
+        ("auto", False, False, SAPPHIRE_RAPIDS, "bf16-mixed"),
+        ("auto", False, False, ZEN4, "bf16-mixed"),
+        ("auto", False, False, INTEL_BF16_NO_AMX, "32-true"),
+        ("auto", True, True, INTEL_BF16_NO_AMX, "bf16-mixed"),  # auto picks the GPU: its bf16 counts
+        ("auto", True, False, ZEN4, "32-true"),  # ... and so does its lack of bf16
+        ("gpu", True, True, INTEL_AVX2, "bf16-mixed"),
+        ("gpu", True, False, SAPPHIRE_RAPIDS, "32-true"),  # a GPU without bf16 (pre-Ampere)
+        ("mps", False, False, SAPPHIRE_RAPIDS, "32-true"),
     ],
 )
-def test_auto_precision_follows_the_hardware(monkeypatch, accelerator, cuda, cuda_bf16, amx, expect):
+def test_auto_precision_follows_the_hardware(monkeypatch, accelerator, cuda, cuda_bf16, cpu, expect):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
-    monkeypatch.setattr(precision, "_cpu_has_amx", lambda: amx)
+    _fake_cpu(monkeypatch, cpu)
     assert precision.auto_precision(accelerator) == expect
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_default_trainer_precision_is_resolved_at_composition(make_cfg, monkeypatch, amx):
-    monkeypatch.setattr(precision, "_cpu_has_amx", lambda: amx)
+def test_every_cpu_class_names_its_evidence_and_the_last_catches_all():
+    assert precision.CPU_CLASSES[-1].vendor is None and not precision.CPU_CLASSES[-1].needs
+    for c in precision.CPU_CLASSES:
+        assert c.precision in ("bf16-mixed", "32-true") and c.evidence
+        assert (
+            "RESULTS.md" in c.evidence or "benchmark-notes.md" in c.evidence or "not measured" in c.evidence
+        )
+
+
+def test_cpu_info_reads_this_machine():
+    vendor, flags = precision._cpu_info()
+    assert isinstance(vendor, str) and isinstance(flags, frozenset)
+    assert precision.cpu_class() in precision.CPU_CLASSES
+
+
+@pytest.mark.parametrize(("cpu", "expect"), [(ZEN4, "bf16-mixed"), (INTEL_BF16_NO_AMX, "32-true")])
+def test_default_trainer_precision_is_resolved_at_composition(make_cfg, monkeypatch, cpu, expect):
+    _fake_cpu(monkeypatch, cpu)
     cfg = make_cfg("experiment=digits", "trainer.accelerator=cpu")  # FAST_DIGITS pins 32-true
-    assert cfg.trainer.precision == ("bf16-mixed" if amx else "32-true")
+    assert cfg.trainer.precision == expect
     # An explicit value is taken as given, either way.
     for value in ("32-true", "bf16-mixed"):
         assert make_cfg(*FAST_DIGITS, f"trainer.precision={value}").trainer.precision == value

@@ -1,16 +1,26 @@
 """Which training precision the hardware runs fastest, which precisions difflab cannot run, and the
 fp32 matmul policy on CUDA.
 
-`trainer.precision` defaults to ``${difflab_precision:${.accelerator}}``: bf16-mixed where bf16
-matrix units make it faster than fp32, else 32-true. The resolved value is what the run records in
-its config.yaml. Lightning has no such choice ("auto" is not one of its precisions), and its
-bf16-mixed is a loss on CPUs without AMX: there oneDNN runs bf16 on AVX512 at about half its fp32
-rate (experiments/benchmarks/RESULTS.md), while with AMX bf16 matrix products run 2.7x fp32.
-On GPUs only compute capability 8.0+ (Ampere on) has bf16 units: torch's plain
-``is_bf16_supported()`` also counts the emulation a V100 or T4 can run, slower than fp32.
+`trainer.precision` defaults to ``${difflab_precision:${.accelerator}}``: bf16-mixed where it was
+measured faster than fp32 on that class of hardware, else 32-true. The resolved value is what the run
+records in its config.yaml. Lightning has no such choice ("auto" is not one of its precisions).
+
+CPUs: one table, ``CPU_CLASSES``, maps each CPU class to its precision and names the measurement it
+rests on. The instruction set alone does not decide it: an Intel Xeon VM with AVX512-BF16 but no AMX
+ran a bf16 matmul at half its fp32 rate and the default job at 0.63-0.77x (oneDNN's avx512_core_bf16
+kernels), while an AMD EPYC (Zen 4) with the same flag and no AMX runs bf16 faster than fp32
+(experiments/benchmarks/RESULTS.md, "precision"); so the class is vendor + flags. A CPU of a class
+nobody measured keeps 32-true.
+
+GPUs: only compute capability 8.0+ (Ampere on) has bf16 units: torch's plain ``is_bf16_supported()``
+also counts the emulation a V100 or T4 can run, slower than fp32.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,10 +37,89 @@ _WEIGHT_DTYPES = {
 }
 
 
+@dataclass(frozen=True)
+class CpuClass:
+    """A class of CPUs, the precision its training runs fastest in, and the measurement that says so."""
+
+    name: str
+    vendor: str | None  # /proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD); None: any vendor
+    needs: frozenset[str]  # /proc/cpuinfo flags the class has ("amx_tile" stands for torch's AMX probe)
+    precision: str
+    evidence: str
+
+
+# First match wins. Where the class's evidence changes, change the row: nothing else picks a CPU precision.
+CPU_CLASSES: tuple[CpuClass, ...] = (
+    CpuClass(
+        "AMX tiles (Intel Xeon, Sapphire Rapids on)",
+        None,
+        frozenset({"amx_tile"}),
+        "bf16-mixed",
+        "docs/benchmark-notes.md, 'bf16 where the CPU has AMX': 2048^2 matmul bf16 883 vs fp32 326 "
+        "GFLOP/s, a `small` training step 1.2-1.75x faster (2 vCPUs; measured before the protocol)",
+    ),
+    CpuClass(
+        "AMD with AVX512-BF16, no AMX (EPYC Zen 4 on)",
+        "AuthenticAMD",
+        frozenset({"avx512_bf16"}),
+        "bf16-mixed",
+        "experiments/benchmarks/RESULTS.md, 'precision' (precision_bench.py): the default job's step "
+        "speed bf16-mixed / 32-true and the matmul ratio, interleaved, on a 2-core AMD EPYC (Zen 4)",
+    ),
+    CpuClass(
+        "Intel with AVX512-BF16, no AMX",
+        "GenuineIntel",
+        frozenset({"avx512_bf16"}),
+        "32-true",
+        "docs/benchmark-notes.md, 'Notes' of the first table: an 'Intel(R) Xeon(R) Processor' VM (the "
+        "hypervisor hid the generation: Cooper Lake, or a later Xeon with AMX not passed through), "
+        "matmul bf16 164 vs fp32 283-312 GFLOP/s, `small` bf16-mixed 0.63-0.77x fp32 (3 repeats, "
+        "measured before the protocol)",
+    ),
+    CpuClass(
+        "any other CPU",
+        None,
+        frozenset(),
+        "32-true",
+        "not measured: without bf16 instructions bf16 is converted in software, and no measured class "
+        "vouches for bf16 there",
+    ),
+)
+
+
 def _cpu_has_amx() -> bool:
-    # torch.cpu exposes the check only as a private helper; a torch without it counts as no AMX.
+    # torch.cpu exposes the check only as a private helper; a torch without it counts as no AMX. It also
+    # asks the OS (a kernel may not enable AMX state), which the flag in /proc/cpuinfo does not.
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
+
+
+@functools.cache
+def _cpu_info() -> tuple[str, frozenset[str]]:
+    """(vendor_id, flags) of the first CPU in /proc/cpuinfo; ("", {}) where there is none (macOS,
+    Windows): such a CPU falls to the last class unless torch finds AMX."""
+    vendor, flags = "", frozenset()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return vendor, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id" and not vendor:
+            vendor = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+        if vendor and flags:
+            break
+    return vendor, flags
+
+
+def cpu_class() -> CpuClass:
+    """The row of ``CPU_CLASSES`` this machine's CPU falls in."""
+    vendor, flags = _cpu_info()
+    flags = (flags - {"amx_tile"}) | ({"amx_tile"} if _cpu_has_amx() else set())
+    return next(c for c in CPU_CLASSES if c.vendor in (None, vendor) and c.needs <= flags)
 
 
 def _on_gpu(accelerator: str) -> bool:
@@ -43,12 +132,12 @@ def cuda_has_bf16() -> bool:
 
 
 def auto_precision(accelerator: str) -> str:
-    """bf16-mixed on a CUDA GPU with bf16 units or a CPU with AMX tiles; 32-true elsewhere (MPS,
-    pre-Ampere GPUs and older CPUs, where bf16 is slower than fp32 or missing)."""
+    """bf16-mixed on a CUDA GPU with bf16 units; on a CPU, its class's row of ``CPU_CLASSES``; 32-true
+    elsewhere (MPS, pre-Ampere GPUs)."""
     if _on_gpu(accelerator):
         return "bf16-mixed" if cuda_has_bf16() else "32-true"
     if accelerator in ("cpu", "auto"):
-        return "bf16-mixed" if _cpu_has_amx() else "32-true"
+        return cpu_class().precision
     return "32-true"
 
 
