@@ -342,28 +342,32 @@ class Evaluator:
         return out
 
 
-def evaluate_seed(seed: int, rows: list[str], ev: Evaluator, opts: argparse.Namespace) -> None:
-    """One seed, lazily, the headline first: the target's end, each --cross row up to its crossing and
-    at its end, every other row's end, then the noise floor."""
-    ready = [r for r in rows if trained(run_dir(ev.work, r, seed), parse_row(r, opts.steps)[1])]
-    for spec in ready:  # the checkpoints' wall times, before any checkpoint may be deleted
-        ev.record_run(spec, seed)
-    if opts.target not in ready:
-        print(f"seed {seed}: {opts.target} is not trained yet; skipped", flush=True)
-        return
-    budget = {spec: parse_row(spec, opts.steps)[1] for spec in ready}
-    # At the compared sampler steps first (the crossing needs nothing else); the ends' other counts after.
-    target = ev.point(opts.target, seed, budget[opts.target], [COMPARED])[COMPARED]["fid"]
-    for spec in [r for r in opts.cross if r in ready]:
-        for step in checkpoints(run_dir(ev.work, spec, seed)):
-            if ev.point(spec, seed, step, [COMPARED])[COMPARED]["fid"] <= target:
-                break
-        ev.point(spec, seed, budget[spec], [COMPARED])
-    for spec in [r for r in ready if r not in opts.skip_eval]:
-        ev.point(spec, seed, budget[spec], END_STEPS)
-    if opts.noise_row in ready and seed == opts.noise_run_seed:
+def evaluate(seeds: list[int], rows: list[str], ev: Evaluator, opts: argparse.Namespace) -> None:
+    """Lazily, the headline first, every seed at each stage: the target's end and each --cross row up to
+    its crossing (at the compared sampler steps: the crossing needs nothing else), then every row's end
+    at every sampler-step count, then the noise floor."""
+    ready, budget = {}, {spec: parse_row(spec, opts.steps)[1] for spec in rows}
+    for seed in seeds:
+        ready[seed] = [r for r in rows if trained(run_dir(ev.work, r, seed), budget[r])]
+        for spec in ready[seed]:  # the checkpoints' wall times, before any checkpoint may be deleted
+            ev.record_run(spec, seed)
+        if opts.target not in ready[seed]:
+            print(f"seed {seed}: {opts.target} is not trained yet; skipped", flush=True)
+            ready[seed] = []
+    for seed in seeds:
+        if not ready[seed]:
+            continue
+        target = ev.point(opts.target, seed, budget[opts.target], [COMPARED])[COMPARED]["fid"]
+        for spec in [r for r in opts.cross if r in ready[seed]]:
+            for step in checkpoints(run_dir(ev.work, spec, seed)):
+                if ev.point(spec, seed, step, [COMPARED])[COMPARED]["fid"] <= target:
+                    break
+    for seed in seeds:
+        for spec in [r for r in ready[seed] if r not in opts.skip_eval]:
+            ev.point(spec, seed, budget[spec], END_STEPS)
+    if opts.noise_row in ready.get(opts.noise_run_seed, []):
         for eval_seed in opts.noise_seeds:
-            ev.point(opts.noise_row, seed, budget[opts.noise_row], [COMPARED], eval_seed)
+            ev.point(opts.noise_row, opts.noise_run_seed, budget[opts.noise_row], [COMPARED], eval_seed)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -737,8 +741,7 @@ def main() -> None:
     if opts.train_only:
         return
     ev = Evaluator(opts, work, rec)
-    for seed in opts.seeds:
-        evaluate_seed(seed, opts.rows, ev, opts)
+    evaluate(opts.seeds, opts.rows, ev, opts)
     print(f"raw: {rec.path}; tables: {Path(__file__).name} --report")
 
 
