@@ -51,6 +51,7 @@ ROWS = {  # row -> trainer.precision (None: the matmul microbenchmark)
     "32-true again": "32-true",
     "matmul": None,
 }
+MIN_ALTERNATIONS = 5
 CLOCK = "+callbacks.step_clock._target_=experiments.benchmarks.bench_worker.StepClock"
 
 
@@ -153,6 +154,11 @@ def report() -> None:
     def iv(key: str, numer: str, denom: str = "32-true") -> object:
         return interval(ratio_pairs(by[numer], by[denom], key))
 
+    def speed_verdict(ratio: object) -> str:  # a speed claim needs >= 5 alternations (protocol.py)
+        return (
+            verdict(ratio, 1.0, False) if len(whole) >= MIN_ALTERNATIONS else "not shown (< 5 alternations)"
+        )
+
     wall, wall_floor = iv("steps_per_sec", "bf16-mixed"), iv("steps_per_sec", "32-true again")
     cpu, cpu_floor = iv("steps_per_cpu_sec", "bf16-mixed"), iv("steps_per_cpu_sec", "32-true again")
     mm = interval([r["matmul_ratio_cpu"] for r in by["matmul"]])
@@ -193,7 +199,7 @@ def report() -> None:
             table(
                 ["figure", "median [95% interval]", "verdict: bf16-mixed faster than 32-true"],
                 [
-                    ["step speed per CPU second, bf16-mixed ÷ 32-true", str(cpu), verdict(cpu, 1.0, False)],
+                    ["step speed per CPU second, bf16-mixed ÷ 32-true", str(cpu), speed_verdict(cpu)],
                     ["noise floor (CPU time): 32-true again ÷ 32-true", str(cpu_floor), ""],
                     [
                         "step speed by the wall clock, bf16-mixed ÷ 32-true",
