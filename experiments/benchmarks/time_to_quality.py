@@ -626,32 +626,41 @@ def ratio_cell(iv: Interval) -> str:
 
 
 def plot(curves: dict, path: Path, target_row: str = "ddpm") -> None:
+    """FID against wall time and against optimizer steps (load-independent), one line per (row, seed);
+    dotted: each seed's target (the target row's end FID)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, per_seed in enumerate(curves.values()):
-        for pts in per_seed.values():
-            if not pts:
-                continue
-            ax.plot(
-                [p[0] for p in pts],
-                [p[2] for p in pts],
-                marker="o",
-                markersize=3,
-                color=colors[i % len(colors)],
-            )
-    handles = [plt.Line2D([], [], color=colors[i % len(colors)], marker="o") for i in range(len(curves))]
-    ax.legend(handles, list(curves), fontsize=7)
-    ax.set_xlabel("wall time (minutes from launch, shared 2-core CPU)")
-    ax.set_ylabel(f"held-out classifier-FID ({SAMPLER}, {COMPARED} steps)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.set_title(
-        f"each line one seed; only the points evaluated (lazily, up to the {target_row} crossing)", fontsize=7
+    for ax, x, label in zip(
+        axes,
+        (0, 1),
+        ("wall time (minutes from launch, shared 2-core CPU)", "optimizer steps"),
+        strict=True,
+    ):
+        for i, (row, per_seed) in enumerate(curves.items()):
+            for pts in per_seed.values():
+                if pts:
+                    ax.plot([p[x] for p in pts], [p[2] for p in pts], marker="o", ms=3, color=colors[i % 10])
+                    if row == target_row:
+                        ax.axhline(pts[-1][2], color=colors[i % 10], linestyle=":", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[i % 10], marker="o") for i in range(len(curves))]
+    axes[1].legend(handles, list(curves), fontsize=7)
+    axes[0].set_ylabel(f"held-out classifier-FID ({SAMPLER}, {COMPARED} steps)")
+    fig.suptitle(
+        f"one line per seed; points evaluated lazily (in step order up to the {target_row} crossing, and the "
+        "end); dotted: each seed's target",
+        fontsize=8,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
