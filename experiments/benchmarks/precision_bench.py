@@ -204,7 +204,7 @@ def report() -> None:
                     [
                         "step speed by the wall clock, bf16-mixed ÷ 32-true",
                         str(wall),
-                        verdict(wall, 1.0, False),
+                        speed_verdict(wall),
                     ],
                     ["noise floor (wall clock): 32-true again ÷ 32-true", str(wall_floor), ""],
                     ["matmul GFLOP/s, bf16 ÷ fp32 (CPU time)", str(mm), ""],
