@@ -69,7 +69,10 @@ def point(row: str, seed: int, step: int, fid: float, seconds: float, steps: int
 
 def run(row: str, seed: int, seconds_per_100: float) -> dict:
     ckpts = {str(s): s / 100 * seconds_per_100 for s in range(100, 1001, 100)}
-    return record("time_to_quality", kind="run", row=row, seed=seed, budget=1000, checkpoint_seconds=ckpts)
+    t0 = 1000.0 * seed + {"ddpm": 0, "default_bf16": 1}.get(row, 2)
+    return record(
+        "time_to_quality", kind="run", row=row, seed=seed, budget=1000, checkpoint_seconds=ckpts, t0=t0
+    )
 
 
 def ttq_fixture() -> list[dict]:
@@ -110,6 +113,10 @@ def test_ttq_report_straddling_wall_interval_is_not_shown():
     )
     assert "bf16-mixed FID 8.00 [7.00, 9.00]" in text and "32-true FID 7.50 [6.50, 8.50]" in text
     assert "Test CPU (2 cores; no AMX, AVX512-BF16)" in text
+    assert (
+        "in this launch order: ddpm 0, default_bf16 0, ddpm 1, default_bf16 1, ddpm 2, default_bf16 2."
+        in text
+    )
     assert (
         "| default_bf16 | 0, 1, 2 | 6.67 [5.00, 6.67] (n=3, min-max) | 40.0 [30.0, 40.0] (n=3, min-max) |"
         in text

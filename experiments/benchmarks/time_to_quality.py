@@ -439,10 +439,12 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
     first = pts[0]
     lines = []
     budgets = ", ".join(map(str, sorted({r["budget"] for r in pts})))
+    launches = {(r["row"], r["seed"]): r["t0"] for r in records if "t0" in r}
+    order = ", ".join(f"{row} {seed}" for (row, seed), _ in sorted(launches.items(), key=lambda kv: kv[1]))
     lines.append(
         f"**Time to quality**, data={first.get('data', 'fashion_mnist')}, {budgets} optimizer steps, "
-        f"seeds {seeds}, trained interleaved seed-major in one session "
-        f"(`{first['training']}`, training commit {first.get('train_commit') or 'unknown'}). "
+        f"seeds {seeds}, trained in one session (`{first['training']}`, training commit "
+        f"{first.get('train_commit') or 'unknown'}) in this launch order: {order}. "
         f"Classifier-FID / KID of {first['num_samples']} {first['sampler']} samples against "
         f"{first.get('num_real_used') or first['num_real']} held-out images "
         f"({first.get('real_split') or 'training images'}), evaluated with commit "
