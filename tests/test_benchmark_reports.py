@@ -137,6 +137,17 @@ def test_ttq_report_unreached_target_is_never_shown():
     assert "seed 1: not reached" in row and "not reached]" in row and "| not shown |" in row
 
 
+def test_ttq_report_a_crossing_still_being_evaluated_is_pending_not_unreached():
+    recs = [
+        r
+        for r in ttq_fixture()
+        if not (r["row"] == "default_bf16" and r["seed"] == 1 and r.get("step", 0) >= 300)
+    ]
+    text, _ = ttq.build_report(recs)
+    row = next(line for line in text.splitlines() if line.startswith("| default_bf16 | seed 0"))
+    assert "seed 1: pending (evaluated to step 200)" in row and "(n=2, min-max)" in row
+
+
 def test_ttq_report_fewer_than_three_seeds_settle_nothing():
     text, _ = ttq.build_report([r for r in ttq_fixture() if r["seed"] == 0])
     row = next(line for line in text.splitlines() if line.startswith("| default_bf16 | seed 0"))

@@ -550,6 +550,9 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
                 if tgt is None or not mine:
                     continue
                 hit = crossing(records, row, s, tgt["fid"])
+                if hit is None and not any(p["step"] == p["budget"] for p in mine):  # still being evaluated
+                    per_seed.append(f"seed {s}: pending (evaluated to step {mine[-1]['step']})")
+                    continue
                 if hit is None:  # an unreached target counts as infinitely late: never "shown"
                     per_seed.append(f"seed {s}: not reached")
                     numer.append(
@@ -568,7 +571,7 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
                 denom.append(
                     {"invocation": tgt["training"], "seed": s, "wall": tgt["seconds"], "steps": tgt["budget"]}
                 )
-            if not per_seed:
+            if not numer:
                 continue
             # Paired by seed within one training session: protocol.ratio_pairs refuses anything else.
             iv_w = interval(ratio_pairs(numer, denom, "wall", by="seed"))
