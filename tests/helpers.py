@@ -190,3 +190,19 @@ def max_abs_diff(a: dict, b: dict) -> dict[str, float]:
 def train_cli(*args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
     """``difflab-train args`` in a subprocess."""
     return difflab_cli("train", *args, cwd=cwd, timeout=timeout)
+
+
+# The machine record of benchmark fixtures (protocol.machine()'s fields), shared by the report tests.
+BENCH_MACHINE = {
+    "cpu": "Test CPU",
+    "cores": 2,
+    "amx": False,
+    "avx512_bf16": True,
+    "gpu": None,
+    "torch": "0",
+    "lightning": "0",
+    "diffusers": "0",
+    "python": "3",
+    "commit": "abc",
+    "dirty": False,
+}

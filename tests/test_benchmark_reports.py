@@ -11,25 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import BENCH_MACHINE
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
 
 import posthoc_ema
 import protocol
 import time_to_quality as ttq
 
-MACHINE = {
-    "cpu": "Test CPU",
-    "cores": 2,
-    "amx": False,
-    "avx512_bf16": True,
-    "gpu": None,
-    "torch": "0",
-    "lightning": "0",
-    "diffusers": "0",
-    "python": "3",
-    "commit": "abc",
-    "dirty": False,
-}
+MACHINE = BENCH_MACHINE
 SESSION = "work:/bench/ttq"
 
 

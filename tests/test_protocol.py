@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import BENCH_MACHINE
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
 
 import protocol
@@ -24,19 +26,7 @@ from protocol import (
     write_section,
 )
 
-MACHINE = {
-    "cpu": "Test CPU",
-    "cores": 2,
-    "amx": False,
-    "avx512_bf16": True,
-    "gpu": None,
-    "torch": "0",
-    "lightning": "0",
-    "diffusers": "0",
-    "python": "3",
-    "commit": "abc",
-    "dirty": False,
-}
+MACHINE = BENCH_MACHINE
 
 
 @pytest.fixture(autouse=True)

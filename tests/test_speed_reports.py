@@ -8,25 +8,15 @@ import functools
 import sys
 from pathlib import Path
 
+from tests.helpers import BENCH_MACHINE
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
 
 import precision_bench
 import protocol
 import run_benchmarks
 
-MACHINE = {
-    "cpu": "Test CPU",
-    "cores": 2,
-    "amx": False,
-    "avx512_bf16": True,
-    "gpu": None,
-    "torch": "0",
-    "lightning": "0",
-    "diffusers": "0",
-    "python": "3",
-    "commit": "abc",
-    "dirty": False,
-}
+MACHINE = BENCH_MACHINE
 
 
 def record(bench: str, invocation: str = "inv-1", **fields: object) -> dict:
