@@ -91,6 +91,9 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, sig):
 def test_ctrl_c_asks_for_a_save_and_a_second_one_stops_at_once():
     # The first press takes SIGTERM's path (the subprocess test above: saved, exit 0); the second
     # raises KeyboardInterrupt, which Lightning turns into an immediate exit (status 1), no save.
+    # Python's own SIGINT handler, as in a terminal: a suite launched in the background (nohup, `&`)
+    # inherits SIGINT ignored, and the callback must hand back whatever it found.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     cb = PreemptionCallback()
     cb.on_train_start(None, None)
     try:
@@ -102,4 +105,5 @@ def test_ctrl_c_asks_for_a_save_and_a_second_one_stops_at_once():
             time.sleep(1)
     finally:
         cb.teardown(None, None, "fit")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        restored = signal.signal(signal.SIGINT, inherited)
+    assert restored is signal.default_int_handler
