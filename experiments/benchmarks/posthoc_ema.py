@@ -58,7 +58,7 @@ def measure_seed(seed: int, opts: argparse.Namespace, rec: Recorder, done: set[t
     from difflab.checkpoints import load_trained_unet
     from difflab.cli import instantiate
     from difflab.diffusion.sampling import build_sampler, sample_images
-    from difflab.evaluate import split_config
+    from difflab.evaluate import reference_split
     from difflab.metrics.fid import FIDEvaluator, real_features
 
     work = Path(opts.work)
@@ -80,7 +80,7 @@ def measure_seed(seed: int, opts: argparse.Namespace, rec: Recorder, done: set[t
     datamodule = instantiate(OmegaConf.create(run_cfg["data"]))
     datamodule.setup()
     extractor.prepare(datamodule)  # the classifier learns from the training images, as in difflab-eval
-    reference = instantiate(split_config(run_cfg["data"], "test", str(ckpt)))
+    reference = reference_split(run_cfg["data"], "test", str(ckpt))
     feats = real_features(reference, extractor, opts.num_real, opts.cache_dir, torch.device("cpu"))
     half = len(feats) // 2
     refs = {"A": feats[:half], "B": feats[half:]}  # images [0, n/2) and [n/2, n): disjoint

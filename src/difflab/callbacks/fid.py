@@ -92,13 +92,11 @@ class FIDCallback(L.Callback):
                 f"({data_cfg.get('source', {}).get('_target_')}) has no splits; use real_split=null "
                 "(the training images) or auto"
             )
-        from difflab.cli import instantiate
-        from difflab.evaluate import split_config
+        from difflab.evaluate import reference_split
 
         split = "test" if self.real_split == "auto" else self.real_split
         try:
-            reference = instantiate(split_config(data_cfg, split, "this run"))
-            reference.setup()
+            reference = reference_split(data_cfg, split, "this run")
         except DifflabError as e:
             if self.real_split != "auto":
                 raise

@@ -60,6 +60,12 @@ def kid_wanted(kid: bool | str, num_samples: int) -> bool:
     return num_samples < KID_BELOW if kid == "auto" else bool(kid)
 
 
+def kid_subset_size_for(wanted: int, available: int) -> int:
+    """KID's subset size for ``available`` features: at most half of them, since with all of them in
+    every subset the subsets would not differ and KID's std over subsets would say nothing."""
+    return max(2, min(wanted, available // 2))
+
+
 def metric_name(extractor_name: str, num_samples: int, kind: str = "fid") -> str:
     """`val/fid_classifier_1k`: a FID name always says its extractor and its sample count."""
     return f"val/{kind}_{extractor_name}_{count_label(num_samples)}"
@@ -239,11 +245,10 @@ class FIDEvaluator:
         if kid:
             with warnings.catch_warnings():  # "will save all extracted features": a few MB at these sizes
                 warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save")
-                # Subsets of at most half the samples: with all of them in every subset, the subsets
-                # would not differ and KID's std over subsets would say nothing.
-                subset = max(2, min(kid_subset_size, num_samples // 2))
                 self.kid = KernelInceptionDistance(
-                    feature=extractor, reset_real_features=False, subset_size=subset
+                    feature=extractor,
+                    reset_real_features=False,
+                    subset_size=kid_subset_size_for(kid_subset_size, num_samples),
                 )
         self._real_loaded = False
 
@@ -257,7 +262,7 @@ class FIDEvaluator:
         """Give each rank a disjoint slice of the real features: the cross-rank sync (sums for FID, a
         gather for KID) then sees every real feature exactly once, on any number of ranks."""
         if self.kid is not None:  # torchmetrics refuses subsets larger than the real set, after sampling
-            self.kid.subset_size = max(2, min(self.kid.subset_size, len(feats) // 2))
+            self.kid.subset_size = kid_subset_size_for(self.kid.subset_size, len(feats))
         feats = feats.double()[rank::world_size]
         with torch.no_grad():
             self.fid.real_features_sum.copy_(feats.sum(0))
