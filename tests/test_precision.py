@@ -32,7 +32,7 @@ AMX_HIDDEN_FROM_OS = ("GenuineIntel", {"avx512_bf16", "amx_tile"}, False)  # fla
 
 def _fake_cpu(monkeypatch, cpu: tuple[str, set[str], bool]) -> None:
     vendor, flags, amx = cpu
-    monkeypatch.setattr(precision, "_cpu_info", lambda: (vendor, frozenset(flags)))
+    monkeypatch.setattr(precision, "cpu_info", lambda: (vendor, frozenset(flags)))
     monkeypatch.setattr(precision, "_cpu_has_amx", lambda: amx)
 
 
@@ -75,7 +75,7 @@ def test_every_cpu_class_names_its_evidence_and_the_last_catches_all():
 
 
 def test_cpu_info_reads_this_machine():
-    vendor, flags = precision._cpu_info()
+    vendor, flags = precision.cpu_info()
     assert isinstance(vendor, str) and isinstance(flags, frozenset)
     assert precision.cpu_class() in precision.CPU_CLASSES
 

@@ -95,7 +95,7 @@ def _cpu_has_amx() -> bool:
 
 
 @functools.cache
-def _cpu_info() -> tuple[str, frozenset[str]]:
+def cpu_info() -> tuple[str, frozenset[str]]:
     """(vendor_id, flags) of the first CPU in /proc/cpuinfo; ("", {}) where there is none (macOS,
     Windows): such a CPU falls to the last class unless torch finds AMX."""
     vendor, flags = "", frozenset()
@@ -117,7 +117,7 @@ def _cpu_info() -> tuple[str, frozenset[str]]:
 
 def cpu_class() -> CpuClass:
     """The row of ``CPU_CLASSES`` this machine's CPU falls in."""
-    vendor, flags = _cpu_info()
+    vendor, flags = cpu_info()
     flags = (flags - {"amx_tile"}) | ({"amx_tile"} if _cpu_has_amx() else set())
     return next(c for c in CPU_CLASSES if c.vendor in (None, vendor) and c.needs <= flags)
 
