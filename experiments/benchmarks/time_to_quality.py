@@ -737,7 +737,7 @@ def main() -> None:
             parse_row(spec, opts.steps)
         except ValueError as err:
             ap.error(str(err))
-    if opts.target not in opts.rows:
+    if not opts.train_only and opts.target not in opts.rows:  # training alone needs no target
         ap.error(f"--target {opts.target} is not one of --rows")
     work = Path(opts.work or f"/tmp/difflab_ttq_{opts.data}").resolve()
     work.mkdir(parents=True, exist_ok=True)
