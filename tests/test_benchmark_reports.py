@@ -104,12 +104,12 @@ def test_ttq_report_straddling_wall_interval_is_not_shown():
     assert "bf16-mixed FID 8.00 [7.00, 9.00]" in text and "32-true FID 7.50 [6.50, 8.50]" in text
     assert "Test CPU (2 cores; no AMX, AVX512-BF16)" in text
     assert (
-        "in this launch order: ddpm 0, default_bf16 0, ddpm 1, default_bf16 1, ddpm 2, default_bf16 2."
-        in text
+        "trained in 1 session(s), each in this launch order: `work:/bench/ttq`: ddpm 0, default_bf16 0, "
+        "ddpm 1, default_bf16 1, ddpm 2, default_bf16 2." in text
     )
     assert (
-        "| default_bf16 | 0, 1, 2 | 6.67 [5.00, 6.67] (n=3, min-max) | 40.0 [30.0, 40.0] (n=3, min-max) |"
-        in text
+        "| default_bf16 | `work:/bench/ttq` | 0, 1, 2 | 6.67 [5.00, 6.67] (n=3, min-max) "
+        "| 40.0 [30.0, 40.0] (n=3, min-max) |" in text
     )
     assert [p[1] for p in curves["default_bf16"][1]] == [100, 200, 300, 1000]
 
@@ -144,10 +144,36 @@ def test_ttq_report_fewer_than_three_seeds_settle_nothing():
     assert row.count("not shown (n=1 < 3 seeds)") == 2  # 0.2 < 1/3 on its one seed, yet not shown
 
 
-def test_ttq_report_uses_the_newest_training_session_only():
-    old = [{**r, "training": "work:/old", "time": "2026-12-01T00:00:00", "fid": 1.0} for r in ttq_fixture()]
+def test_ttq_report_uses_the_newest_campaign_only():
+    old = [
+        {**r, "training": "work:/old", "time": "2026-12-01T00:00:00", "fid": 1.0, "train_commit": "old"}
+        for r in ttq_fixture()
+    ]
     text, _ = ttq.build_report(old + ttq_fixture())
     assert "| ddpm | 3 | 11.0 [10.0, 12.0]" in text and "work:/old" not in text
+
+
+def test_ttq_report_pools_quality_over_sessions_but_never_their_wall_times():
+    """The fp32 runs of seeds 1-2 trained in a later session of the same code: their FIDs join the
+    end-of-budget table and the precision pairs; their minutes are neither pooled with seed 0's nor set
+    against the bf16 runs of the other session."""
+    recs = []
+    for r in ttq_fixture():
+        if r["row"] == "default_fp32" and r["seed"] > 0:
+            r = {**r, "training": "later", "time": "2026-12-07T03:00:00", "seconds": 900.0}
+        recs.append(r)
+    recs += [
+        {**run("default_fp32", 0, 40.0)},
+        {**run("default_fp32", 1, 90.0), "training": "later"},
+        {**run("default_fp32", 2, 90.0), "training": "later"},
+    ]
+    text, _ = ttq.build_report(recs)
+    assert "trained in 2 session(s)" in text and "`later`: default_fp32 1, default_fp32 2" in text
+    assert "| default_fp32 | 3 | 7.50 [6.50, 8.50]" in text  # quality: all three seeds
+    assert "32-true FID 7.50 [6.50, 8.50]" in text
+    assert "Minutes to the end (seeds 0, each pair trained in one session)" in text
+    assert "| default_fp32 | `work:/bench/ttq` | 0 | 6.67 [6.67, 6.67]" in text
+    assert "| default_fp32 | `later` | 1, 2 | 15.0 [15.0, 15.0]" in text
 
 
 def test_ttq_report_refuses_a_skipped_checkpoint_before_the_crossing():

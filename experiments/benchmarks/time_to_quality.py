@@ -373,12 +373,19 @@ def evaluate(seeds: list[int], rows: list[str], ev: Evaluator, opts: argparse.Na
 # ----------------------------------------------------------------------------------------------- report
 
 
-def session_records(records: list[dict]) -> list[dict]:
-    """The records of the newest training session (the one whose latest record is newest)."""
+def campaign_records(records: list[dict]) -> list[dict]:
+    """The newest campaign: every training session that trained the newest session's code (training
+    commit) on the same data and CPU. End-of-budget quality pools over its sessions (the same code, data
+    and seed train the same model whatever hour it ran); wall times are compared only within one session
+    (the crossing pairs by session through protocol.ratio_pairs; the precision line says when it cannot)."""
     if not records:
         return []
-    newest = max(records, key=lambda r: r["time"])["training"]
-    return [r for r in records if r["training"] == newest]
+
+    def key(r: dict) -> tuple:
+        return r.get("train_commit"), r.get("data"), r["machine"]["cpu"], r["machine"]["cores"]
+
+    newest = key(max(records, key=lambda r: r["time"]))
+    return [r for r in records if key(r) == newest]
 
 
 def points(
@@ -425,7 +432,7 @@ def cell(xs: list[float]) -> str:
 
 def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, dict]:
     """The markdown of the "time_to_quality" block and the plot's curves, from raw records alone."""
-    records = session_records([r for r in records if r.get("bench", BENCH) == BENCH])
+    records = campaign_records([r for r in records if r.get("bench", BENCH) == BENCH])
     pts = [r for r in records if r["kind"] == "point"]
     if not pts:
         return "Not measured yet under the protocol.", {}
@@ -439,12 +446,20 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
     first = pts[0]
     lines = []
     budgets = ", ".join(map(str, sorted({r["budget"] for r in pts})))
-    launches = {(r["row"], r["seed"]): r["t0"] for r in records if "t0" in r}
-    order = ", ".join(f"{row} {seed}" for (row, seed), _ in sorted(launches.items(), key=lambda kv: kv[1]))
+    sessions: dict[str, dict] = {}  # training session -> {(row, seed): launch time}
+    for r in records:
+        if "t0" in r:
+            sessions.setdefault(r["training"], {})[r["row"], r["seed"]] = r["t0"]
+    sessions = dict(sorted(sessions.items(), key=lambda kv: min(kv[1].values())))
+    trained = "; ".join(
+        f"`{name}`: "
+        + ", ".join(f"{row} {seed}" for (row, seed), _ in sorted(runs.items(), key=lambda kv: kv[1]))
+        for name, runs in sessions.items()
+    )
     lines.append(
         f"**Time to quality**, data={first.get('data', 'fashion_mnist')}, {budgets} optimizer steps, "
-        f"seeds {seeds}, trained in one session (`{first['training']}`, training commit "
-        f"{first.get('train_commit') or 'unknown'}) in this launch order: {order}. "
+        f"seeds {seeds}, training commit {first.get('train_commit') or 'unknown'}, trained in "
+        f"{len(sessions)} session(s), each in this launch order: {trained}. "
         f"Classifier-FID / KID of {first['num_samples']} {first['sampler']} samples against "
         f"{first.get('num_real_used') or first['num_real']} held-out images "
         f"({first.get('real_split') or 'training images'}), evaluated with commit "
@@ -488,11 +503,12 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
     lines.append("")
     lines.append(table(header, body))
     lines.append("")
-    # Training time of every trained (row, seed), evaluated or not: from the checkpoints' mtimes.
-    runs = {(r["row"], r["seed"]): r for r in records if r["kind"] == "run"}
+    # Training time of every trained (row, seed), evaluated or not: from the checkpoints' mtimes, one line
+    # per (row, training session): times of different sessions are not pooled.
+    runs = {(r["row"], r["training"], r["seed"]): r for r in records if r["kind"] == "run"}
     body = []
-    for row in dict.fromkeys(row for row, _ in runs):
-        mine = [runs[row, s] for s in sorted(s for r, s in runs if r == row)]
+    for row, session in dict.fromkeys((row, session) for row, session, _ in runs):
+        mine = [runs[key] for key in sorted(k for k in runs if k[:2] == (row, session))]
         ends, rates = [], []
         for r in mine:
             t = {int(k): v for k, v in r["checkpoint_seconds"].items()}
@@ -500,15 +516,15 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
             if len(t) > 1:  # steady state: the first checkpoint's start-up left out
                 lo = min(t)
                 rates.append((t[r["budget"]] - t[lo]) / (r["budget"] - lo) * 100)
-        body.append([row, ", ".join(str(r["seed"]) for r in mine), cell(ends), cell(rates)])
+        seeds_run = ", ".join(str(r["seed"]) for r in mine)
+        body.append([row, f"`{session}`", seeds_run, cell(ends), cell(rates)])
     if body:
         lines.append(
             "Training time of every trained run (checkpoint mtimes; the machine's other load included):"
         )
         lines.append("")
-        lines.append(
-            table(["row", "seeds", "minutes to the end", "seconds per 100 steps after the first"], body)
-        )
+        header = ["row", "session", "seeds", "minutes to the end", "seconds per 100 steps after the first"]
+        lines.append(table(header, body))
         lines.append("")
     # Noise floor: one checkpoint, several image seeds.
     noise = [r for r in pts if r["eval_seed"] != EVAL_SEED]
@@ -606,9 +622,7 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
             lines.append(
                 f"Precision (the default job, end of budget, {COMPARED} sampler steps): bf16-mixed FID "
                 f"{cell([a['fid'] for a, _ in pairs])}, 32-true FID {cell([b['fid'] for _, b in pairs])}; "
-                f"per-seed difference bf16 - fp32 {cell(diff)}. Minutes to the end: bf16 "
-                f"{cell([a['seconds'] / 60 for a, _ in pairs])}, "
-                f"fp32 {cell([b['seconds'] / 60 for _, b in pairs])}."
+                f"per-seed difference bf16 - fp32 {cell(diff)}." + timed_together(pairs)
             )
             lines.append("")
     curves = {
@@ -617,6 +631,19 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
         if any(points(pts, row, s) for s in seeds)
     }
     return "\n".join(lines).strip(), curves
+
+
+def timed_together(pairs: list[tuple[dict, dict]]) -> str:
+    """The bf16 and fp32 minutes to the end of budget, for the seeds whose two runs shared a training
+    session (a wall time is never compared across sessions)."""
+    same = [(a, b) for a, b in pairs if a["training"] == b["training"]]
+    if not same:
+        return " Their wall times are not compared: the two precisions were trained in different sessions."
+    return (
+        f" Minutes to the end (seeds {', '.join(str(a['seed']) for a, _ in same)}, each pair trained in one "
+        f"session): bf16 {cell([a['seconds'] / 60 for a, _ in same])}, "
+        f"fp32 {cell([b['seconds'] / 60 for _, b in same])}."
+    )
 
 
 def claim(iv: Interval, target: float, lower_is_better: bool = True) -> str:
