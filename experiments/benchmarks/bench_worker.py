@@ -22,6 +22,9 @@ import torch
 T0 = time.time()
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from protocol import code_env  # noqa: E402
 
 
 def max_rss_mb() -> float:
@@ -295,6 +298,66 @@ def run_fid(args) -> dict:
     return {"fid_seconds": time.perf_counter() - t0, **value}
 
 
+def run_kernels(args) -> dict:
+    """The `small` UNet's kernel choices, CPU time per call at the environment's threads, the rows' calls
+    alternated within the process (--steps timed calls each after --warmup): the bf16 training step's
+    attention kernel (difflab's UNet class, math kernel, against diffusers' forward with PyTorch's own
+    kernel choice) and the fp32 sampling forward's memory format (NHWC against NCHW); each default row
+    twice (the second: its A/A noise floor)."""
+    import copy
+
+    import diffusers
+    import hydra
+
+    cfg = compose([f"data={args.data}"], Path(args.tmp) / "kernels")
+    unet = hydra.utils.instantiate(cfg.model.unet)
+    c, size = cfg.data.channels, cfg.data.resolution
+    x, t = torch.randn(args.batch, c, size, size), torch.rand(args.batch) * 1000
+    xs, ts = torch.randn(64, c, size, size), torch.full((64,), 500.0)
+
+    def train_call(forward) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(unet, x, t).sample
+        out.float().square().mean().backward()
+
+    nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last).eval()  # same weights, NHWC
+
+    def sample_call(fmt: torch.memory_format) -> None:
+        with torch.no_grad():
+            (nhwc if fmt == torch.channels_last else unet)(xs.contiguous(memory_format=fmt), ts)
+
+    phases = [
+        (
+            unet.train,
+            {
+                "attention_math": lambda: train_call(type(unet).forward),
+                "attention_default": lambda: train_call(diffusers.UNet2DModel.forward),
+                "attention_math_again": lambda: train_call(type(unet).forward),
+            },
+        ),
+        (
+            unet.eval,
+            {
+                "sample_nhwc": lambda: sample_call(torch.channels_last),
+                "sample_nchw": lambda: sample_call(torch.contiguous_format),
+                "sample_nhwc_again": lambda: sample_call(torch.channels_last),
+            },
+        ),
+    ]
+    out = {"threads": torch.get_num_threads()}
+    for mode, rows in phases:
+        mode()
+        times = dict.fromkeys(rows, 0.0)
+        for k in range(args.warmup + args.steps):
+            for name, call in rows.items():
+                c0 = time.process_time()
+                call()
+                if k >= args.warmup:
+                    times[name] += time.process_time() - c0
+        out.update({f"{name}_cpu_ms": 1000 * v / args.steps for name, v in times.items()})
+    return out
+
+
 def run_startup(args) -> dict:
     import subprocess
 
@@ -313,7 +376,7 @@ def run_startup(args) -> dict:
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        env=code_env(),
     )
     import re
 
@@ -388,6 +451,7 @@ def main() -> None:
         "sample": run_sample,
         "fid": run_fid,
         "startup": run_startup,
+        "kernels": run_kernels,
     }[args.mode]
     print("RESULT " + json.dumps(fn(args)), flush=True)
 

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +34,7 @@ from protocol import (  # noqa: E402
     RAW,
     REPO,
     Recorder,
+    code_env,
     interleaved,
     interval,
     latest,
@@ -55,12 +57,9 @@ MIN_ALTERNATIONS = 5
 CLOCK = "+callbacks.step_clock._target_=experiments.benchmarks.bench_worker.StepClock"
 
 
-def _env() -> dict:
-    return {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(REPO)}
-
-
-def train_once(precision: str, warmup: int, steps: int) -> dict:
-    """One fresh `difflab-train` of the default job; its steady-state speed over ``steps`` steps."""
+def train_once(precision: str, warmup: int, steps: int, overrides: Sequence[str] = ()) -> dict:
+    """One fresh `difflab-train` of the default job (plus ``overrides``); its steady-state speed over
+    ``steps`` steps."""
     with tempfile.TemporaryDirectory(prefix="bench_precision_") as tmp:
         cmd = [
             str(Path(sys.executable).parent / "difflab-train"),
@@ -70,8 +69,9 @@ def train_once(precision: str, warmup: int, steps: int) -> dict:
             f"trainer.precision={precision}",
             f"hydra.run.dir={tmp}/run",
             CLOCK,
+            *overrides,
         ]
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env())
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=code_env())
     lines = [line for line in p.stdout.splitlines() if line.startswith("STEP_CLOCK=")]
     if p.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
@@ -91,7 +91,7 @@ def train_once(precision: str, warmup: int, steps: int) -> dict:
 def matmul_once() -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_matmul_") as tmp:
         args = [sys.executable, str(HERE / "bench_worker.py"), "matmul", "--tmp", tmp]
-        p = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=_env())
+        p = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=code_env())
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         raise RuntimeError(f"matmul failed:\n{p.stderr[-3000:]}")

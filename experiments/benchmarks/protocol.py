@@ -54,6 +54,17 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_env(root: Path | str | None = None) -> dict[str, str]:
+    """The environment of a benchmark's subprocesses: the source tree ``root``'s src/ (then its root, for
+    ``experiments.*`` and ``tests.*``) first on the import path; by default this script's own tree, so a
+    benchmark run from a frozen worktree measures that tree's code, whatever the virtualenv's editable
+    install points at."""
+    root = Path(root or REPO).resolve()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root)])
+    return env
+
+
 def _git(*args: str) -> str:
     try:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)

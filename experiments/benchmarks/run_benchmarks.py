@@ -39,6 +39,7 @@ from protocol import (  # noqa: E402
     RAW,
     REPO,
     Recorder,
+    code_env,
     interleaved,
     interval,
     latest,
@@ -78,8 +79,7 @@ def worker(mode: str, **kw) -> dict:
                 args.append(f"--{k}")
             elif v not in (False, None):
                 args += [f"--{k}", str(v)]
-        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(REPO)}
-        p = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env)
+        p = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=code_env())
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         raise RuntimeError(f"{mode} {kw} failed:\n{p.stderr[-3000:]}")

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -56,6 +55,7 @@ from protocol import (  # noqa: E402
     RAW,
     Interval,
     Recorder,
+    code_env,
     interleaved,
     interval,
     load,
@@ -142,16 +142,6 @@ def parse_row(spec: str, default_steps: int) -> tuple[str, int]:
 def run_dir(work: Path, spec: str, seed: int) -> Path:
     name, _, steps = spec.partition("@")
     return work / (f"{name}_{steps}steps_seed{seed}" if steps else f"{name}_seed{seed}")
-
-
-def code_env(code: str | None) -> dict[str, str]:
-    """The environment of difflab-train / -eval: with --code, its src/ first on the import path."""
-    env = dict(os.environ)
-    if code:
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(code) / "src"), env.get("PYTHONPATH", "")]).rstrip(
-            os.pathsep
-        )
-    return env
 
 
 def run_command(args: list[str], cwd: Path, code: str | None) -> None:
