@@ -1,4 +1,4 @@
-"""precision_bench.py's and run_benchmarks.py's reports, generated from small fixtures of raw JSON lines
+"""precision_bench.py's, run_benchmarks.py's and speed_levers.py's reports, generated from small fixtures of raw JSON lines
 (nothing trained): ratios paired within each alternation, the A/A noise floor, the verdict, and each
 writes only its own block of the page."""
 
@@ -128,3 +128,68 @@ def test_framework_cost_report_writes_its_block_only(tmp_path, monkeypatch):
     row = next(line for line in text.splitlines() if line.startswith("| small | fashion_mnist"))
     assert "| bf16-mixed | CPU time | 99.0 [99.0, 99.0]" in row
     assert "| 0.990 [0.990, 0.990]" in row and "| 1.98 [1.98, 1.98]" in row
+
+
+def lever_rows(k: int, nhwc_bf16: float, kernel_default_ms: float, invocation: str = "inv-1") -> list[dict]:
+    """One alternation of speed_levers.py: steps per CPU second of each training row, ms per kernel row."""
+    speeds = {
+        "bf16 auto": 4.0,
+        "bf16 NHWC": nhwc_bf16,
+        "fp32 auto": 2.6,
+        "fp32 NCHW": 2.5,
+        "bf16 auto again": 4.0,
+    }
+    recs = [
+        record(
+            "speed_levers", invocation, row=row, repeat=k, steps_per_cpu_sec=v, threads=1, steps=30, warmup=5
+        )
+        for row, v in speeds.items()
+    ]
+    kernels = {
+        "attention_math_cpu_ms": 200.0,
+        "attention_default_cpu_ms": kernel_default_ms,
+        "attention_math_again_cpu_ms": 200.0,
+        "sample_nhwc_cpu_ms": 250.0,
+        "sample_nchw_cpu_ms": 275.0,
+        "sample_nhwc_again_cpu_ms": 250.0,
+    }
+    return [*recs, record("speed_levers", invocation, row="kernels", repeat=k, threads=1, **kernels)]
+
+
+def test_speed_levers_report_pairs_alternations_and_gives_each_lever_its_verdict(tmp_path, monkeypatch):
+    import speed_levers
+
+    old = [r for k in range(5) for r in lever_rows(k, 1.0, 100.0, invocation="inv-0")]  # older: ignored
+    # bf16 NHWC straddles the default's speed (4.4, 3.6, ...): not shown; the attention kernel's 1.2x: shown.
+    recs = [r for k in range(5) for r in lever_rows(k, (4.4, 3.6, 4.2, 3.8, 4.0)[k], 240.0)]
+    page = page_with_prose(tmp_path, monkeypatch, speed_levers)
+    monkeypatch.setattr(speed_levers, "load", lambda bench, raw_dir=None: old + recs)
+    speed_levers.report()
+    text = page.read_text()
+    assert text.startswith("# hand-written prose\n\nkept as it is.\n")
+    line = {c.split("|")[1].strip(): c for c in text.splitlines() if c.startswith("| ") and "÷" in c}
+    assert (
+        "1.00 [0.909, 1.11] (n=5, bootstrap 95%) | not shown"
+        in line["memory format under bf16-mixed: auto (NCHW) ÷ NHWC"]
+    )
+    assert (
+        "| 1.04 [1.04, 1.04] (n=5, bootstrap 95%) | shown"
+        in line["memory format under 32-true: auto (NHWC) ÷ NCHW"]
+    )
+    assert (
+        "| 1.20 [1.20, 1.20] (n=5, bootstrap 95%) | shown"
+        in line["bf16 training forward+backward: math attention kernel ÷ PyTorch's choice"]
+    )
+    assert "| 1.10 [1.10, 1.10] (n=5, bootstrap 95%) | shown" in line["fp32 sampling forward: NHWC ÷ NCHW"]
+    assert (
+        line["noise floor: bf16 auto again ÷ bf16 auto"].rstrip().endswith("|  |")
+    )  # a floor has no verdict
+    assert "inv-0" not in text and "inv-1" in text
+
+
+def test_speed_levers_report_with_fewer_than_five_alternations_shows_nothing():
+    import speed_levers
+
+    text = speed_levers.build_report([r for k in range(3) for r in lever_rows(k, 2.0, 400.0)])
+    assert text.count("not shown (< 5 alternations)") == 4
+    assert speed_levers.build_report([]) == "Not measured yet under the protocol."
