@@ -1,6 +1,6 @@
-"""precision_bench.py's, run_benchmarks.py's and speed_levers.py's reports, generated from small fixtures of raw JSON lines
-(nothing trained): ratios paired within each alternation, the A/A noise floor, the verdict, and each
-writes only its own block of the page."""
+"""precision_bench.py's, run_benchmarks.py's and speed_levers.py's reports, generated from small fixtures
+of raw JSON lines (nothing trained): ratios paired within each alternation, the A/A noise floor, the
+verdict, and each writes only its own block of the page."""
 
 from __future__ import annotations
 
