@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -43,7 +42,9 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))
 
 from protocol import (  # noqa: E402  (this folder is not a package on sys.path)
+    RAW,
     Recorder,
+    code_env,
     interleaved,
     interval,
     latest,
@@ -82,6 +83,7 @@ def prepare(folder: Path, shards: Path, size: int) -> dict:
         capture_output=True,
         text=True,
         cwd=shards.parent,
+        env=code_env(),
     )
     wall = time.perf_counter() - t0
     if p.returncode:
@@ -143,7 +145,7 @@ def loader_rate(spec: dict) -> float:
         [sys.executable, __file__, "--measure", json.dumps(spec)],
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**code_env(), "OMP_NUM_THREADS": "1"},
     )
     if p.returncode:
         raise SystemExit(f"loader measurement {spec['kind']} failed:\n{p.stderr[-2000:]}")
@@ -154,7 +156,7 @@ def run(opts: argparse.Namespace) -> None:
     work = Path(opts.work)
     folder, shards = work / f"png{opts.size}_{opts.images}", work / f"shards{opts.size}_{opts.images}"
     make_folder(folder, opts.images, opts.size)
-    rec = Recorder(BENCH)
+    rec = Recorder(BENCH, opts.raw_dir)
     prep = prepare(folder, shards, opts.size)
     rec.record(row="prepare", repeat=0, size=opts.size, **prep)
     print(f"prepare: {prep}", flush=True)
@@ -254,6 +256,7 @@ def main() -> None:
     ap.add_argument("--flip", type=lambda s: s.lower() in ("1", "true", "on", "yes"), default=True,
                     help="data.flip for every row (true/false)")  # fmt: skip
     ap.add_argument("--work", default="/tmp/difflab_streaming_bench")
+    ap.add_argument("--raw-dir", type=Path, default=RAW, help="JSON lines go here (smoke runs: elsewhere)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one loader measurement, JSON spec
     opts = ap.parse_args()
     if opts.measure:
