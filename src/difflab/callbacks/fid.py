@@ -12,6 +12,7 @@ from typing import Annotated
 import lightning as L
 from torch import nn
 
+from difflab.cadence import due
 from difflab.diffusion.sampling import SamplerName, build_sampler
 from difflab.errors import DifflabError
 from difflab.metrics.fid import FIDEvaluator, prepare_extractor, real_features
@@ -107,9 +108,8 @@ class FIDCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
-        due = self.every_n_steps > 0 and step % self.every_n_steps == 0
         final = 0 < trainer.max_steps <= step
-        if step > 0 and (due or final) and step != self.last_step:
+        if (due(step, self.every_n_steps) or final) and step > 0 and step != self.last_step:
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from difflab.cadence import due
 from difflab.callbacks.checkpoint import RunCheckpoint
 from difflab.rules import AtLeast
 
@@ -161,7 +162,7 @@ class PreemptionCallback(L.Callback):
             return
         stop, requeue = self.requested or getattr(trainer, "received_sigterm", False), self.requeue
         if trainer.world_size > 1:
-            if trainer.global_step % self.sync_every_n_steps:
+            if not due(trainer.global_step, self.sync_every_n_steps):
                 return
             # Any rank's flags, agreed by all: one all_reduce of 2 numbers and one host read every
             # sync_every_n_steps steps (SLURM and submitit warn 90-120 s ahead; a step takes ~0.1-1 s).

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from difflab.cadence import due
 from difflab.rules import AtLeast
 
 
@@ -34,7 +35,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         step, bar = trainer.global_step, self.train_progress_bar
-        if step == bar.n or (step % self.refresh_rate and step < self._total):
+        if step == bar.n or (not due(step, self.refresh_rate) and step < self._total):
             return
         bar.update(step - bar.n)
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)

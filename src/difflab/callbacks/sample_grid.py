@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
+from difflab.cadence import due
 from difflab.diffusion.sampling import SamplerName, build_sampler, sample_images
 from difflab.rules import AtLeast
 
@@ -45,7 +46,7 @@ class SampleGridCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
+        if due(step, self.every_n_steps) and step != self.last_step:
             self.write_grid(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

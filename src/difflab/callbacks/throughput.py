@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
 
+from difflab.cadence import due
 from difflab.rules import AtLeast
 
 
@@ -75,7 +76,7 @@ class ThroughputCallback(L.Callback):
             self._rate = gb * (step - self._step0) / (now - self._t0)
             self._t0, self._step0 = now, step
         log_every = trainer.log_every_n_steps
-        if not log_every or (step % log_every and not trainer.should_stop):
+        if not (due(step, log_every) or (log_every and trainer.should_stop)):
             return  # Lightning hands metrics to loggers only every log_every_n_steps: skip the Python cost
         values = {"perf/global_batch": float(gb), "train/kimg": step * gb / 1000}
         if self._rate is not None:

@@ -16,6 +16,7 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from difflab.cadence import due
 from difflab.checkpoints import repair_epoch_progress, start_next_epoch_after_epoch_end
 from difflab.diffusion.ema import swapped_in
 from difflab.diffusion.loss_window import LossWindow
@@ -192,7 +193,7 @@ class DiffusionModule(L.LightningModule):
         """Whether Lightning hands this optimizer step's metrics to the loggers (every
         ``log_every_n_steps`` steps, counted from 1, and when the run stops)."""
         every = self.trainer.log_every_n_steps
-        return bool(every) and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
+        return bool(every) and (due(self.global_step + 1, every) or self.trainer.should_stop)
 
     def _stop_if_diverged(self, finite: torch.Tensor, what: str, last_step: int) -> None:
         """Stop the run (one line, non-zero exit) unless ``finite`` (a bool tensor) is all true, on

@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 
+from difflab.cadence import due
 from difflab.errors import DifflabError
 from difflab.files import atomic_write
 from difflab.rules import AtLeast, Between
@@ -181,7 +182,7 @@ class PowerFunctionEMA:
         self.profiles = [[s.clone() for s in profile] for profile in state["profiles"]]
 
     def snapshot_due(self) -> bool:
-        return self.optimization_step > 0 and self.optimization_step % self.snapshot_every == 0
+        return due(self.optimization_step, self.snapshot_every)
 
     def write_snapshot(self) -> Path:
         """All profiles at this step, as one safetensors file (written atomically)."""
@@ -268,7 +269,7 @@ def list_snapshots(folder: Path, last_step: int | None = None) -> list[Snapshot]
         )
     # Snapshots come every N steps, plus one at a run's last step when that is off the cadence.
     every = found[-1].every or min(s.step for s in found)
-    on_cadence = [s.step for s in found if s.step % every == 0]
+    on_cadence = [s.step for s in found if due(s.step, every)]
     for k, step in enumerate(on_cadence, start=1):
         if step != k * every:
             missing = folder / f"phema_{k * every:07d}.safetensors"
