@@ -209,7 +209,7 @@ def test_snapshots_of_another_unet_are_refused(posthoc_run, tmp_path):
     other = tmp_path / "other"
     train(compose_config(other, (*POSTHOC, "trainer.max_steps=5", "model.unet.block_out_channels=[8,16]")))
     ckpt = torch.load(posthoc_run / "checkpoints" / "last.ckpt", weights_only=True)
-    ckpt["difflab"]["config"]["model"]["ema"]["snapshot_dir"] = str(other / "ema_snapshots")
+    ckpt["difflab"]["snapshot_dir"] = str(other / "ema_snapshots")  # RunRecord.snapshot_dir
     moved = tmp_path / "moved" / "checkpoints" / "last.ckpt"
     moved.parent.mkdir(parents=True)
     torch.save(ckpt, moved)

@@ -1,4 +1,6 @@
-"""Checkpoint files: atomic writes, safe loading, finding `last`, and resume compatibility checks."""
+"""Checkpoint files: atomic writes, safe loading, finding `last`, and resume compatibility checks (the
+difflab part of a checkpoint's contents is run_record.RunRecord's; loading a model for inference is
+inference.py's)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from difflab.errors import DifflabError
 from difflab.files import DiskFullError, atomic_write
+from difflab.run_record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a difflab checkpoint on CPU with ``weights_only=True`` (no arbitrary code from the file).
     Every way a file can fail to be one ends in one DifflabError naming the file and the reason."""
     ckpt = read_checkpoint_file(path)
-    if not isinstance(ckpt, dict) or "difflab" not in ckpt or "state_dict" not in ckpt:
-        raise DifflabError(f"{path} is not a difflab training checkpoint (no 'difflab' metadata)")
+    RunRecord.from_checkpoint(ckpt, path)  # refuses a file without difflab's record
+    if "state_dict" not in ckpt:
+        raise DifflabError(f"{path} is not a difflab training checkpoint (no weights)")
     return ckpt
 
 
@@ -202,13 +206,13 @@ def check_resume_compatible(
     """Refuse to resume when the network or the noise schedule differs from the checkpoint's."""
     from difflab.diffusion.noise import objective_of  # here: diffusers is slow to import
 
-    meta = ckpt["difflab"]
-    theirs, mine = objective_of(meta["scheduler_config"]), objective_of(scheduler_config)
+    record = RunRecord.from_checkpoint(ckpt, path)
+    theirs, mine = record.objective, objective_of(scheduler_config)
     if theirs != mine:
         raise DifflabError(
             f"cannot resume from {path}: it was trained with model={theirs}, this run is model={mine}"
         )
-    diffs = [f"model.unet.{d}" for d in _differences(meta["unet_config"], unet_config)]
+    diffs = [f"model.unet.{d}" for d in _differences(record.unet_config, unet_config)]
     sched_keys = {
         "shift",
         "num_train_timesteps",
@@ -220,7 +224,7 @@ def check_resume_compatible(
     }
     diffs += [
         f"model.noise_scheduler.{d}"
-        for d in _differences(meta["scheduler_config"], scheduler_config, sched_keys)
+        for d in _differences(record.scheduler_config, scheduler_config, sched_keys)
     ]
     if diffs:
         raise DifflabError(
@@ -228,99 +232,3 @@ def check_resume_compatible(
             + "; ".join(diffs)
             + ". Use the checkpoint's settings (see its run dir's config.yaml) or start a new run"
         )
-
-
-def load_trained_unet(
-    path: str | os.PathLike,
-    use_ema: bool = True,
-    channels_last: bool = False,
-    unet_class: type | None = None,
-    ema_std: float | None = None,
-) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """(UNet with EMA weights, noise-scheduler config, run config) from a training checkpoint or an
-    exported diffusers pipeline directory. ``unet_class`` defaults to difflab's ``UNet2DModel``;
-    ``channels_last`` gives NHWC weights (faster convolutions, same outputs); ``ema_std`` the weights
-    of the post-hoc EMA of that length, reconstructed from the run's snapshots (diffusion/posthoc.py)."""
-    from diffusers import DDPMScheduler
-
-    from difflab.diffusion.unet import UNet2DModel
-
-    unet_class = unet_class or UNet2DModel
-    p = Path(path)
-    if p.is_dir() and ema_std is not None:
-        raise DifflabError(
-            f"ema_std={ema_std} needs a training checkpoint (its run's EMA snapshots), not {p}"
-        )
-    if p.is_dir():
-        if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
-            raise DifflabError(
-                f"{p} is neither a checkpoint file nor an exported pipeline (no model_index.json)"
-            )
-        try:
-            unet = unet_class.from_pretrained(p / "unet")
-            # The config as saved (a DDPM or a flow scheduler's): the objective is read from its keys.
-            sched_cfg = {
-                k: v for k, v in DDPMScheduler.load_config(p / "scheduler").items() if not k.startswith("_")
-            }
-        except (OSError, ValueError) as e:  # diffusers' errors for a missing, truncated or bad file
-            raise DifflabError(
-                f"{p} is a damaged exported pipeline ({str(e).strip().splitlines()[0]}); export it again"
-            ) from None
-        run_cfg = {}
-    else:
-        unet, sched_cfg, run_cfg = _unet_from_checkpoint(p, use_ema, unet_class, ema_std)
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
-    return unet.eval(), sched_cfg, run_cfg
-
-
-def _unet_from_checkpoint(
-    p: Path, use_ema: bool, unet_class: type, ema_std: float | None = None
-) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    ckpt = load_checkpoint(p)
-    meta = ckpt["difflab"]
-    unet = unet_class.from_config(meta["unet_config"])
-    live = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
-    try:
-        unet.load_state_dict(live)
-    except RuntimeError as e:
-        raise DifflabError(
-            f"checkpoint {p} does not match its own UNet config: {str(e).splitlines()[0]}"
-        ) from e
-    if ema_std is not None:
-        _load_posthoc(unet, ckpt, p, ema_std)
-    elif use_ema and "ema" in ckpt:
-        params = list(unet.parameters())
-        shadow = ckpt["ema"]["shadow_params"]
-        if len(shadow) != len(params) or any(a.shape != b.shape for a, b in zip(shadow, params, strict=True)):
-            raise DifflabError(f"checkpoint {p}: EMA weights do not match the UNet")
-        with torch.no_grad():
-            for dst, src in zip(params, shadow, strict=True):
-                dst.copy_(src)
-    elif use_ema:  # said, not silent: the user asked for EMA weights and gets others
-        log.warning("%s holds no EMA weights (trained with ~model.ema): using its live weights", p)
-    return unet, dict(meta["scheduler_config"]), meta.get("config", {})
-
-
-def _load_posthoc(unet: torch.nn.Module, ckpt: dict[str, Any], p: Path, ema_std: float) -> None:
-    """Load the σ_rel=``ema_std`` post-hoc EMA, reconstructed at the checkpoint's last snapshot."""
-    import json
-
-    from difflab.diffusion.posthoc import list_snapshots, reconstruct, snapshot_dir_of
-
-    snapshots = list_snapshots(snapshot_dir_of(ckpt, p), last_step=int(ckpt.get("global_step", 0)))
-    mine = json.loads(json.dumps(dict(unet.config), sort_keys=True, default=str))
-    theirs = snapshots[-1].unet_config
-    diffs = sorted(
-        k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and not k.startswith("_")
-    )
-    if diffs:
-        raise DifflabError(
-            f"the EMA snapshots in {snapshots[-1].path.parent} were written by another UNet than {p} "
-            f"(differs in {', '.join(diffs)})"
-        )
-    names = [n for n, _ in unet.named_parameters()]
-    weights = reconstruct(snapshots, ema_std, names)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            param.copy_(weights[name])

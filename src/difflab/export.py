@@ -12,12 +12,12 @@ from typing import Annotated, Any
 from diffusers import DDPMPipeline, UNet2DModel
 from omegaconf import DictConfig
 
-from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, keywords
 from difflab.diffusion.noise import objective_of, scheduler_class
 from difflab.diffusion.posthoc import EMAStd
 from difflab.errors import DifflabError
 from difflab.files import Readable, atomic_dir
+from difflab.inference import load_trained_unet
 from difflab.rules import Exists
 
 

@@ -283,7 +283,7 @@ def log_changed_settings(allowed: list[str]) -> None:
 
 
 def run_config(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """``cfg`` as the run records it (``ckpt["difflab"]["config"]``): resolved, without Hydra's node;
+    """``cfg`` as the run records it (``RunRecord.config``): resolved, without Hydra's node;
     ``run_dir`` stands in for ``paths.output_dir`` before Hydra's runtime config exists."""
     cfg = cfg.copy()
     with open_dict(cfg):
@@ -298,7 +298,7 @@ def start_train_run(cfg: DictConfig) -> None:
     can be written and is this run's alone, and a resume keeps its checkpoint's objective and
     settings. A refusal leaves nothing behind: no new dir, lock file or checkpoint change."""
     from difflab.checkpoints import resume_checkpoint
-    from difflab.diffusion.noise import objective_of
+    from difflab.run_record import RunRecord
 
     given = [
         str(o)
@@ -319,7 +319,8 @@ def start_train_run(cfg: DictConfig) -> None:
         if resume is None:
             return
         path, ckpt = resume
-        theirs = objective_of(ckpt["difflab"]["scheduler_config"])
+        record = RunRecord.from_checkpoint(ckpt, path)
+        theirs = record.objective
         mine = OmegaConf.select(cfg, "hydra.runtime.choices.model")
         if mine in ("ddpm", "flow") and theirs != mine:
             raise DifflabError(
@@ -330,7 +331,7 @@ def start_train_run(cfg: DictConfig) -> None:
             new = run_config(cfg, run_dir)
         except OmegaConfBaseException:  # a value only Hydra's runtime resolves: train() compares
             return
-        check_resume_settings(ckpt["difflab"].get("config"), new, path)
+        check_resume_settings(record.config, new, path)
     except BaseException:
         unlock_run_dir(run_dir, remove=made_lock)
         remove_dirs(created)

@@ -6,7 +6,6 @@ difflab-sample -m ckpt=PATH sampler=ddim,unipc steps=10,20     (one subdir of ou
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +15,6 @@ from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from difflab.checkpoints import load_trained_unet
 from difflab.cli import Command, keywords
 from difflab.diffusion.module import ChannelsLast, uses_channels_last
 from difflab.diffusion.posthoc import EMAStd
@@ -31,6 +29,7 @@ from difflab.diffusion.sampling import (
 )
 from difflab.errors import DifflabError
 from difflab.files import Readable, atomic_write
+from difflab.inference import load_trained_unet, schedule_of
 from difflab.rules import AtLeast, Device, Exists, resolve_device
 
 log = logging.getLogger(__name__)
@@ -110,20 +109,6 @@ def warn_if_long(
             eta,
             num_images,
         )
-
-
-def schedule_of(ckpt: str) -> dict | None:
-    """The noise-schedule config of a checkpoint or exported pipeline, read without loading weights
-    (the checkpoint is memory-mapped), for the start-up checks; None where it cannot be read (the run
-    itself then says why, in one line)."""
-    path = Path(ckpt)
-    try:
-        if path.is_dir():
-            return json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return dict(state["difflab"]["scheduler_config"])
-    except Exception:  # any unreadable file: reported by the loader, with its reasons, once the run starts
-        return None
 
 
 def sampler_steps_problems(ckpt: str, samplers: list[str], step_counts: list[int]) -> list[str]:

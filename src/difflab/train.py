@@ -24,6 +24,7 @@ from difflab.launch import launch_problems, ranks_started_here
 from difflab.loggers import finish_loggers
 from difflab.precision import precision_problems
 from difflab.rules import Above, AtLeast, Between, check_values
+from difflab.run_record import RunRecord
 from difflab.rundir import check_resume_settings, log_changed_settings, start_train_run
 from difflab.sweeps import trial_value
 
@@ -135,7 +136,8 @@ def train(cfg: DictConfig) -> float | None:
         )
         # Also checked before Hydra started (rundir.start_train_run); here for in-process calls, and
         # to log what changed in the run's own log.
-        log_changed_settings(check_resume_settings(resume[1]["difflab"].get("config"), resolved, ckpt_path))
+        saved = RunRecord.from_checkpoint(resume[1], ckpt_path).config
+        log_changed_settings(check_resume_settings(saved, resolved, ckpt_path))
         log.info("resuming from %s", ckpt_path)
         resume = None  # release the loaded copy before Lightning loads the file again
 

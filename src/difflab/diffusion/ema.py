@@ -22,7 +22,17 @@ class LerpEMAModel(EMAModel):
     diffusers' foreach step writes s − p into new tensors and then subtracts them in a second pass;
     ``_foreach_lerp_`` reads each tensor once and allocates nothing (31 → 16 ms a step for the 35.7M
     UNet on a 2-core CPU). Decay schedule, state dict and copy_to are diffusers' own.
+
+    The EMA interface the LightningModule uses (shared with posthoc.PowerFunctionEMA): ``step``,
+    ``copy_to``, ``state_dict`` / ``load_state_dict``, ``all_shadows`` / ``map_shadows``, ``kind`` (as the
+    checkpoint records it) and ``snapshot`` (a standard EMA keeps none).
     """
+
+    kind = "standard"
+    snapshot_dir = None
+
+    def snapshot(self, end_of_run: bool = False) -> None:
+        """A standard EMA writes no snapshots (post-hoc EMA does)."""
 
     def all_shadows(self) -> list[torch.Tensor]:
         """Every averaged tensor (one profile here; post-hoc EMA keeps several)."""

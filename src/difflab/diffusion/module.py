@@ -26,6 +26,7 @@ from difflab.diffusion.weighting import LearnedWeighting
 from difflab.errors import DifflabError
 from difflab.precision import fp32_matmul_policy
 from difflab.rules import Above, AtLeast
+from difflab.run_record import RunRecord
 from difflab.seeds import derive_seed
 
 # difflab's name → diffusers' get_scheduler name.
@@ -239,13 +240,12 @@ class DiffusionModule(L.LightningModule):
         # One EMA update per real optimizer step (not per micro-batch under gradient accumulation).
         if self.ema is not None:
             self.ema.step(self._ema_params or self.unet.parameters())
-            if isinstance(self.ema, PowerFunctionEMA) and self.ema.snapshot_due() and self._is_writer():
-                self.ema.write_snapshot()
+            if self._is_writer():
+                self.ema.snapshot()
 
     def on_train_end(self) -> None:
-        # The last step's profiles too, when the run does not end on the snapshot cadence.
-        if isinstance(self.ema, PowerFunctionEMA) and not self.ema.snapshot_due() and self._is_writer():
-            self.ema.write_snapshot()
+        if self.ema is not None and self._is_writer():
+            self.ema.snapshot(end_of_run=True)
 
     def _is_writer(self) -> bool:
         return self._trainer is None or self.trainer.is_global_zero
@@ -291,32 +291,32 @@ class DiffusionModule(L.LightningModule):
         finite = torch.stack([t.isfinite().all() for t in tensors])
         self._stop_if_diverged(finite, "the weights or EMA", self.global_step)
         self._stop_if_diverged(self.loss_window.finite(), "the loss", self.global_step)
-        checkpoint["difflab"] = {
-            "unet_config": dict(self.unet.config),
-            "scheduler_config": dict(self.noise_scheduler.config),
-            "noise_seed": self.noise_seed,
-            "config": self.run_config,
-            "log_window": self.loss_window.state(),
-        }
+        snapshots = self.ema.snapshot_dir if self.ema is not None else None
+        RunRecord(
+            unet_config=dict(self.unet.config),
+            scheduler_config=dict(self.noise_scheduler.config),
+            noise_seed=self.noise_seed,
+            config=self.run_config,
+            log_window=self.loss_window.state(),
+            ema_kind=self.ema.kind if self.ema is not None else "none",
+            snapshot_dir=str(snapshots) if snapshots else None,
+        ).to_checkpoint(checkpoint)
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         repair_epoch_progress(checkpoint)
-        meta = checkpoint.get("difflab", {})
-        self.noise_seed = meta.get("noise_seed", self.noise_seed)
-        if "log_window" in meta:  # the partly filled logging window, so logged means resume exactly
-            self.loss_window.load_state(meta["log_window"])
+        record = RunRecord.from_checkpoint(checkpoint)
+        self.noise_seed = record.noise_seed if record.noise_seed is not None else self.noise_seed
+        if record.log_window is not None:  # the partly filled window, so logged means resume exactly
+            self.loss_window.load_state(record.log_window)
         if self.ema is not None and "ema" in checkpoint:
-            state = checkpoint["ema"]
-            theirs = state.get("kind", "standard")
-            mine = "posthoc" if isinstance(self.ema, PowerFunctionEMA) else "standard"
-            if theirs != mine:
+            if record.ema_kind != self.ema.kind:
                 raise DifflabError(
-                    f"the checkpoint's EMA is {theirs} and this run's is {mine}: "
-                    f"resume with model/ema={theirs}"
+                    f"the checkpoint's EMA is {record.ema_kind} and this run's is {self.ema.kind}: "
+                    f"resume with model/ema={record.ema_kind}"
                 )
-            self.ema.load_state_dict(state)
+            self.ema.load_state_dict(checkpoint["ema"])
             self.ema.to(self.device)
 
     # ----------------------------------------------------------------------------------- sampling

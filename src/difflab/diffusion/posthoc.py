@@ -181,8 +181,15 @@ class PowerFunctionEMA:
         self.optimization_step = int(state["optimization_step"])
         self.profiles = [[s.clone() for s in profile] for profile in state["profiles"]]
 
+    kind = "posthoc"
+
     def snapshot_due(self) -> bool:
         return due(self.optimization_step, self.snapshot_every)
+
+    def snapshot(self, end_of_run: bool = False) -> Path | None:
+        """Write the profiles when due: after each optimizer step on the snapshot cadence; at the end of
+        a run, its last step when that is off the cadence (on it, that snapshot is already written)."""
+        return self.write_snapshot() if self.snapshot_due() != end_of_run else None
 
     def write_snapshot(self) -> Path:
         """All profiles at this step, as one safetensors file (written atomically)."""
@@ -231,15 +238,6 @@ class Snapshot:
     stds: list[float]
     unet_config: dict
     every: int
-
-
-def snapshot_dir_of(ckpt: dict, ckpt_path: Path) -> Path:
-    """Where the run that wrote ``ckpt`` keeps its snapshots (its config says; else beside checkpoints/)."""
-    ema_cfg = ((ckpt.get("difflab") or {}).get("config") or {}).get("model", {}).get("ema") or {}
-    stored = Path(ema_cfg["snapshot_dir"]) if "snapshot_dir" in ema_cfg else None
-    if stored is not None and stored.is_dir():
-        return stored
-    return ckpt_path.resolve().parent.parent / "ema_snapshots"
 
 
 def list_snapshots(folder: Path, last_step: int | None = None) -> list[Snapshot]:
