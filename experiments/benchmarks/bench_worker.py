@@ -254,8 +254,8 @@ def run_matmul(args) -> dict:
 def run_sample(args) -> dict:
     from diffusers import DDPMPipeline
 
-    from difflab.checkpoints import load_trained_unet
     from difflab.diffusion.sampling import build_sampler, image_generators, sample_images
+    from difflab.inference import load_trained_unet
 
     n, steps = args.batch, args.steps
     if args.variant == "difflab":  # as difflab-sample loads it (channels_last: true)
@@ -280,8 +280,8 @@ def run_sample(args) -> dict:
 def run_fid(args) -> dict:
     import hydra
 
-    from difflab.checkpoints import load_trained_unet
     from difflab.diffusion.sampling import build_sampler
+    from difflab.inference import load_trained_unet
     from difflab.metrics.features import ClassifierFeatures
     from difflab.metrics.fid import FIDEvaluator, real_features
 

@@ -13,7 +13,7 @@ every length) and scores them with classifier-FID and KID against each half of F
 reported on half B (and the reverse, a second estimate): a length picked and scored on the same images
 would flatter post-hoc EMA by the choice's own noise.
 
-In-process with difflab's library (checkpoints.load_trained_unet, metrics.fid, diffusion.sampling); --code
+In-process with difflab's library (inference.load_trained_unet, metrics.fid, diffusion.sampling); --code
 DIR imports difflab from DIR/src instead (the frozen tree the runs were trained with). Raw records via
 protocol.Recorder("posthoc_ema"); --report writes the "posthoc_ema" block of RESULTS.md and fid_vs_ema.png.
 """
@@ -55,10 +55,10 @@ def measure_seed(seed: int, opts: argparse.Namespace, rec: Recorder, done: set[t
     import torch
     from omegaconf import OmegaConf
 
-    from difflab.checkpoints import load_trained_unet
     from difflab.cli import instantiate
     from difflab.diffusion.sampling import build_sampler, sample_images
     from difflab.evaluate import reference_split
+    from difflab.inference import load_trained_unet
     from difflab.metrics.fid import FIDEvaluator, real_features
 
     work = Path(opts.work)
