@@ -9,8 +9,10 @@ import socket
 import time
 from pathlib import Path
 
-# conf/ sits at the repository root (editable install); DIFFLAB_CONF_DIR points elsewhere if needed.
-CONF_DIR = os.environ.get("DIFFLAB_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+# The configs ship inside the package (difflab/conf): in a checkout, a link to the repository's conf/
+# (whose experiment/ links to experiments/); in a wheel, copies of both. DIFFLAB_CONF_DIR replaces them
+# all; to add configs of one's own, Hydra's search path: hydra.searchpath=[file://my_conf].
+CONF_DIR = os.environ.get("DIFFLAB_CONF_DIR", str(Path(__file__).resolve().parent / "conf"))
 
 
 def new_run_dir(log_dir: str, ckpt_path: str | None = None) -> str:
