@@ -221,7 +221,7 @@ def speed_args(c: Check, precision: str, channels_last: str, run: Path) -> list[
 
 
 def part_speed(c: Check) -> str:
-    from difflab.cli import compose
+    from difflab.compose import compose
 
     batch = int(compose("train", c.job()).data.batch_size)
     times = {}

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from difflab.cli import register_resolvers
-from difflab.config import CONF_DIR
+from difflab.compose import compose_run
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -25,17 +23,7 @@ def compose_config(
     run_dir: Path, overrides: list[str] | tuple[str, ...] = (), config_name: str = "train"
 ) -> DictConfig:
     """The config `difflab-train <overrides>` would run with, writing everything under ``run_dir``."""
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
-        cfg.paths.log_dir = str(run_dir.parent / "logs")
-        cfg.paths.data_dir = str(run_dir.parent / "data_cache")
-        del cfg["hydra"]
-    return cfg
+    return compose_run(run_dir, overrides, config_name)
 
 
 @pytest.fixture(autouse=True)

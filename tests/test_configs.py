@@ -10,7 +10,7 @@ import pytest
 from diffusers import UNet2DModel
 from omegaconf import DictConfig
 
-from difflab.cli import rewrite_group_aliases
+from difflab.compose import rewrite_group_aliases
 from difflab.config import CONF_DIR
 from difflab.data.datamodule import ImageDataModule
 from difflab.diffusion.module import DiffusionModule
@@ -154,6 +154,27 @@ def test_model_unet_dot_spelling_selects_the_preset():
         "x",
         "model/unet=tiny",
         "data=digits",
+    ]
+    # Read by Hydra's override parser: sweeps, prefixes and null as Hydra writes them; a key inside
+    # the group, a dict value, a flag and what Hydra cannot parse stay as given.
+    assert rewrite_group_aliases(
+        [
+            "model.unet=tiny,small",
+            "model.ema=null",
+            "+model.ema=posthoc",
+            "model.unet.sample_size=8",
+            "model.unet={sample_size: 8}",
+            "--cfg",
+            "model.unet=[",
+        ]
+    ) == [
+        "model/unet=tiny,small",
+        "model/ema=null",
+        "+model/ema=posthoc",
+        "model.unet.sample_size=8",
+        "model.unet={sample_size: 8}",
+        "--cfg",
+        "model.unet=[",
     ]
 
 

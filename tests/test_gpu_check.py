@@ -10,7 +10,7 @@ import torch
 from experiments import gpu_check
 
 from difflab import precision
-from difflab.cli import compose
+from difflab.compose import compose
 from difflab.diffusion.loss_window import LossWindow
 from difflab.train import COMMAND as TRAIN
 

@@ -167,25 +167,12 @@ def test_fid_reference_is_the_held_out_split_where_the_data_has_one(make_cfg, tm
 
 
 def test_slurm_launcher_config_composes_and_instantiates(make_cfg, tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from difflab.compose import compose
 
-    from difflab.cli import register_resolvers
-    from difflab.config import CONF_DIR
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "hydra/launcher=slurm",
-                "trainer=multinode",
-                "trainer.num_nodes=3",
-                "hydra.launcher.partition=gpu",
-            ],
-            return_hydra_config=True,
-        )
+    cfg = compose(
+        "train",
+        ["hydra/launcher=slurm", "trainer=multinode", "trainer.num_nodes=3", "hydra.launcher.partition=gpu"],
+    )
     launcher_cfg = cfg.hydra.launcher
     assert launcher_cfg.nodes == 3 and launcher_cfg.tasks_per_node == 8 and launcher_cfg.partition == "gpu"
     launcher = hydra.utils.instantiate(launcher_cfg)

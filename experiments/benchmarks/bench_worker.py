@@ -32,11 +32,9 @@ def max_rss_mb() -> float:
 
 
 def compose(overrides: list[str], run_dir: Path):
-    threads = torch.get_num_threads()  # the environment's (OMP_NUM_THREADS) ...
-    from tests.conftest import compose_config  # ... which the test suite's conftest sets to 2 on import
+    from difflab.compose import compose_run
 
-    torch.set_num_threads(threads)
-    return compose_config(run_dir, overrides)
+    return compose_run(run_dir, overrides)
 
 
 def real_batches(cfg, device="cpu"):

@@ -69,22 +69,18 @@ def all_images(datamodule) -> object:
 
 def measure(opts: argparse.Namespace) -> None:
     import torch
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from difflab.cli import register_resolvers
-    from difflab.config import CONF_DIR
+    from difflab.compose import compose
     from difflab.evaluate import reference_split
     from difflab.metrics.fid import FIDEvaluator, extract_features
 
     rec = Recorder(BENCH, Path(opts.raw_dir))
-    register_resolvers()
     cpu = torch.device("cpu")
     for data in opts.data:
         t0 = time.time()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=[f"data={data}", "seed=0"])
+        cfg = compose("train", [f"data={data}", "seed=0"])
         train_dm = instantiate(cfg.data)
         train_dm.setup()
         extractor = instantiate(cfg.metrics.extractor)

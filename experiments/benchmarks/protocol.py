@@ -56,7 +56,7 @@ def _cpu_model() -> str:
 
 def code_env(root: Path | str | None = None) -> dict[str, str]:
     """The environment of a benchmark's subprocesses: the source tree ``root``'s src/ (then its root, for
-    ``experiments.*`` and ``tests.*``) first on the import path; by default this script's own tree, so a
+    ``experiments.*``) first on the import path; by default this script's own tree, so a
     benchmark run from a frozen worktree measures that tree's code, whatever the virtualenv's editable
     install points at."""
     root = Path(root or REPO).resolve()

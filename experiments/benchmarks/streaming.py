@@ -106,7 +106,8 @@ def measure_loader(spec: dict) -> float:
     the fresh process ``loader_rate`` starts."""
     import torch
 
-    from difflab.cli import compose, instantiate
+    from difflab.cli import instantiate
+    from difflab.compose import compose
 
     torch.set_num_threads(1)
     kind = "streaming" if spec["kind"].startswith("streaming") else spec["kind"]

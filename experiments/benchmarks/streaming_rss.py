@@ -37,7 +37,8 @@ def tree(pid: int) -> dict[str, float]:
 
 
 def main() -> None:
-    from difflab.cli import compose, instantiate
+    from difflab.cli import instantiate
+    from difflab.compose import compose
 
     big = sys.argv[1]
     overrides = [

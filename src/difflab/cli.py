@@ -25,49 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException, MissingConfigException
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from difflab import config
+from difflab.compose import compose, register_resolvers, rewrite_group_aliases
 from difflab.config import CONF_DIR
 from difflab.errors import DifflabError
-from difflab.rules import check_arguments, closest, config_problems, dotted_keys, missing_keys
+from difflab.rules import check_arguments, config_problems, missing_keys
 from difflab.rundir import launched_rank_args
 
-
-def register_resolvers() -> None:
-    """The ``${difflab_...:}`` resolvers the configs use (before any config is composed)."""
-    from difflab.metrics.fid import metric_name_for
-    from difflab.precision import auto_precision
-    from difflab.sweeps import study_seed  # imports optuna only when a sweep config resolves it
-
-    if not OmegaConf.has_resolver("difflab_run_dir"):
-        OmegaConf.register_new_resolver("difflab_run_dir", config.run_dir_once)
-        OmegaConf.register_new_resolver("difflab_unique", config.unique_suffix)
-        OmegaConf.register_new_resolver("difflab_fid_name", metric_name_for)
-        OmegaConf.register_new_resolver("difflab_mkdir", config.make_dir)
-        OmegaConf.register_new_resolver("difflab_precision", auto_precision)
-        # The launch dir (hydra.job.chdir is false, so it stays the cwd); usable before HydraConfig is set.
-        OmegaConf.register_new_resolver("difflab_cwd", os.getcwd)
-        OmegaConf.register_new_resolver("difflab_study_seed", study_seed)
-
-
-# `model.unet=tiny`, `model.ema=posthoc` read naturally, but Hydra selects groups with a slash: accept both.
-GROUP_ALIASES = {"model.unet": "model/unet", "model.ema": "model/ema"}
 # Hydra flags that print or complete instead of running: nothing to check first.
 _NO_RUN_FLAGS = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "resolve")
-
-
-def rewrite_group_aliases(argv: list[str]) -> list[str]:
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in GROUP_ALIASES and value and not value.startswith("{"):
-            arg = f"{GROUP_ALIASES[key]}={value}"
-        out.append(arg)
-    return out
 
 
 def quiet_third_party_noise() -> None:
@@ -417,70 +387,6 @@ def sweep_variants(overrides: list[str]) -> Iterator[list[str]]:
     for i, (key, values) in enumerate(sweeps):
         for value in values[1:]:
             yield fixed + first[:i] + [f"{key}={value}"] + first[i + 1 :]
-
-
-def compose(name: str, overrides: list[str]) -> DictConfig:
-    """``conf/<name>.yaml`` with ``overrides``, as Hydra composes it, or one DifflabError line."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import ConfigCompositionException, OverrideParseException
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name=name):
-            return hydra_compose(name, overrides=overrides, return_hydra_config=True)
-    except MissingConfigException as e:
-        raise DifflabError(_missing_choice(e)) from None
-    except ConfigCompositionException as e:
-        bad = re.search(r"Could not override '([^']+)'", str(e))
-        if bad is None:
-            raise DifflabError(str(e).strip().splitlines()[0]) from None
-        raise DifflabError(_unknown_key(name, overrides, bad[1])) from None
-    except OverrideParseException as e:
-        raise DifflabError(f"cannot parse the command line: {str(e).strip().splitlines()[0]}") from None
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _missing_choice(e: MissingConfigException) -> str:
-    found = re.search(r"Could not find '([^']+)'", str(e))
-    wanted = found[1] if found else (e.missing_cfg_file or "")
-    group, _, choice = wanted.rpartition("/")
-    options = sorted(e.options or [])
-    if not group or not options:
-        return str(e).strip().splitlines()[0]
-    near = closest(choice, options)
-    hint = f"did you mean {near}? " if near else ""
-    return f"{group.replace('/', '.')}={choice} is not a choice; {hint}(choices: {', '.join(options)})"
-
-
-def _unknown_key(name: str, overrides: list[str], key: str) -> str:
-    """``unknown key data.batch_sise; did you mean data.batch_size?``: the keys come from the config
-    composed without that override."""
-    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
-    try:
-        cfg = compose(name, rest)
-    except DifflabError:
-        return f"unknown key {key}"
-    keys = [k for k in dotted_keys(cfg) if not k.startswith("hydra.")] if not key.startswith("hydra.") else []
-    chosen = OmegaConf.select(cfg, "hydra.runtime.choices.model")  # None: the command has no model group
-    if chosen and key.startswith("model.") and key not in keys:
-        # A key of the other objective (prediction_type on the default flow model): name the choice.
-        for other in sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml")):
-            if other != chosen and key in _model_keys(name, rest, other):
-                return f"{key} is a model={other} setting; add model={other} (this run's model is {chosen})"
-    near = closest(key, keys)
-    return f"unknown key {key}" + (f"; did you mean {near}?" if near else "")
-
-
-def _model_keys(name: str, overrides: list[str], model: str) -> list[str]:
-    """The keys of ``name``'s config with ``model=<model>`` instead of the chosen one (none if it fails)."""
-    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "model"]
-    try:
-        return dotted_keys(compose(name, [*rest, f"model={model}"]))
-    except DifflabError:
-        return []
 
 
 def compose_command(command: Command, overrides: list[str]) -> DictConfig:
