@@ -1,10 +1,11 @@
 """difflab as an installed package, not a checkout: the wheel ships its configs (conf/ and the experiment
 recipes), trains from an empty directory, and takes a user's own config directory through Hydra's search
-path (an experiment of their own, no fork)."""
+path (an experiment of their own, no fork): the README's "As an installed package" lines, run as written."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,15 +16,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MY_EXPERIMENT = """# @package _global_
-# A user's own recipe, kept outside difflab's configs.
-defaults:
-  - override /data: digits
-  - override /model/unet: tiny
 
-trainer:
-  max_steps: 2
-"""
+def readme_package_block() -> str:
+    """The bash block of the README's "As an installed package" section, as written."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### As an installed package") :]
+    return re.search(r"```bash\n(.*?)```", section, flags=re.S)[1]
 
 
 def run(args: list, **kw: object) -> subprocess.CompletedProcess:
@@ -74,24 +72,13 @@ def test_the_wheel_trains_from_an_empty_directory_with_a_users_own_experiment(tm
     where = run([venv / "bin" / "python", "-c", "import difflab; print(difflab.__file__)"], env=env).stdout
     assert where.startswith(str(venv)), where  # the wheel's copy, not this checkout
 
-    empty, mine = tmp_path / "empty", tmp_path / "my_conf"
+    # The README's lines, verbatim, from an empty directory with the venv's commands first on PATH.
+    empty = tmp_path / "empty"
     empty.mkdir()
-    (mine / "experiment").mkdir(parents=True)
-    (mine / "experiment" / "mine.yaml").write_text(MY_EXPERIMENT)
-    run(
-        [
-            venv / "bin" / "difflab-train",
-            f"hydra.searchpath=[file://{mine}]",
-            "experiment=mine",
-            "logger=none",
-            "callbacks.sample_grid=null",
-            "trainer.precision=32-true",
-            "hydra.run.dir=run",
-        ],
-        cwd=empty,
-        env=env,
-    )
-    ckpt = torch.load(empty / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    run(["bash", "-euc", readme_package_block()], cwd=empty, env=env)
+    (ckpt_path,) = (empty / "logs" / "runs").glob("*/checkpoints/last.ckpt")
+    ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["global_step"] == 2
     assert ckpt["difflab"]["unet_config"]["block_out_channels"] == [16, 32]  # the tiny UNet, from the wheel
     assert ckpt["difflab"]["config"]["paths"]["data_dir"] == str(empty / "data_cache")
