@@ -14,10 +14,11 @@ from PIL import Image
 
 from difflab.config import CONF_DIR
 from difflab.data.transforms import Crop
-from difflab.diffusion.module import ChannelsLast, LRSchedule
+from difflab.diffusion.module import LRSchedule
 from difflab.diffusion.noise import BetaSchedule, PredictionType
 from difflab.diffusion.sampling import FLOW_SAMPLERS, SamplerName
 from difflab.errors import DifflabError
+from difflab.precision import ChannelsLast
 from difflab.train import COMMAND, train
 from tests.conftest import FAST
 

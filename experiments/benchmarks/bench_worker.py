@@ -145,8 +145,7 @@ def run_bare(args) -> dict:
     hardware's default), layout, kernels and UNet class (whose CPU bf16 attention runs the math kernel)."""
     import hydra
 
-    from difflab.diffusion.module import uses_channels_last
-    from difflab.precision import auto_precision
+    from difflab.precision import auto_precision, uses_channels_last
 
     if args.precision == "auto":
         args.precision = auto_precision("cpu")

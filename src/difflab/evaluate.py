@@ -18,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from difflab.cli import Command, instantiate, keywords
-from difflab.diffusion.module import ChannelsLast, uses_channels_last
 from difflab.diffusion.posthoc import EMAStd
 from difflab.diffusion.sampling import SamplerName, batch_fits, build_sampler, steps_problem
 from difflab.errors import DifflabError
 from difflab.files import Readable, atomic_write, atomic_write_text
 from difflab.inference import load_trained_unet
 from difflab.metrics.fid import FIDEvaluator, kid_wanted, real_features
+from difflab.precision import ChannelsLast, uses_channels_last
 from difflab.rules import AtLeast, Device, Exists, resolve_device
 from difflab.sample import sampler_steps_problems, warn_if_long
 

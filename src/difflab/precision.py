@@ -1,5 +1,5 @@
-"""Which training precision the hardware runs fastest, which precisions difflab cannot run, and the
-fp32 matmul policy on CUDA.
+"""Which training precision the hardware runs fastest, which precisions difflab cannot run, and what
+follows from the precision: the memory format, the optimizer's kernels, the fp32 matmul policy on CUDA.
 
 `trainer.precision` defaults to ``${difflab_precision:${.accelerator}}``: bf16-mixed where it was
 measured faster than fp32 on that class of hardware, else 32-true. The resolved value is what the run
@@ -19,10 +19,17 @@ also counts the emulation a V100 or T4 can run, slower than fp32.
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+
+log = logging.getLogger(__name__)
+# NHWC memory layout: on, off, or chosen by device and precision (uses_channels_last).
+ChannelsLast = bool | Literal["auto"]
 
 # Lightning's precisions in which the weights themselves are not fp32 ("-true" other than 32, and
 # Transformer Engine's): the EMA shadows, the loss window's sums and the learned weighting's Fourier
@@ -173,3 +180,25 @@ def fp32_matmul_policy(device: torch.device | str) -> None:
     elsewhere (CPU matmul precision is left as the user set it)."""
     if torch.device(device).type == "cuda":
         torch.set_float32_matmul_precision("high")
+
+
+def uses_channels_last(setting: ChannelsLast, precision: str, device_type: str) -> bool:
+    """Whether the UNet runs NHWC: ``setting`` true/false, or "auto": NHWC convolutions win in fp32 and
+    on CUDA; on CPU under bf16/fp16 autocast oneDNN's NHWC kernels are the slower ones
+    (experiments/benchmarks/RESULTS.md, "speed_levers")."""
+    if setting != "auto":
+        return bool(setting)
+    return device_type != "cpu" or not str(precision).startswith(("bf16", "16"))
+
+
+def optimizer_for_precision(
+    factory: Callable[..., torch.optim.Optimizer], precision: str, gradient_clip_val: float | None
+) -> Callable[..., torch.optim.Optimizer]:
+    """The configured optimizer factory, or its foreach form where Lightning cannot clip a fused one:
+    its mixed-precision plugin refuses to clip the gradients of fused optimizers (they unscale inside
+    step()); foreach kernels are the next fastest."""
+    keywords = getattr(factory, "keywords", {})
+    if precision.endswith("-mixed") and gradient_clip_val and keywords.get("fused"):
+        log.info("model.optimizer.fused=true with %s and clipping: using foreach kernels instead", precision)
+        return functools.partial(factory.func, *factory.args, **{**keywords, "fused": None, "foreach": True})
+    return factory

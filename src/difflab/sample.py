@@ -16,7 +16,6 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from difflab.cli import Command, keywords
-from difflab.diffusion.module import ChannelsLast, uses_channels_last
 from difflab.diffusion.posthoc import EMAStd
 from difflab.diffusion.sampling import (
     SamplerName,
@@ -30,6 +29,7 @@ from difflab.diffusion.sampling import (
 from difflab.errors import DifflabError
 from difflab.files import Readable, atomic_write
 from difflab.inference import load_trained_unet, schedule_of
+from difflab.precision import ChannelsLast, uses_channels_last
 from difflab.rules import AtLeast, Device, Exists, resolve_device
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from difflab.diffusion.noise import TimestepDensity, TrainScheduler, immiscible_
 from difflab.diffusion.posthoc import PowerFunctionEMA
 from difflab.diffusion.weighting import LearnedWeighting
 from difflab.errors import DifflabError
-from difflab.precision import fp32_matmul_policy
+from difflab.precision import ChannelsLast, fp32_matmul_policy, optimizer_for_precision, uses_channels_last
 from difflab.rules import Above, AtLeast
 from difflab.run_record import RunRecord
 from difflab.seeds import derive_seed
@@ -32,18 +31,7 @@ from difflab.seeds import derive_seed
 # difflab's name → diffusers' get_scheduler name.
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 LRSchedule = Literal[tuple(LR_SCHEDULES)]  # type: ignore[valid-type]
-# NHWC memory layout: on, off, or chosen by device and precision (uses_channels_last).
-ChannelsLast = bool | Literal["auto"]
 log = logging.getLogger(__name__)
-
-
-def uses_channels_last(setting: ChannelsLast, precision: str, device_type: str) -> bool:
-    """Whether training runs NHWC: ``setting`` true/false, or "auto": NHWC convolutions win in fp32
-    (+8% `small` on CPU) and on CUDA; on CPU under bf16/fp16 autocast oneDNN's NHWC kernels measured
-    15-18% slower than NCHW (experiments/benchmarks/RESULTS.md)."""
-    if setting != "auto":
-        return bool(setting)
-    return device_type != "cpu" or not str(precision).startswith(("bf16", "16"))
 
 
 class DiffusionModule(L.LightningModule):
@@ -253,7 +241,10 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters())
         params += list(self.weighting.parameters()) if self.weighting is not None else []
-        optimizer = self._optimizer_for_precision()(params=params)
+        factory = optimizer_for_precision(
+            self.optimizer_factory, str(self.trainer.precision), self.trainer.gradient_clip_val
+        )
+        optimizer = factory(params=params)
         # estimated_stepping_batches counts real optimizer steps: max_steps, or epochs x batches
         # divided by accumulation and sharded over devices, which is what the schedule must span.
         total = int(self.trainer.estimated_stepping_batches)
@@ -264,23 +255,6 @@ class DiffusionModule(L.LightningModule):
             num_training_steps=max(total, 1),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _optimizer_for_precision(self) -> Callable[..., torch.optim.Optimizer]:
-        """The configured optimizer factory, or its foreach form where Lightning cannot clip a fused one."""
-        factory = self.optimizer_factory
-        keywords = getattr(factory, "keywords", {})
-        mixed = str(self.trainer.precision).endswith("-mixed")
-        if mixed and self.trainer.gradient_clip_val and keywords.get("fused"):
-            # Lightning's mixed-precision plugin refuses to clip the gradients of fused optimizers
-            # (they unscale inside step()); foreach kernels are the next fastest.
-            log.info(
-                "model.optimizer.fused=true with %s and clipping: using foreach kernels instead",
-                self.trainer.precision,
-            )
-            factory = functools.partial(
-                factory.func, *factory.args, **{**keywords, "fused": None, "foreach": True}
-            )
-        return factory
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
