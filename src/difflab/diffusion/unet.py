@@ -23,9 +23,9 @@ class UNet2DModel(diffusers.UNet2DModel):
         return super().dtype
 
     def forward(self, sample: torch.Tensor, *args: object, **kwargs: object) -> object:
-        """diffusers' forward; on CPU in bf16 its attention runs on PyTorch's math kernel: the flash
-        kernel's bf16 backward is ~5x slower than the math one on CPU (fwd+bwd of the `small` UNet's
-        attention: 19.6 vs 4.1 ms), ~20% of a bf16 training step."""
+        """diffusers' forward; on CPU in bf16 its attention runs on PyTorch's math kernel: PyTorch's own
+        choice (the flash kernel) has a slow bf16 backward on CPU, and a bf16 forward+backward of the
+        `small` UNet runs 1.10x [1.09, 1.14] faster with the math kernel (RESULTS.md "speed_levers")."""
         if sample.device.type == "cpu" and (
             sample.dtype == torch.bfloat16
             or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
