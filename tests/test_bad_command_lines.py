@@ -232,6 +232,7 @@ PREPARE_LINES = [
     (["out=x", "quality=high"], "quality=high must be an integer"),
     (["out=x", "num_workers=0"], "num_workers=0 must be at least 1"),
     (["out=x", "num_workers=two"], "num_workers=two must be an integer"),
+    (["out=x", "data.num_workers=8"], "data.num_workers is the training loader's setting"),
     (["out=x", "resolutoin=8"], "unknown key resolutoin; did you mean resolution?"),
     (["out=x", "resolution=-3"], "resolution=-3 must be at least 1"),
     (["out=x", "resolution=big"], "resolution=big must be an integer or null"),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import Command, keywords
 from difflab.data.datamodule import ImageDataModule
@@ -272,7 +272,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return s
 
 
-COMMAND = Command("prepare", run, prepare, out_is_run_dir=False)
+def checks(cfg: DictConfig) -> list[str]:
+    """One ``num_workers``: the data group's ``data.num_workers`` is the training loader's and prepare
+    never reads it, so setting it here is refused rather than silently ignored."""
+    given = OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []
+    if any(str(o).lstrip("+~").startswith("data.num_workers=") for o in given):
+        return [
+            "data.num_workers is the training loader's setting and difflab-prepare does not use it; "
+            f"give its worker processes as num_workers=N (now {cfg.num_workers})"
+        ]
+    return []
+
+
+COMMAND = Command("prepare", run, prepare, checks, out_is_run_dir=False)
 
 
 def main(argv: list[str] | None = None) -> None:
