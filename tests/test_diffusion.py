@@ -48,7 +48,7 @@ def test_min_snr_weights_follow_the_paper():
         assert torch.equal(NoiseProcess(sched).loss_weights(t), torch.ones(4))
     # Zero terminal SNR: the ε weight stays finite.
     zsnr = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="epsilon")
-    assert torch.isfinite(NoiseProcess(zsnr, 5.0).loss_weights(torch.tensor([999]))).all()
+    assert torch.isfinite(NoiseProcess(zsnr, min_snr_gamma=5.0).loss_weights(torch.tensor([999]))).all()
 
 
 def test_ema_decay_follows_the_warmup_formula():

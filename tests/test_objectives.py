@@ -13,8 +13,8 @@ from PIL import Image
 
 from difflab.diffusion.noise import (
     FlowProcess,
+    NoiseLevels,
     NoiseProcess,
-    draw_levels,
     flow_schedule,
     immiscible_noise,
     noise_process,
@@ -76,37 +76,36 @@ def test_flow_process_interpolates_and_targets_the_velocity():
 
 def test_logit_normal_density_favours_mid_noise_levels():
     g = torch.Generator().manual_seed(0)
-    uniform = draw_levels(20_000, g, torch.device("cpu"), "uniform", 0.0, 1.0)
-    logit = draw_levels(20_000, g, torch.device("cpu"), "logit_normal", 0.0, 1.0)
+    uniform = NoiseLevels("uniform").draw(20_000, g, torch.device("cpu"))
+    logit = NoiseLevels("logit_normal").draw(20_000, g, torch.device("cpu"))
     mid = lambda u: ((u > 0.25) & (u < 0.75)).float().mean()  # noqa: E731
     assert abs(mid(uniform) - 0.5) < 0.02 and mid(logit) > 0.7
-    ddpm = NoiseProcess(DDPMScheduler(), density="logit_normal")
+    ddpm = NoiseProcess(DDPMScheduler(), NoiseLevels("logit_normal"))
     t = ddpm.timesteps(20_000, g, torch.device("cpu"))
     assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999 and abs(t.float().mean() - 500) < 15
 
 
 def test_stratified_levels_cover_every_quantile_and_keep_the_density():
     g, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
-    u = draw_levels(32, g, cpu, "uniform", 0.0, 1.0, stratified=True)
+    u = NoiseLevels("uniform", stratified=True).draw(32, g, cpu)
     # One level in each of the 32 equal bins of [0, 1) (i.i.d. draws leave ~12 bins empty).
     assert torch.equal(torch.sort((u * 32).long()).values, torch.arange(32))
     # Over many batches the marginal is still the density: logit-normal's quartiles at sigmoid(±0.674).
-    levels = torch.cat(
-        [draw_levels(32, g, cpu, "logit_normal", 0.0, 1.0, stratified=True) for _ in range(500)]
-    )
+    levels = torch.cat([NoiseLevels("logit_normal", stratified=True).draw(32, g, cpu) for _ in range(500)])
     quartiles = torch.quantile(levels, torch.tensor([0.25, 0.5, 0.75]))
     assert torch.allclose(quartiles, torch.sigmoid(torch.tensor([-0.6745, 0.0, 0.6745])), atol=0.01)
     # Each batch spans the density: its logit-normal levels sorted are the 32 quantiles, one shift apart.
-    one = torch.sort(draw_levels(32, g, cpu, "logit_normal", 0.0, 1.0, stratified=True)).values
+    one = torch.sort(NoiseLevels("logit_normal", stratified=True).draw(32, g, cpu)).values
     assert one[0] < torch.sigmoid(torch.special.ndtri(torch.tensor(1 / 32))) < one[1]
     # The step's generator alone decides the draw (an exact resume redraws it).
     again = [
-        draw_levels(8, torch.Generator().manual_seed(7), cpu, "logit_normal", 0.0, 1.0, True) for _ in "ab"
+        NoiseLevels("logit_normal", stratified=True).draw(8, torch.Generator().manual_seed(7), cpu)
+        for _ in "ab"
     ]
     assert torch.equal(*again)
     for process in (
-        NoiseProcess(DDPMScheduler(), stratified=True),
-        FlowProcess(flow_schedule(num_train_timesteps=1000, shift=1.0), stratified=True),
+        NoiseProcess(DDPMScheduler(), NoiseLevels(stratified=True)),
+        FlowProcess(flow_schedule(num_train_timesteps=1000, shift=1.0), NoiseLevels(stratified=True)),
     ):
         t = process.timesteps(10, g, cpu)
         assert torch.equal(torch.sort((t / 100).long()).values, torch.arange(10))  # one per tenth of [0, T)
@@ -292,7 +291,8 @@ BAD_OBJECTIVE_LINES = [
     ),
     (["model.immiscible=true", "data.batch_size=1"], "model.immiscible=true pairs the noise"),
     (["model=flw"], "did you mean flow"),
-    (["model.timesteps=lognormal"], "model.timesteps=lognormal"),
+    (["model.noise_levels.density=lognormal"], "model.noise_levels.density=lognormal"),
+    (["model.timesteps=uniform"], "model.timesteps is now model.noise_levels.density"),
     (["model=flow", "model.noise_scheduler.shift=0"], "model.noise_scheduler.shift=0"),
 ]
 

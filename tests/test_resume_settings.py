@@ -112,6 +112,20 @@ def test_changed_settings_sorts_each_key_once():
     assert changed_settings(old, new)[0] == ["model.ema null -> (unset)", "model.ema.decay (unset) -> 0.999"]
 
 
+def test_a_run_recorded_before_a_rename_resumes_under_the_new_names():
+    """compose.RENAMED: model.timesteps & co. became model.noise_levels.*; the run's recorded values are
+    read under the new names (same value: no change; another value: refused as a change of that key)."""
+    old = {"model": {"timesteps": "logit_normal", "logit_std": 1.0, "stratified": False}}
+    levels = {"_target_": "difflab.diffusion.noise.NoiseLevels", "density": "logit_normal", "logit_std": 1.0}
+    new = {"model": {"noise_levels": {**levels, "stratified": False}}}
+    refused, allowed = changed_settings(old, new)
+    assert refused == [] and allowed == [
+        "model.noise_levels._target_ (unset) -> difflab.diffusion.noise.NoiseLevels"
+    ]
+    new["model"]["noise_levels"]["density"] = "uniform"
+    assert changed_settings(old, new)[0] == ["model.noise_levels.density logit_normal -> uniform"]
+
+
 # A process that holds a run dir's lock as a running difflab-train does, until it is killed.
 _HOLDER = """
 import sys, time

@@ -76,8 +76,8 @@ WEIGHTINGS = {
     "min_snr+learned+logit_normal+stratified": (
         "model.min_snr_gamma=5.0",
         "model.learned_weighting=true",
-        "model.timesteps=logit_normal",
-        "model.stratified=true",
+        "model.noise_levels.density=logit_normal",
+        "model.noise_levels.stratified=true",
     ),
 }
 

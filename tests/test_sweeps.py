@@ -96,7 +96,7 @@ def test_optuna_trials_return_the_end_of_trial_fid_and_a_diverging_trial_does_no
         # the flow objective's own knobs reached the job, with the shared ones
         ran = OmegaConf.load(sweep / str(t.number) / "config.yaml")
         assert ran.model.noise_scheduler.shift == pytest.approx(t.params["model.noise_scheduler.shift"])
-        assert ran.model.logit_std == pytest.approx(t.params["model.logit_std"])
+        assert ran.model.noise_levels.logit_std == pytest.approx(t.params["model.noise_levels.logit_std"])
         assert ran.model.optimizer.lr == t.params["model.optimizer.lr"]
         assert "model.min_snr_gamma" not in t.params
     assert trials[1].value != trials[2].value
@@ -142,7 +142,11 @@ def test_each_objective_searches_its_own_knobs(make_cfg):
         objective_knobs(cfg, trial)
         found[model] = set(trial.params)
     assert found == {
-        "flow": {"model.logit_mean", "model.logit_std", "model.noise_scheduler.shift"},
+        "flow": {
+            "model.noise_levels.logit_mean",
+            "model.noise_levels.logit_std",
+            "model.noise_scheduler.shift",
+        },
         "ddpm": {"model.min_snr_gamma"},
     }
 

@@ -104,11 +104,11 @@ ROWS: dict[str, list[str]] = {
     ],
     "immiscible": [*OLD_DEFAULT, "model.immiscible=true"],
     "flow_shift1": ["model=flow", "model.noise_scheduler.shift=1.0"],  # sampled without the shift
-    "flow_uniform": ["model=flow", "model.timesteps=uniform"],
+    "flow_uniform": ["model=flow", "model.noise_levels.density=uniform"],
     "flow_immiscible": ["model=flow", "model.immiscible=true"],
     "flow_lr2x": ["model=flow", "model.optimizer.lr=2e-3"],
     "flow_lr_half": ["model=flow", "model.optimizer.lr=5e-4"],
-    "flow_stratified": ["model=flow", "model.stratified=true"],
+    "flow_stratified": ["model=flow", "model.noise_levels.stratified=true"],
     "flow_min_snr": ["model=flow", "model.min_snr_gamma=5"],
     "flow_noclip": ["model=flow", "trainer.gradient_clip_val=null"],
     "flow_learned": ["model=flow", "model.learned_weighting=true"],

@@ -36,6 +36,15 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("difflab_study_seed", study_seed)
 
 
+# Settings renamed since runs were recorded, old key -> new key: a command line with an old key is told
+# the new one, and a resume reads its run's recorded config under the new names (rundir.changed_settings).
+RENAMED = {
+    "model.timesteps": "model.noise_levels.density",
+    "model.logit_mean": "model.noise_levels.logit_mean",
+    "model.logit_std": "model.noise_levels.logit_std",
+    "model.stratified": "model.noise_levels.stratified",
+}
+
 # `model.unet=tiny`, `model.ema=posthoc` read naturally, but Hydra selects groups with a slash: accept both.
 GROUP_ALIASES = {"model.unet": "model/unet", "model.ema": "model/ema"}
 
@@ -107,6 +116,8 @@ def _missing_choice(e: MissingConfigException) -> str:
 def _unknown_key(name: str, overrides: list[str], key: str) -> str:
     """``unknown key data.batch_sise; did you mean data.batch_size?``: the keys come from the config
     composed without that override."""
+    if key in RENAMED:
+        return f"{key} is now {RENAMED[key]}"
     rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
     try:
         cfg = compose(name, rest)

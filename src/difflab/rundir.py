@@ -225,7 +225,10 @@ _UNSET = object()
 def changed_settings(recorded: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """(refused, allowed): ``key old -> new`` for each setting whose value differs between the run's
     recorded config and the new one (``MAY_CHANGE_ON_RESUME`` says which may)."""
-    old, now = _with_paths_named(dict(_leaves(recorded))), _with_paths_named(dict(_leaves(new)))
+    from difflab.compose import RENAMED
+
+    recorded_now = {RENAMED.get(k, k): v for k, v in _leaves(recorded)}  # a run recorded before a rename
+    old, now = _with_paths_named(recorded_now), _with_paths_named(dict(_leaves(new)))
     refused, allowed = [], []
     for key in sorted(set(old) | set(now)):
         if key.startswith("paths.") or key == "ckpt_path":

@@ -19,7 +19,7 @@ from difflab.cadence import due
 from difflab.checkpoints import repair_epoch_progress, start_next_epoch_after_epoch_end
 from difflab.diffusion.ema import swapped_in
 from difflab.diffusion.loss_window import LossWindow
-from difflab.diffusion.noise import TimestepDensity, TrainScheduler, immiscible_noise, noise_process
+from difflab.diffusion.noise import NoiseLevels, TrainScheduler, immiscible_noise, noise_process
 from difflab.diffusion.posthoc import PowerFunctionEMA
 from difflab.diffusion.weighting import LearnedWeighting
 from difflab.errors import DifflabError
@@ -46,10 +46,7 @@ class DiffusionModule(L.LightningModule):
         lr_schedule: LRSchedule = "cosine",
         warmup_steps: Annotated[int, AtLeast(0)] = 100,
         min_snr_gamma: Annotated[float, Above(0)] | None = None,
-        timesteps: TimestepDensity = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: Annotated[float, Above(0)] = 1.0,
-        stratified: bool = False,
+        noise_levels: NoiseLevels | None = None,
         immiscible: bool = False,
         learned_weighting: bool = False,
         ema: Callable[[torch.nn.Module], EMAModel | PowerFunctionEMA] | None = None,
@@ -62,9 +59,7 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.unet = unet
         self.noise_scheduler = noise_scheduler
-        self.process = noise_process(
-            noise_scheduler, min_snr_gamma, timesteps, logit_mean, logit_std, stratified
-        )
+        self.process = noise_process(noise_scheduler, noise_levels, min_snr_gamma)
         self.immiscible = immiscible
         # A submodule, so its weights are trained, checkpointed and resumed with the UNet's.
         self.weighting = LearnedWeighting() if learned_weighting else None

@@ -29,6 +29,7 @@ of its mean (diffusion/weighting.py), reading the level as λ = log SNR from ``l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 import torch
@@ -92,26 +93,31 @@ def flow_schedule(
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift, **more)
 
 
-def draw_levels(
-    n: int,
-    generator: torch.Generator,
-    device: torch.device,
-    density: TimestepDensity,
-    mean: float,
-    std: float,
-    stratified: bool = False,
-) -> torch.Tensor:
-    """n noise levels u in [0, 1), float32. Written here rather than with diffusers'
-    ``compute_density_for_timestep_sampling``: that one draws from the global RNG, and every draw
-    here comes from the step's own generator (an exact resume redraws them)."""
-    if not stratified:  # i.i.d. (the draws of runs made before stratified existed)
-        if density == "uniform":
-            return torch.rand(n, generator=generator, device=device)
-        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
-    offset = torch.rand(1, generator=generator, device=device)
-    q = (offset + torch.arange(n, device=device) / n) % 1  # n evenly spaced quantiles, one random shift
-    # Through the density's inverse CDF; q = 0 gives u = 0, which the processes clamp or floor.
-    return q if density == "uniform" else torch.sigmoid(mean + std * torch.special.ndtri(q))
+@dataclass(frozen=True)
+class NoiseLevels:
+    """How training draws noise levels u in [0, 1): the density (uniform, or logit-normal: u = sigmoid(n),
+    n ~ N(logit_mean, logit_std²)) and whether a batch takes stratified quantiles of it. Built by Hydra
+    from ``model.noise_levels`` and handed whole to the noise process: a new knob is a field here and its
+    line in conf/model/ddpm.yaml."""
+
+    density: TimestepDensity = "uniform"
+    logit_mean: float = 0.0
+    logit_std: Annotated[float, Above(0)] = 1.0
+    stratified: bool = False
+
+    def draw(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """n noise levels u in [0, 1), float32. Written here rather than with diffusers'
+        ``compute_density_for_timestep_sampling``: that one draws from the global RNG, and every draw
+        here comes from the step's own generator (an exact resume redraws them)."""
+        mean, std = self.logit_mean, self.logit_std
+        if not self.stratified:  # i.i.d. (the draws of runs made before stratified existed)
+            if self.density == "uniform":
+                return torch.rand(n, generator=generator, device=device)
+            return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+        offset = torch.rand(1, generator=generator, device=device)
+        q = (offset + torch.arange(n, device=device) / n) % 1  # n evenly spaced quantiles, one random shift
+        # Through the density's inverse CDF; q = 0 gives u = 0, which the processes clamp or floor.
+        return q if self.density == "uniform" else torch.sigmoid(mean + std * torch.special.ndtri(q))
 
 
 class NoiseProcess(nn.Module):
@@ -122,18 +128,11 @@ class NoiseProcess(nn.Module):
     objective: Objective = "ddpm"
 
     def __init__(
-        self,
-        scheduler: TrainScheduler,
-        min_snr_gamma: float | None = None,
-        density: TimestepDensity = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        stratified: bool = False,
+        self, scheduler: TrainScheduler, levels: NoiseLevels | None = None, min_snr_gamma: float | None = None
     ) -> None:
         super().__init__()
         self.scheduler, self.min_snr_gamma = scheduler, min_snr_gamma
-        self.density, self.logit_mean, self.logit_std = density, logit_mean, logit_std
-        self.stratified = stratified
+        self.levels = levels or NoiseLevels()
         self.num_timesteps = scheduler.config.num_train_timesteps
         self._prepare(scheduler)
 
@@ -153,16 +152,16 @@ class NoiseProcess(nn.Module):
 
     def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """The network's timestep input for n samples: integers in [0, T)."""
-        if self.density == "uniform" and not self.stratified:  # the same stream as before densities existed
+        if (
+            self.levels.density == "uniform" and not self.levels.stratified
+        ):  # the stream before densities existed
             return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
         return (
             (self._levels(n, generator, device) * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
         )
 
     def _levels(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return draw_levels(
-            n, generator, device, self.density, self.logit_mean, self.logit_std, self.stratified
-        )
+        return self.levels.draw(n, generator, device)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, t)
@@ -231,16 +230,11 @@ class FlowProcess(NoiseProcess):
 
 
 def noise_process(
-    scheduler: TrainScheduler,
-    min_snr_gamma: float | None = None,
-    density: TimestepDensity = "uniform",
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    stratified: bool = False,
+    scheduler: TrainScheduler, levels: NoiseLevels | None = None, min_snr_gamma: float | None = None
 ) -> NoiseProcess:
     """The process for the training scheduler's objective."""
     cls = FlowProcess if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else NoiseProcess
-    return cls(scheduler, min_snr_gamma, density, logit_mean, logit_std, stratified)
+    return cls(scheduler, levels, min_snr_gamma)
 
 
 def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
