@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessRaisedException
 
+from difflab.callbacks.divergence import DivergenceGuard
 from difflab.callbacks.preemption import launcher_outlives_first_ctrl_c
 from difflab.checkpoints import check_resume_compatible, resume_checkpoint
 from difflab.cli import Command, instantiate, restore_stop_signals
@@ -124,7 +125,9 @@ def train(cfg: DictConfig) -> float | None:
     # Callbacks and loggers first: the cheap objects whose constructors can still refuse (a missing
     # Inception file) before the model is built.
     loggers = instantiate_group(cfg.get("logger"))
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    # The divergence guard is not a choice (without it a NaN run would write NaN checkpoints), and it
+    # comes first: its step-end check must stop a NaN run before the FID or grid callbacks sample it.
+    callbacks = [DivergenceGuard(), *instantiate_group(cfg.get("callbacks"))]
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     # Set after instantiation: passed to instantiate, the `_target_`s inside would be built too.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import lightning as L
@@ -73,6 +72,9 @@ class DiffusionModule(L.LightningModule):
         # The base seed of the per-step noise; random when unset, and saved so a resume stays exact.
         self.noise_seed = int(seed) if seed is not None else int(torch.randint(0, 2**31, ()).item())
         self.run_config: dict = {}  # the resolved run config, stored in checkpoints (set by train)
+        # (finite flags, steps, last step) of the loss window just handed to the loggers, for the
+        # divergence guard (callbacks/divergence.py), which clears it.
+        self.logged_window: tuple[torch.Tensor, int, int] | None = None
         if compile:
             self.unet.compile()  # in place: state_dict keys stay the same as the eager model's
         self.loss_window = LossWindow(self.process.num_timesteps)
@@ -156,9 +158,9 @@ class DiffusionModule(L.LightningModule):
             # The final step logs its partial window too, so sweepers always read a train/loss; that
             # value reaches no logger, so the window stays open (and saved) for a run that extends it.
             if to_loggers or self.global_step >= self._last_step:
-                # The window's loss reaches the host here anyway (loggers, sweepers): the one place a
-                # divergence check costs no extra sync.
-                self._stop_if_diverged(self.loss_window.finite(), "the loss", self.global_step + 1)
+                # The window's loss reaches the host here anyway (loggers, sweepers): the divergence
+                # guard (callbacks/divergence.py) checks it at no extra sync.
+                self.logged_window = (self.loss_window.finite(), self.loss_window.steps, self.global_step + 1)
                 self._log_window(reset=to_loggers)
         return objective
 
@@ -178,35 +180,6 @@ class DiffusionModule(L.LightningModule):
         ``log_every_n_steps`` steps, counted from 1, and when the run stops)."""
         every = self.trainer.log_every_n_steps
         return bool(every) and (due(self.global_step + 1, every) or self.trainer.should_stop)
-
-    def _stop_if_diverged(self, finite: torch.Tensor, what: str, last_step: int) -> None:
-        """Stop the run (one line, non-zero exit) unless ``finite`` (a bool tensor) is all true, on
-        every rank. Steps are counted from 1: the loss window covers optimizer steps
-        ``last_step - window + 1 .. last_step``. Every rank calls it at the same step."""
-        bad = (~finite.all()).float()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            # Each rank has its own losses: all stop if any saw a NaN (a rank stopping alone would leave
-            # the others waiting in the next collective). One all_reduce per logging window/checkpoint.
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if not bool(bad):  # the one host sync
-            return
-        if what == "the loss":
-            first = last_step - self.loss_window.steps + 1
-            where = f"steps {first}-{last_step}" if first < last_step else f"step {last_step}"
-        else:
-            where = f"step {last_step}"
-        ckpt = self.trainer.checkpoint_callback if self._trainer is not None else None
-        kept = list(Path(ckpt.dirpath).glob("*.ckpt")) if ckpt is not None and ckpt.dirpath else []
-        keep = f"the checkpoints in {ckpt.dirpath} predate it" if kept else "no checkpoint was written"
-        hints = [f"lower model.optimizer.lr (now {self.optimizer_factory.keywords.get('lr', '?')})"]
-        hints.append("raise model.warmup_steps")
-        if self._trainer is not None and not self.trainer.gradient_clip_val:
-            hints.append("set trainer.gradient_clip_val=1.0")
-        if self._trainer is not None and "16" in str(self.trainer.precision):
-            hints.append("try trainer.precision=32-true")
-        raise DifflabError(
-            f"training diverged: {what} became NaN/Inf at {where} ({keep}); {', '.join(hints)}"
-        )
 
     def _log_window(self, reset: bool = True) -> None:
         """Log the means over the steps since the last log point; ``reset`` starts a new window."""
@@ -253,13 +226,7 @@ class DiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Raising here stops the write: a diverged model never replaces a good checkpoint. Two host
-        # syncs per checkpoint (per-tensor isfinite: a norm would overflow on large finite weights).
-        tensors = [p.detach() for p in self.parameters()]  # the UNet's and the loss weighting's
-        tensors += self.ema.all_shadows() if self.ema is not None else []
-        finite = torch.stack([t.isfinite().all() for t in tensors])
-        self._stop_if_diverged(finite, "the weights or EMA", self.global_step)
-        self._stop_if_diverged(self.loss_window.finite(), "the loss", self.global_step)
+        # A diverged model never gets here: the divergence guard's on_save_checkpoint runs first.
         snapshots = self.ema.snapshot_dir if self.ema is not None else None
         RunRecord(
             unet_config=dict(self.unet.config),
