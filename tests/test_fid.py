@@ -16,6 +16,7 @@ from torch import nn
 from difflab.data.datamodule import ImageDataModule
 from difflab.data.sources import digits_source
 from difflab.diffusion.sampling import build_sampler
+from difflab.errors import DifflabError
 from difflab.metrics import fid as fid_module
 from difflab.metrics.fid import FIDEvaluator, metric_name, real_features
 from difflab.train import train
@@ -131,6 +132,18 @@ def _fid_for(rank: int, world: int, init: str, out: str) -> None:
         torch.save(value, out)
     if world > 1:
         dist.destroy_process_group()
+
+
+def test_nan_samples_are_one_line_not_a_crash_in_the_square_root():
+    g = torch.Generator().manual_seed(0)
+    ev = FIDEvaluator(FixedFeatures(), num_samples=8)
+    ev.set_real_features(torch.randn(40, 16, generator=g, dtype=torch.float64))
+    unet = tiny_unet()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(DifflabError, match=r"^FID: the sampled images hold NaN/Inf"):
+        ev.evaluate(unet, build_sampler("ddim", dict(DDPMScheduler().config)), 2, seed=0, batch_size=8)
 
 
 def test_kid_with_fewer_real_images_than_its_subset_size():

@@ -296,13 +296,24 @@ class FIDEvaluator:
         self.fid.reset()
         if self.kid is not None:
             self.kid.reset()
+        bad = torch.zeros((), device=self.fid.fake_features_sum.device)
         if len(share):
             for _, images in sample_images(
                 unet, sampler, len(share), seed, steps, batch_size, start=share.start
             ):
+                bad += (~images.isfinite()).any().to(bad.dtype)
                 self.fid.update(images, real=False)
                 if self.kid is not None:
                     self.kid.update(images, real=False)
+        # NaN images would reach the matrix square root (MKL crashes the process there): one line
+        # instead, on every rank (one all_reduce per evaluation).
+        if world > 1:
+            dist.all_reduce(bad)
+        if bool(bad):
+            raise DifflabError(
+                "FID: the sampled images hold NaN/Inf (the EMA weights or the sampler diverged); "
+                "check the run's loss, or sample another checkpoint"
+            )
         names = self.names()
         out = {names["fid"]: float(self.fid.compute())}
         if self.kid is not None:
