@@ -337,7 +337,10 @@ def check_arguments(
 
 
 def config_problems(cfg: DictConfig, path: str = "") -> Iterator[str]:
-    """Every node with a ``_target_`` under ``cfg`` checked against its constructor (``hydra`` skipped)."""
+    """Every node with a ``_target_`` under ``cfg`` checked against its constructor (``hydra`` skipped):
+    each value against its parameter's type hint, then, when those pass, the rules that tie settings
+    together, which a class states once as ``settings_problems(settings: dict) -> list[str]`` (lines
+    with keys relative to the node; its constructor may call it too)."""
     import hydra.utils
 
     if "_target_" in cfg:
@@ -346,7 +349,15 @@ def config_problems(cfg: DictConfig, path: str = "") -> Iterator[str]:
         except Exception:
             yield f"{path}._target_={cfg._target_} cannot be imported"
             return
-        yield from check_arguments(target, cfg, path)
+        found = list(check_arguments(target, cfg, path))
+        yield from found
+        if not found and callable(rule := getattr(target, "settings_problems", None)):
+            try:
+                settings = OmegaConf.to_container(cfg, resolve=True)
+            except Exception:  # a runtime-only interpolation (${hydra:...}): checked where it is built
+                settings = None
+            if isinstance(settings, dict):
+                yield from (f"{path}.{line}" if path else line for line in rule(settings))
     for key in cfg:
         if path == "" and key == "hydra":
             continue

@@ -104,15 +104,11 @@ class PowerFunctionEMA:
         snapshot_dtype: Literal["float32", "float16", "bfloat16"] = "float16",
         foreach: bool = True,
     ) -> None:
+        if problems := self.settings_problems({"stds": stds, "sample_std": sample_std}):
+            raise DifflabError("; ".join(f"model.ema.{p}" for p in problems))
         self.stds = [float(s) for s in stds]
-        if not self.stds:
-            raise DifflabError("model.ema.stds is empty; give at least one σ_rel, e.g. [0.05, 0.10]")
         self.gammas = [exponent(s) for s in self.stds]
         chosen = self.stds[-1] if sample_std is None else float(sample_std)
-        if chosen not in self.stds:
-            raise DifflabError(
-                f"model.ema.sample_std={chosen} is not one of the tracked stds {self.stds}; pick one of them"
-            )
         self.sample_index = self.stds.index(chosen)
         self.snapshot_dir, self.snapshot_every, self.foreach = Path(snapshot_dir), snapshot_every, foreach
         self.snapshot_dtype = getattr(torch, snapshot_dtype)
@@ -125,6 +121,18 @@ class PowerFunctionEMA:
         self.profiles = [[p.detach().clone() for p in params] for _ in self.stds]
         self.optimization_step = 0
         self.cur_decay_value: float | None = None
+
+    @staticmethod
+    def settings_problems(settings: dict[str, Any]) -> list[str]:
+        """The rules that tie its settings together (rules.config_problems calls this at start-up, before
+        a run dir exists; the constructor calls it too): one line each, keys relative to ``model.ema``."""
+        stds = [float(s) for s in settings.get("stds") or ()]
+        if not stds:
+            return ["stds is empty; give at least one σ_rel, e.g. [0.05, 0.10]"]
+        chosen = settings.get("sample_std")
+        if chosen is not None and float(chosen) not in stds:
+            return [f"sample_std={chosen} is not one of the tracked stds {stds}; pick one of them"]
+        return []
 
     # The sample profile, where diffusers' EMAModel keeps its one average (swapped_in, loaders).
     @property

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Annotated, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from difflab.diffusion.sampling import sample_images
 from difflab.errors import DifflabError
 from difflab.files import DiskFullError, atomic_write, atomic_write_text, file_lock
+from difflab.rules import AtLeast
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -234,10 +235,12 @@ class FIDEvaluator:
     """Generates ``num_samples`` images split over ranks, and measures FID (and KID) against real features."""
 
     def __init__(
-        self, extractor: nn.Module, num_samples: int = 1000, kid: bool = False, kid_subset_size: int = 1000
+        self,
+        extractor: nn.Module,
+        num_samples: Annotated[int, AtLeast(2)] = 1000,  # checked by the commands' and the callback's rules
+        kid: bool = False,
+        kid_subset_size: int = 1000,
     ) -> None:
-        if num_samples < 2:
-            raise DifflabError(f"FID needs num_samples >= 2, got {num_samples}")
         self.extractor = extractor
         self.num_samples = num_samples
         self.fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
