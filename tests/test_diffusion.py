@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from difflab.checkpoints import load_checkpoint
-from difflab.diffusion.ema import build_ema, warmup_decay
+from difflab.diffusion.ema import build_ema
 from difflab.diffusion.noise import NoiseProcess
 from difflab.train import train
 from tests.conftest import FAST_DIGITS
@@ -49,6 +49,17 @@ def test_min_snr_weights_follow_the_paper():
     # Zero terminal SNR: the ε weight stays finite.
     zsnr = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="epsilon")
     assert torch.isfinite(NoiseProcess(zsnr, min_snr_gamma=5.0).loss_weights(torch.tensor([999]))).all()
+
+
+def warmup_decay(
+    step: int, max_decay: float, inv_gamma: float, power: float, update_after_step: int = 0
+) -> float:
+    """The test oracle: the decay EMAModel applies at optimisation step ``step`` (1-based), written out
+    independently of diffusers."""
+    k = max(0, step - update_after_step - 1)
+    if k == 0:
+        return 0.0
+    return min(max_decay, 1 - (1 + k / inv_gamma) ** -power)
 
 
 def test_ema_decay_follows_the_warmup_formula():

@@ -83,16 +83,6 @@ def build_ema(
     )
 
 
-def warmup_decay(
-    step: int, max_decay: float, inv_gamma: float, power: float, update_after_step: int = 0
-) -> float:
-    """The decay EMAModel applies at optimisation step ``step`` (1-based), written out independently."""
-    k = max(0, step - update_after_step - 1)
-    if k == 0:
-        return 0.0
-    return min(max_decay, 1 - (1 + k / inv_gamma) ** -power)
-
-
 @contextmanager
 def swapped_in(ema: EMAModel | None, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Temporarily load the EMA weights into ``model``; the live weights come back even on error."""
