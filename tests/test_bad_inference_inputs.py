@@ -71,7 +71,8 @@ def _inputs(root: Path) -> dict[str, Path]:
 
 
 SAMPLE_CASES = [
-    (["ckpt={flow}", "out={file}"], "out={file} cannot be created: {file} is a file, not a directory"),
+    (["ckpt={flow}", "out={file}"], "out={file} is an existing file; give a directory for sampled images"),
+    (["ckpt={flow}", "out={full}"], "out={full} holds files that are not sampled images (notes.txt)"),
     (["ckpt={flow}", "out={file}/sub"], "is a file, not a directory; choose another out"),
     (
         ["ckpt={ddpm}", "sampler=ddim", "steps=100000"],
@@ -103,13 +104,14 @@ EVAL_CASES = [
     (["ckpt={pipe}"], "is a directory, not a file"),
     (["ckpt={moved}"], "the training images of {moved} cannot be read (data.source.path="),
     (["ckpt={truncated}"], "is truncated or corrupt"),
-    (["ckpt={flow}", "out={file}"], "is a file, not a directory"),
+    (["ckpt={flow}", "out={file}"], "is an existing file; give a directory for evaluation results"),
+    (["ckpt={flow}", "out={full}"], "holds files that are not evaluation results (notes.txt)"),
 ]
 
 EXPORT_CASES = [
-    (["ckpt={flow}", "out={file}"], "is an existing file; give a directory for the pipeline"),
+    (["ckpt={flow}", "out={file}"], "is an existing file; give a directory for an exported pipeline"),
     (["ckpt={flow}", "out={file}/sub"], "is a file, not a directory"),
-    (["ckpt={flow}", "out={full}"], "is a non-empty directory that holds no exported pipeline"),
+    (["ckpt={flow}", "out={full}"], "holds files that are not an exported pipeline (notes.txt)"),
     (["ckpt={pipe}", "out=x"], "is a directory, not a file"),
     (["ckpt={truncated}", "out=x"], "is truncated or corrupt"),
     (

@@ -180,7 +180,7 @@ def test_prepare_refuses_a_non_empty_out_and_overwrites_only_shards(tmp_path, di
     other = tmp_path / "mine"
     other.mkdir()
     (other / "thesis.tex").write_text("keep me")
-    with pytest.raises(DifflabError, match=r"holds files that are not shards \(thesis.tex\)"):
+    with pytest.raises(DifflabError, match=r"holds files that are not a shard set \(thesis.tex\)"):
         PREPARE.call(["data=digits", f"out={other}", "overwrite=true"])
     assert (other / "thesis.tex").read_text() == "keep me"
     blocker = tmp_path / "a_file"

@@ -25,8 +25,13 @@ from difflab.files import Readable, atomic_write, atomic_write_text
 from difflab.inference import load_trained_unet
 from difflab.metrics.fid import FIDEvaluator, kid_wanted, real_features
 from difflab.precision import ChannelsLast, uses_channels_last
-from difflab.rules import AtLeast, Device, Exists, resolve_device
+from difflab.rules import AtLeast, Device, Exists, OutputDir, resolve_device
 from difflab.sample import sampler_steps_problems, warn_if_long
+
+# results.json/.csv and the plots; a -m sweep's jobs write to out/<overrides>/ (Hydra's multirun.yaml beside).
+RESULTS_DIR = OutputDir(
+    ("results.json", "results.csv", "*.png", "*=*", "multirun.yaml"), "evaluation results"
+)
 
 
 def evaluate(
@@ -40,7 +45,10 @@ def evaluate(
     kid: bool | Literal["auto"],
     seed: int,
     batch_size: Annotated[int, AtLeast(1)],
-    out: str,
+    # results.json/.csv and the plots; a -m sweep's jobs write to out/<overrides>/.
+    out: Annotated[
+        str, OutputDir(("results.json", "results.csv", "*.png", "*=*", "multirun.yaml"), "evaluation results")
+    ],
     device: Annotated[str, Device()],
     use_ema: bool,
     ema_std: EMAStd | list[EMAStd] | None,

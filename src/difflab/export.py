@@ -5,9 +5,8 @@ difflab-export ckpt=PATH out=DIR [push_to_hub=true hub_repo_id=user/name]
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from diffusers import DDPMPipeline, UNet2DModel
 from omegaconf import DictConfig
@@ -18,28 +17,15 @@ from difflab.diffusion.posthoc import EMAStd
 from difflab.errors import DifflabError
 from difflab.files import Readable, atomic_dir
 from difflab.inference import load_trained_unet
-from difflab.rules import Exists
+from difflab.rules import Exists, OutputDir
 
-
-@dataclass(frozen=True)
-class PipelineDir:
-    """Where an export may go: a new or empty directory, or an earlier export (which is replaced)."""
-
-    def problem(self, value: Any) -> str | None:
-        out = Path(str(value))
-        if out.exists() and not out.is_dir():
-            return "is an existing file; give a directory for the pipeline"
-        if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
-            return (
-                "is a non-empty directory that holds no exported pipeline; "
-                "give a new or empty directory (an earlier export there is replaced)"
-            )
-        return None
+# What DiffusionPipeline.save_pretrained writes: an earlier export there is replaced whole.
+PIPELINE_DIR = OutputDir(("model_index.json", "unet", "scheduler", "README.md"), "an exported pipeline")
 
 
 def export(
     ckpt: Annotated[str, Exists("file"), Readable()],
-    out: Annotated[str, PipelineDir()],
+    out: Annotated[str, PIPELINE_DIR],
     use_ema: bool,
     ema_std: EMAStd | None,
     push_to_hub: bool,

@@ -38,35 +38,31 @@ from difflab.data.shards import (
 )
 from difflab.errors import DifflabError
 from difflab.files import atomic_dir, atomic_write_text
-from difflab.rules import AtLeast
+from difflab.rules import AtLeast, OutputDir
 
 log = logging.getLogger("difflab.prepare")
+
+
+# What difflab-prepare writes (the output-folder rule shared with sample, eval and export); an earlier
+# shard set there is replaced only with overwrite=true.
+SHARD_DIR = OutputDir(("index.json", "chunk-*"), "a shard set")
 
 
 def _ready_local_out(out: str, overwrite: bool) -> Path:
     """``out`` as a writable directory, empty or (with ``overwrite``) holding a shard set to replace;
     refuses anything else."""
     path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise DifflabError(f"out={out} is a file, not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite and not (path / "index.json").exists() and any(path.glob("chunk-*")):
+    if problem := SHARD_DIR.problem(path):  # a file, or someone else's files: never written into
+        raise DifflabError(f"out={out} {problem}")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        if not (path / "index.json").exists():
             raise DifflabError(
                 f"out={out} holds an unfinished shard set (chunks but no index.json: an earlier "
                 "difflab-prepare was stopped); give overwrite=true to write it again"
             )
-        if not overwrite:
-            raise DifflabError(
-                f"out={out} is not empty; choose a new directory or give overwrite=true to replace the shards"
-            )
-        foreign = [
-            p.name for p in path.iterdir() if p.name != "index.json" and not p.name.startswith("chunk-")
-        ]
-        if foreign:
-            raise DifflabError(
-                f"out={out} holds files that are not shards ({', '.join(sorted(foreign)[:3])}); "
-                "overwrite=true only replaces a shard set; choose another directory"
-            )
+        raise DifflabError(
+            f"out={out} is not empty; choose a new directory or give overwrite=true to replace the shards"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

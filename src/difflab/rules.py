@@ -85,6 +85,34 @@ class Exists:
 
 
 @dataclass(frozen=True)
+class OutputDir:
+    """Where a command writes its results (``out=``): a new or empty directory, or one that holds only
+    what the command itself writes there (``owns``: file-name patterns), which a rerun replaces or
+    overwrites. Never a file, and never a directory of someone else's files: one rule for sample, eval,
+    export and prepare."""
+
+    owns: tuple[str, ...]
+    what: str  # what the command writes, for the message ("an exported pipeline")
+
+    def foreign(self, out: Path) -> list[str]:
+        """The entries of ``out`` the command did not write (sorted names)."""
+        import fnmatch
+
+        return sorted(p.name for p in out.iterdir() if not any(fnmatch.fnmatch(p.name, g) for g in self.owns))
+
+    def problem(self, value: Any) -> str | None:
+        out = Path(str(value)).expanduser()
+        if out.exists() and not out.is_dir():
+            return f"is an existing file; give a directory for {self.what}"
+        if out.is_dir() and (foreign := self.foreign(out)):
+            return (
+                f"holds files that are not {self.what} ({', '.join(foreign[:3])}); give a new or empty "
+                "directory (what this command wrote there before is replaced)"
+            )
+        return None
+
+
+@dataclass(frozen=True)
 class Device:
     """``auto``, ``cpu`` or ``cuda[:N]``, and a CUDA device only where one is visible."""
 

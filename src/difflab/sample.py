@@ -30,7 +30,7 @@ from difflab.errors import DifflabError
 from difflab.files import Readable, atomic_write
 from difflab.inference import load_trained_unet, schedule_of
 from difflab.precision import ChannelsLast, uses_channels_last
-from difflab.rules import AtLeast, Device, Exists, resolve_device
+from difflab.rules import AtLeast, Device, Exists, OutputDir, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,13 @@ log = logging.getLogger(__name__)
 GRID_MAX = 256
 
 
+# One PNG per image and grid.png; a -m sweep's jobs write to out/<overrides>/ (Hydra's multirun.yaml beside).
+IMAGES_DIR = OutputDir(("*.png", "*=*", "multirun.yaml"), "sampled images")
+
+
 def sample(
     ckpt: Annotated[str, Exists(), Readable()],
-    out: str,
+    out: Annotated[str, IMAGES_DIR],
     num_images: Annotated[int, AtLeast(1)],
     sampler: SamplerName,
     steps: Annotated[int, AtLeast(1)],
