@@ -95,8 +95,8 @@ def test_precision_report_pairs_each_alternation_and_states_the_verdict(tmp_path
     monkeypatch.setattr(precision_bench, "load", lambda bench: [r for r in recs if r.get("repeat") != 4])
     precision_bench.report()
     text = page.read_text()
-    assert "| 3.00 [3.00, 3.00] (n=4, min-max) | not shown (< 5 alternations) |" in text
-    assert "| 2.00 [2.00, 2.00] (n=4, min-max) | not shown (< 5 alternations) |" in text
+    assert "| 3.00 [3.00, 3.00] (n=4, min-max) | not shown (n=4 < 5 alternations) |" in text
+    assert "| 2.00 [2.00, 2.00] (n=4, min-max) | not shown (n=4 < 5 alternations) |" in text
 
 
 def test_framework_cost_report_writes_its_block_only(tmp_path, monkeypatch):
@@ -191,5 +191,5 @@ def test_speed_levers_report_with_fewer_than_five_alternations_shows_nothing():
     import speed_levers
 
     text = speed_levers.build_report([r for k in range(3) for r in lever_rows(k, 2.0, 400.0)])
-    assert text.count("not shown (< 5 alternations)") == 4
+    assert text.count("not shown (n=3 < 5 alternations)") == 4
     assert speed_levers.build_report([]) == "Not measured yet under the protocol."

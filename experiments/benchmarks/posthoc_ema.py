@@ -32,8 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from protocol import RAW, Recorder, interval, load, machine_line, table, write_section  # noqa: E402
-from time_to_quality import claim  # noqa: E402
+from protocol import RAW, Recorder, claim, interval, load, machine_line, table, write_section  # noqa: E402
 
 BENCH = "posthoc_ema"
 SAMPLER, STEPS, EVAL_SEED = "dpmsolver++", 20, 1234
@@ -202,7 +201,7 @@ def build_report(records: list[dict]) -> tuple[str, dict]:
                 str(interval(ph)),
                 str(interval(tr)),
                 str(diff),
-                claim(diff, 0.0),
+                claim(diff, 0.0, quality=True),
             ]
         )
     lines += [table(header, body), ""]

@@ -34,6 +34,7 @@ from protocol import (  # noqa: E402
     RAW,
     REPO,
     Recorder,
+    claim,
     code_env,
     interleaved,
     interval,
@@ -42,7 +43,6 @@ from protocol import (  # noqa: E402
     machine_line,
     ratio_pairs,
     table,
-    verdict,
     write_section,
 )
 
@@ -53,7 +53,6 @@ ROWS = {  # row -> trainer.precision (None: the matmul microbenchmark)
     "32-true again": "32-true",
     "matmul": None,
 }
-MIN_ALTERNATIONS = 5
 CLOCK = "+callbacks.step_clock._target_=experiments.benchmarks.bench_worker.StepClock"
 
 
@@ -154,10 +153,8 @@ def report() -> None:
     def iv(key: str, numer: str, denom: str = "32-true") -> object:
         return interval(ratio_pairs(by[numer], by[denom], key))
 
-    def speed_verdict(ratio: object) -> str:  # a speed claim needs >= 5 alternations (protocol.py)
-        return (
-            verdict(ratio, 1.0, False) if len(whole) >= MIN_ALTERNATIONS else "not shown (< 5 alternations)"
-        )
+    def speed_verdict(ratio: object) -> str:
+        return claim(ratio, 1.0, lower_is_better=False)
 
     wall, wall_floor = iv("steps_per_sec", "bf16-mixed"), iv("steps_per_sec", "32-true again")
     cpu, cpu_floor = iv("steps_per_cpu_sec", "bf16-mixed"), iv("steps_per_cpu_sec", "32-true again")

@@ -235,6 +235,19 @@ def verdict(iv: Interval, target: float, lower_is_better: bool = True) -> str:
     return "shown" if beats else "refuted" if loses else "not shown"
 
 
+# The protocol's minimum sample sizes: a quality claim over seeds, a speed claim over alternations.
+MIN_SEEDS, MIN_ALTERNATIONS = 3, 5
+
+
+def claim(iv: Interval, target: float, lower_is_better: bool = True, quality: bool = False) -> str:
+    """``verdict`` for a claim, which needs MIN_SEEDS seeds (``quality``) or MIN_ALTERNATIONS
+    alternations (speed): with fewer, nothing is settled either way."""
+    minimum, unit = (MIN_SEEDS, "seeds") if quality else (MIN_ALTERNATIONS, "alternations")
+    if iv.n < minimum:
+        return f"not shown (n={iv.n} < {minimum} {unit})"
+    return verdict(iv, target, lower_is_better)
+
+
 def interleaved(rows: Sequence[str], repeats: int) -> list[tuple[int, str]]:
     """(repeat, row) in A B A B order: slow drift of the machine's speed falls on every row alike."""
     return [(k, row) for k in range(repeats) for row in rows]

@@ -40,6 +40,7 @@ from protocol import (  # noqa: E402
     RAW,
     REPO,
     Recorder,
+    claim,
     code_env,
     interleaved,
     interval,
@@ -48,12 +49,10 @@ from protocol import (  # noqa: E402
     machine_line,
     ratio_pairs,
     table,
-    verdict,
     write_section,
 )
 
 BENCH = "speed_levers"
-MIN_ALTERNATIONS = 5
 # row -> (trainer.precision, overrides); None: the kernels worker
 ROWS: dict[str, tuple[str, list[str]] | None] = {
     "bf16 auto": ("bf16-mixed", []),
@@ -121,11 +120,7 @@ def build_report(records: list[dict]) -> str:
     }
 
     def speed_verdict(iv: object, floor: bool) -> str:
-        if floor:
-            return ""
-        if len(whole) < MIN_ALTERNATIONS:
-            return f"not shown (< {MIN_ALTERNATIONS} alternations)"
-        return verdict(iv, 1.0, lower_is_better=False)
+        return "" if floor else claim(iv, 1.0, lower_is_better=False)
 
     body = []
     for figure, (numer, denom) in TRAINING.items():

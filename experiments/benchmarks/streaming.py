@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 from protocol import (  # noqa: E402  (this folder is not a package on sys.path)
     RAW,
     Recorder,
+    claim,
     code_env,
     interleaved,
     interval,
@@ -52,7 +53,6 @@ from protocol import (  # noqa: E402  (this folder is not a package on sys.path)
     machine_line,
     ratio_pairs,
     table,
-    verdict,
     write_section,
 )
 
@@ -220,7 +220,7 @@ def report() -> None:
                     cells.append("")
                     continue
                 iv = interval(ratio_pairs(by[kind], by[denom], "img_s"))
-                shown = verdict(iv, 1.0, lower_is_better=False)
+                shown = claim(iv, 1.0, lower_is_better=False)
                 cells.append(str(iv) if kind == "streaming_again" else f"{iv}; > 1: {shown}")
             rows.append(cells)
     header = ["row", "workers", "img/s", "÷ folder", "÷ in_memory", "÷ streaming (A/A noise floor)"]

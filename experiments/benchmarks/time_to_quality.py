@@ -55,6 +55,7 @@ from protocol import (  # noqa: E402
     RAW,
     Interval,
     Recorder,
+    claim,
     code_env,
     interleaved,
     interval,
@@ -62,7 +63,6 @@ from protocol import (  # noqa: E402
     machine_line,
     ratio_pairs,
     table,
-    verdict,
     write_section,
 )
 
@@ -124,7 +124,6 @@ EVAL_SEED = 1234  # difflab-eval's default image seed; the noise floor adds othe
 # The FID reference per --data: its test split (held out: a recipe cannot score by copying its training
 # set); twemoji has none (its 4,009 emoji leave too few for a held-out reference), so its training images.
 HELD_OUT = {"fashion_mnist": "test", "twemoji": None}
-MIN_SEEDS = 3  # the protocol's minimum for a quality claim
 GOAL = 1 / 3  # the README's claim: today's default reaches the old default's end FID in a third of its time
 
 
@@ -587,9 +586,9 @@ def build_report(records: list[dict], target_row: str = "ddpm") -> tuple[str, di
                     row,
                     "; ".join(per_seed),
                     ratio_cell(iv_w),
-                    claim(iv_w, GOAL),
+                    claim(iv_w, GOAL, quality=True),
                     ratio_cell(iv_s),
-                    claim(iv_s, GOAL),
+                    claim(iv_s, GOAL, quality=True),
                 ]
             )
         fids = ", ".join(f"seed {s}: {t['fid']:.3f}" for s, t in targets.items() if t)
@@ -634,13 +633,6 @@ def timed_together(pairs: list[tuple[dict, dict]]) -> str:
         f"session): bf16 {cell([a['seconds'] / 60 for a, _ in same])}, "
         f"fp32 {cell([b['seconds'] / 60 for _, b in same])}."
     )
-
-
-def claim(iv: Interval, target: float, lower_is_better: bool = True) -> str:
-    """protocol.verdict, for a quality claim: fewer than MIN_SEEDS seeds settle nothing either way."""
-    if iv.n < MIN_SEEDS:
-        return f"not shown (n={iv.n} < {MIN_SEEDS} seeds)"
-    return verdict(iv, target, lower_is_better)
 
 
 def ratio_cell(iv: Interval) -> str:
