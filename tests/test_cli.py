@@ -104,3 +104,18 @@ def test_two_identical_runs_into_one_run_dir_one_is_refused(tmp_path):
         f"(pid {first.pid}); wait for it to end, or start this run elsewhere with hydra.run.dir=<new dir>"
     )
     assert (run_dir / "train.log").read_text().count("run dir:") == 1  # one run's log, not two interleaved
+
+
+def test_an_in_process_command_leaves_sys_argv_and_the_logging_filters_as_it_found_them(
+    tmp_path, monkeypatch
+):
+    import logging
+
+    from difflab.sample import COMMAND as SAMPLE
+
+    monkeypatch.chdir(tmp_path)
+    before, tips = list(sys.argv), logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    SAMPLE.main(["--cfg", "job", "ckpt=/no/such.ckpt"])  # reaches Hydra (which reads sys.argv): prints
+    filters = list(tips.filters)
+    SAMPLE.main(["--cfg", "job", "ckpt=/no/such.ckpt"])
+    assert sys.argv == before and tips.filters == filters

@@ -47,7 +47,12 @@ def quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     logging.getLogger("litdata").setLevel(logging.WARNING)
     tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    tips.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
+    if _not_a_tip not in tips.filters:  # once per process, however many commands run in it
+        tips.addFilter(_not_a_tip)
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
 
 
 def print_error_and_exit(e: Exception | str) -> None:
@@ -170,10 +175,11 @@ class Command:
         named_here = config.UNIQUE_VARIABLE not in os.environ
         if named_here:
             os.environ[config.UNIQUE_VARIABLE] = config.unique_suffix()
+        argv_before = list(sys.argv)
         try:
             stop_signals_interrupt()
             preflight(self, args)
-            sys.argv = [sys.argv[0], *args]
+            sys.argv = [sys.argv[0], *args]  # hydra.main reads the command line from sys.argv
             return self._hydra_main()
         except DifflabError as e:
             print_error_and_exit(e)
@@ -186,6 +192,7 @@ class Command:
         finally:
             from difflab.rundir import release_locks
 
+            sys.argv[:] = argv_before  # an in-process call (tests, notebooks) leaves the caller's
             restore_stop_signals()
             release_locks()  # the run is over (matters when called in-process: tests, notebooks)
             # The next command in this process (a test, a notebook) names a sweep of its own.
