@@ -155,8 +155,8 @@ def test_model_unet_dot_spelling_selects_the_preset():
         "model/unet=tiny",
         "data=digits",
     ]
-    # Read by Hydra's override parser: sweeps, prefixes and null as Hydra writes them; a key inside
-    # the group, a dict value, a flag and what Hydra cannot parse stay as given.
+    # Read by Hydra's override parser: sweeps and prefixes as Hydra writes them; null (no EMA: a value),
+    # a key inside the group, a dict value, a flag and what Hydra cannot parse stay as given.
     assert rewrite_group_aliases(
         [
             "model.unet=tiny,small",
@@ -169,7 +169,7 @@ def test_model_unet_dot_spelling_selects_the_preset():
         ]
     ) == [
         "model/unet=tiny,small",
-        "model/ema=null",
+        "model.ema=null",
         "+model/ema=posthoc",
         "model.unet.sample_size=8",
         "model.unet={sample_size: 8}",

@@ -50,9 +50,9 @@ GROUP_ALIASES = {"model.unet": "model/unet", "model.ema": "model/ema"}
 
 
 def rewrite_group_aliases(argv: list[str]) -> list[str]:
-    """``model.unet=tiny`` -> ``model/unet=tiny`` (sweeps, ``+``/``~`` prefixes and ``null`` alike), each
-    argument read by Hydra's own override parser; flags and what it cannot parse pass unchanged (Hydra
-    reports those itself)."""
+    """``model.unet=tiny`` -> ``model/unet=tiny`` (sweeps and ``+``/``~`` prefixes alike; ``null`` is a
+    value, not a group choice), each argument read by Hydra's own override parser; flags and what it
+    cannot parse pass unchanged (Hydra reports those itself)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -68,6 +68,7 @@ def rewrite_group_aliases(argv: list[str]) -> list[str]:
                 override is not None
                 and override.key_or_group in GROUP_ALIASES
                 and override.package is None
+                and override.value() is not None  # model.ema=null: no EMA, a value, not a group choice
                 and not isinstance(override.value(), dict)
                 and arg.partition("=")[2]
             ):
