@@ -105,7 +105,7 @@ def test_sample_command_bad_input(trained_ckpt, tmp_path):
     with pytest.raises(
         DifflabError, match="is not a difflab checkpoint: it is not a PyTorch checkpoint file"
     ):
-        sample(ckpt=junk, out=tmp_path)
+        sample(ckpt=junk, out=tmp_path / "s")  # not tmp_path itself: it holds junk.ckpt, refused as out
     with pytest.raises(DifflabError, match="unknown key num_imgs; did you mean num_images"):
         sample(ckpt=trained_ckpt, num_imgs=3)
     with pytest.raises(DifflabError, match=r"ckpt is required \(give ckpt=...\)"):
