@@ -155,3 +155,19 @@ def test_second_run_into_a_held_run_dir_is_refused_and_a_killed_holder_frees_it(
         holder.wait()
     assert _train(run) == 0  # the kernel dropped the dead holder's lock: nothing stuck
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_dir_another_rank_creates_meanwhile_is_taken_not_refused(tmp_path, monkeypatch):
+    """make_writable_dir races the other ranks of its job (each checks the shared cache and run dirs):
+    a dir that appears between the existence check and mkdir is theirs, fine, and not removed."""
+    from difflab.rundir import make_writable_dir
+
+    target = tmp_path / "cache"
+    real_mkdir = Path.mkdir
+
+    def raced(self, *args, **kwargs):
+        real_mkdir(self)  # the other rank got there first
+        raise FileExistsError(17, "File exists", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", raced)
+    assert make_writable_dir(target, "metrics.cache_dir") == [] and target.is_dir()

@@ -57,7 +57,12 @@ def make_writable_dir(path: Path | str, key: str, under: tuple[str, str] | None 
     created: list[Path] = []
     try:
         for d in reversed(missing):
-            d.mkdir()
+            try:
+                d.mkdir()
+            except FileExistsError:
+                if d.is_dir():  # another process (a rank of the same job) made it meanwhile: not ours
+                    continue
+                raise
             created.insert(0, d)
         # A file that vanishes when closed: proves a write works (a read-only or full file system,
         # no permission) and leaves nothing behind.
