@@ -45,10 +45,7 @@ def evaluate(
     kid: bool | Literal["auto"],
     seed: int,
     batch_size: Annotated[int, AtLeast(1)],
-    # results.json/.csv and the plots; a -m sweep's jobs write to out/<overrides>/.
-    out: Annotated[
-        str, OutputDir(("results.json", "results.csv", "*.png", "*=*", "multirun.yaml"), "evaluation results")
-    ],
+    out: Annotated[str, RESULTS_DIR],
     device: Annotated[str, Device()],
     use_ema: bool,
     ema_std: EMAStd | list[EMAStd] | None,

@@ -152,9 +152,8 @@ class NoiseProcess(nn.Module):
 
     def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """The network's timestep input for n samples: integers in [0, T)."""
-        if (
-            self.levels.density == "uniform" and not self.levels.stratified
-        ):  # the stream before densities existed
+        # Uniform i.i.d.: the same stream as before densities existed.
+        if self.levels.density == "uniform" and not self.levels.stratified:
             return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
         return (
             (self._levels(n, generator, device) * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
