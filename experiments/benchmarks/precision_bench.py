@@ -42,6 +42,7 @@ from protocol import (  # noqa: E402
     load,
     machine_line,
     ratio_pairs,
+    run_worker,
     table,
     write_section,
 )
@@ -88,13 +89,7 @@ def train_once(precision: str, warmup: int, steps: int, overrides: Sequence[str]
 
 
 def matmul_once() -> dict:
-    with tempfile.TemporaryDirectory(prefix="bench_matmul_") as tmp:
-        args = [sys.executable, str(HERE / "bench_worker.py"), "matmul", "--tmp", tmp]
-        p = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=code_env())
-    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        raise RuntimeError(f"matmul failed:\n{p.stderr[-3000:]}")
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = run_worker("matmul")
     out["matmul_ratio"] = out["matmul_bf16_gflops"] / out["matmul_fp32_gflops"]
     out["matmul_ratio_cpu"] = out["matmul_bf16_gflops_cpu"] / out["matmul_fp32_gflops_cpu"]
     return out

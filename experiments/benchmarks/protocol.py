@@ -65,6 +65,29 @@ def code_env(root: Path | str | None = None) -> dict[str, str]:
     return env
 
 
+def run_worker(mode: str, **kw: object) -> dict:
+    """One bench_worker.py ``mode`` in a fresh process of this tree's code (``--key value`` per keyword:
+    a list repeats the flag, True is a bare flag, False/None are left out); its RESULT line as a dict.
+    Each run's scratch (run dir, checkpoints, caches) goes when it ends."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        args = [sys.executable, str(HERE / "bench_worker.py"), mode, "--tmp", tmp]
+        for k, v in kw.items():
+            if isinstance(v, list | tuple):
+                for item in v:
+                    args += [f"--{k}", str(item)]
+            elif v is True:
+                args.append(f"--{k}")
+            elif v not in (False, None):
+                args += [f"--{k}", str(v)]
+        p = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=code_env())
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"{mode} {kw} failed:\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def _git(*args: str) -> str:
     try:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)

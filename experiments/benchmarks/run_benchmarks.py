@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -37,15 +35,14 @@ sys.path.insert(0, str(HERE))
 
 from protocol import (  # noqa: E402
     RAW,
-    REPO,
     Recorder,
-    code_env,
     interleaved,
     interval,
     latest,
     load,
     machine_line,
     ratio_pairs,
+    run_worker,
     table,
     write_section,
 )
@@ -67,25 +64,6 @@ ROWS = {
 }
 
 
-def worker(mode: str, **kw) -> dict:
-    # Each run's scratch (run dir, checkpoints, caches) goes when it ends.
-    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-        args = [sys.executable, str(HERE / "bench_worker.py"), mode, "--tmp", tmp]
-        for k, v in kw.items():
-            if isinstance(v, list | tuple):
-                for item in v:
-                    args += [f"--{k}", str(item)]
-            elif v is True:
-                args.append(f"--{k}")
-            elif v not in (False, None):
-                args += [f"--{k}", str(v)]
-        p = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=code_env())
-    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        raise RuntimeError(f"{mode} {kw} failed:\n{p.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def measure(presets: list[str], repeats: int, raw_dir: Path) -> None:
     rec = Recorder(BENCH, raw_dir)
     threads = os.environ.get("OMP_NUM_THREADS", "torch default")
@@ -102,7 +80,7 @@ def measure(presets: list[str], repeats: int, raw_dir: Path) -> None:
         )
         for k, row in interleaved(list(ROWS), repeats):
             mode, variant, precision = ROWS[row]
-            r = worker(mode, variant=variant, precision=precision, **common)
+            r = run_worker(mode, variant=variant, precision=precision, **common)
             rec.record(
                 row=row,
                 repeat=k,
@@ -243,8 +221,8 @@ def measure_levers(repeats: int, only: str | None = None) -> list[dict]:
             continue
         ratios, firsts = [], []
         for _ in range(repeats if repeat else 1):
-            d = worker("difflab", precision=precision, **common)
-            v = worker("difflab", precision=precision, override=overrides, **common)
+            d = run_worker("difflab", precision=precision, **common)
+            v = run_worker("difflab", precision=precision, override=overrides, **common)
             ratios.append(d["images_per_sec"] / v["images_per_sec"])
             firsts.append(v["first_step_s"])
         out.append(

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,16 +36,15 @@ sys.path.insert(0, str(HERE))
 from precision_bench import train_once  # noqa: E402
 from protocol import (  # noqa: E402
     RAW,
-    REPO,
     Recorder,
     claim,
-    code_env,
     interleaved,
     interval,
     latest,
     load,
     machine_line,
     ratio_pairs,
+    run_worker,
     table,
     write_section,
 )
@@ -80,24 +77,13 @@ KERNELS = {  # figure -> (default's ms key, alternative's ms key): alternative m
 }
 
 
-def kernels_once(steps: int, warmup: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="bench_kernels_") as tmp:
-        args = [sys.executable, str(HERE / "bench_worker.py"), "kernels", "--tmp", tmp]
-        args += ["--steps", str(steps), "--warmup", str(warmup)]
-        p = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=code_env())
-    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        raise RuntimeError(f"kernels failed:\n{p.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def measure(opts: argparse.Namespace) -> None:
     rec = Recorder(BENCH, opts.raw_dir)
     threads = os.environ.get("OMP_NUM_THREADS", "torch default")
     for k, row in interleaved(list(ROWS), opts.repeats):
         spec = ROWS[row]
         if spec is None:
-            r = kernels_once(opts.kernel_calls, 2)
+            r = run_worker("kernels", steps=opts.kernel_calls, warmup=2)
         else:
             precision, overrides = spec
             r = train_once(precision, opts.warmup, opts.steps, overrides)
