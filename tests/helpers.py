@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
+import json
 import os
+import select
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -146,21 +154,114 @@ class _TorchWithSave:
         return getattr(torch, name)
 
 
+def user_env(**extra: str) -> dict[str, str]:
+    """A user's environment: no wandb account, the checkout importable (KillAt & co. live in tests/)."""
+    return {**os.environ, "WANDB_MODE": "", "WANDB_API_KEY": "", "PYTHONPATH": str(ROOT), **extra}
+
+
+class _ForkServer:
+    """The one tests/forkserver.py process of this pytest process, started on first use."""
+
+    process: subprocess.Popen | None = None
+    socket_path: str = ""
+
+    @classmethod
+    def address(cls) -> str:
+        if cls.process is None or cls.process.poll() is not None:
+            folder = tempfile.mkdtemp(prefix="difflab-forkserver-")
+            cls.socket_path = os.path.join(folder, "socket")
+            env = {k: v for k, v in user_env().items() if k != "OMP_NUM_THREADS"}
+            cls.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "forkserver.py"), cls.socket_path],
+                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True, cwd=folder,
+            )  # fmt: skip
+            atexit.register(cls.process.kill)
+            assert cls.process.stdout.readline().strip() == "ready", "tests/forkserver.py did not start"
+        return cls.socket_path
+
+
+class CliProcess:
+    """``difflab-<command> args`` started as a user would, with ``subprocess.Popen``'s methods.
+
+    By default a child of tests/forkserver.py (the same entry point without ~4.5 s of imports, see
+    that file); with DIFFLAB_TEST_FRESH_PROCESSES=1 a new interpreter. Either way in its own session
+    (so a KillAt callback kills it and its DDP workers, never pytest), stdout and stderr to files, in
+    the environment ``env`` (default: ``user_env()``)."""
+
+    def __init__(self, command: str, *args: str, cwd, env: dict[str, str] | None = None) -> None:
+        self.args = [str(BIN / f"difflab-{command}"), *args]
+        self._files = tempfile.mkdtemp(prefix="difflab-cli-")
+        out, err = os.path.join(self._files, "stdout"), os.path.join(self._files, "stderr")
+        self.returncode: int | None = None
+        self._popen: subprocess.Popen | None = None
+        if os.environ.get("DIFFLAB_TEST_FRESH_PROCESSES") == "1":
+            with open(out, "w") as o, open(err, "w") as e:
+                self._popen = subprocess.Popen(
+                    self.args, cwd=cwd, env=env or user_env(), stdout=o, stderr=e, start_new_session=True
+                )
+            self.pid = self._popen.pid
+            return
+        request = {"command": f"difflab-{command}", "script": self.args[0], "args": list(args),
+                   "cwd": str(cwd), "env": env or user_env(), "stdout": out, "stderr": err}  # fmt: skip
+        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conn.connect(_ForkServer.address())
+        self._conn.sendall(json.dumps(request).encode() + b"\n")
+        self._replies = self._conn.makefile("rb")
+        self.pid = json.loads(self._replies.readline())["pid"]
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            if self._popen is not None:
+                self.returncode = self._popen.poll()
+            elif select.select([self._conn], [], [], 0)[0]:
+                self.wait()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if self._popen is not None:
+                self.returncode = self._popen.wait(timeout)
+            else:
+                if not select.select([self._conn], [], [], timeout)[0]:
+                    raise subprocess.TimeoutExpired(self.args, timeout)
+                self.returncode = json.loads(self._replies.readline())["returncode"]
+                self._conn.close()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL to the command and every process it started (DDP ranks, data workers)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Waits (killing the whole session after ``timeout``, then raising) and returns the output."""
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            self.wait()
+            raise
+        out = self.output()
+        shutil.rmtree(self._files, ignore_errors=True)
+        return out
+
+    def output(self) -> tuple[str, str]:
+        """What the command has written to stdout and stderr so far."""
+        read = lambda name: Path(self._files, name).read_text(errors="replace")  # noqa: E731
+        return read("stdout"), read("stderr")
+
+
 def difflab_cli(
-    command: str, *args: str, cwd, timeout: int = 600, new_group: bool = False
+    command: str, *args: str, cwd, timeout: int = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``difflab-<command> args`` as a user would (its own process group with ``new_group``, so a
-    KillAt callback kills it and its DDP workers, never pytest)."""
-    env = {**os.environ, "WANDB_MODE": "", "WANDB_API_KEY": "", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [str(BIN / f"difflab-{command}"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        start_new_session=new_group,
-    )
+    """Run ``difflab-<command> args`` as a user would, to its end (see CliProcess)."""
+    proc = CliProcess(command, *args, cwd=cwd, env=env)
+    out, err = proc.communicate(timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def max_abs_diff(a: dict, b: dict) -> dict[str, float]:

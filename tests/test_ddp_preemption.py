@@ -16,7 +16,7 @@ import torch
 
 from difflab.callbacks.preemption import requeue_slurm_job
 from difflab.checkpoints import load_checkpoint
-from tests.helpers import BIN, ROOT, max_abs_diff
+from tests.helpers import difflab_cli, max_abs_diff
 
 # 1,797 digits / (2 ranks x 32) = 28 steps an epoch; no checkpoint but the last (and the signal's).
 DDP = (
@@ -75,18 +75,10 @@ class DumpLossWindow(L.Callback):
 
 
 def _run(run: Path, *args: str, trainer: str = "ddp_cpu") -> subprocess.CompletedProcess:
-    """``difflab-train`` on 2 ranks in a process group of its own: a hang kills every rank, not rank 0."""
-    cmd = [str(BIN / "difflab-train"), *DDP, f"trainer={trainer}", *args, f"hydra.run.dir={run}"]
-    env = {**os.environ, "WANDB_MODE": "", "WANDB_API_KEY": "", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=run.parent, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """``difflab-train`` on 2 ranks in a session of its own: a hang kills every rank, not rank 0."""
+    return difflab_cli(
+        "train", *DDP, f"trainer={trainer}", *args, f"hydra.run.dir={run}", cwd=run.parent, timeout=TIMEOUT
+    )
 
 
 def _signal_at(rank: int, step: int, sig: str) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ import pytest
 
 from difflab.checkpoints import load_checkpoint
 from tests.conftest import FAST_DIGITS
-from tests.helpers import BIN, ROOT, train_cli
+from tests.helpers import BIN, ROOT, difflab_cli, train_cli
 
 # A console-script run that finishes in seconds (FAST_DIGITS; the trainer group chooses the devices).
 FAST_CLI = (
@@ -223,14 +223,8 @@ def test_submitit_job_and_its_requeue_run_in_the_sweep_dir(tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad input
 def _refused(tmp_path: Path, *args: str, env: dict[str, str] | None = None, flags: tuple = ()) -> str:
-    p = subprocess.run(
-        [str(BIN / "difflab-train"), *flags, *FAST_CLI, f"paths.log_dir={tmp_path / 'logs'}", *args],
-        env=_env(**(env or {})),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    logs, env = f"paths.log_dir={tmp_path / 'logs'}", _env(**(env or {}))
+    p = difflab_cli("train", *flags, *FAST_CLI, logs, *args, env=env, cwd=tmp_path, timeout=120)
     assert p.returncode == 2, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("difflab: error: "), p.stderr[-3000:]

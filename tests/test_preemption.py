@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 
 from difflab.callbacks.preemption import PreemptionCallback
 from difflab.checkpoints import AtomicCheckpointIO, find_last_checkpoint, load_checkpoint
-from tests.helpers import BIN, train_cli
+from tests.helpers import CliProcess, train_cli
 
 
 def test_atomic_checkpoint_write_never_corrupts(tmp_path, monkeypatch):
@@ -32,10 +31,10 @@ def test_atomic_checkpoint_write_never_corrupts(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True)["step"] == 1  # the previous checkpoint is intact
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(path: Path, proc: CliProcess, timeout: float = 300) -> None:
     t0 = time.time()
     while not path.exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert proc.poll() is None, proc.output()[1][-3000:]
         assert time.time() - t0 < timeout
         time.sleep(0.2)
 
@@ -65,13 +64,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, sig):
     straight = tmp_path / "straight"
     assert train_cli(*ARGS, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [str(BIN / "difflab-train"), *ARGS, f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = CliProcess("train", *ARGS, f"hydra.run.dir={run}", cwd=tmp_path)
     _wait_for(run / "checkpoints" / "step_0000010.ckpt", proc)
     proc.send_signal(sig)
     code = proc.wait(timeout=120)

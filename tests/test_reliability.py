@@ -46,9 +46,7 @@ def kill_then_rerun(
     ``rerun_with``, e.g. another worker count); the final checkpoint."""
     cmd = (*args, f"hydra.run.dir={run_dir}")
     kill = ("+callbacks.kill._target_=tests.helpers.KillAt", f"+callbacks.kill.step={step}")
-    p = difflab_cli(
-        "train", *cmd, *kill, f"+callbacks.kill.moment={moment}", cwd=run_dir.parent, new_group=True
-    )
+    p = difflab_cli("train", *cmd, *kill, f"+callbacks.kill.moment={moment}", cwd=run_dir.parent)
     assert p.returncode == -9, f"not killed (exit {p.returncode}): {p.stderr[-2000:]}"
     p = difflab_cli("train", *cmd, *rerun_with, cwd=run_dir.parent)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -89,7 +87,6 @@ def test_a_kill_during_a_write_leaves_the_previous_checkpoints_readable(tmp_path
         "+callbacks.kill.step=35",
         "+callbacks.kill.moment=during_save",
         cwd=tmp_path,
-        new_group=True,
     )
     assert p.returncode == -9
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 28
@@ -374,9 +371,7 @@ def kill_chain_then_rerun(run_dir: Path, args: tuple[str, ...], kills: list[tupl
     cmd = (*args, f"hydra.run.dir={run_dir}")
     for step, moment in kills:
         kill = ("+callbacks.kill._target_=tests.helpers.KillAt", f"+callbacks.kill.step={step}")
-        p = difflab_cli(
-            "train", *cmd, *kill, f"+callbacks.kill.moment={moment}", cwd=run_dir.parent, new_group=True
-        )
+        p = difflab_cli("train", *cmd, *kill, f"+callbacks.kill.moment={moment}", cwd=run_dir.parent)
         assert p.returncode == -9, f"not killed at {step} (exit {p.returncode}): {p.stderr[-2000:]}"
     p = difflab_cli("train", *cmd, cwd=run_dir.parent)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -21,7 +21,7 @@ from difflab.data.shards import ShardSource
 from difflab.data.transforms import normalize_batch
 from difflab.errors import DifflabError
 from difflab.prepare import COMMAND as PREPARE
-from tests.helpers import BIN, ROOT, difflab_cli, image_digest
+from tests.helpers import CliProcess, difflab_cli, image_digest, user_env
 from tests.test_reliability import assert_same_end, kill_then_rerun, uninterrupted
 
 # 1,797 digits in ~12 chunks of 5 KB: training shuffles chunk order, blocks and items inside chunks.
@@ -84,16 +84,7 @@ def test_a_signal_mid_write_is_one_line_and_leaves_no_process(tmp_path, sig):
     PREPARE.call(["data=digits", "data.source.max_items=50", f"out={out}"])
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     args = ["data=fashion_mnist", f"out={out}", "chunk_bytes=20KB", "num_workers=2", "overwrite=true"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [str(BIN / "difflab-prepare"), *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    proc = CliProcess("prepare", *args, cwd=tmp_path, env=user_env(OMP_NUM_THREADS="1"))
     partial = tmp_path / ".shards.partial"
     deadline = time.monotonic() + 120
     while not list(partial.glob("chunk-*")) and proc.poll() is None and time.monotonic() < deadline:
