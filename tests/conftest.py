@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +18,12 @@ from difflab.compose import compose_run
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`-n 2`) each worker, and every command it starts, gets its share of the cores:
+# OpenMP threads spin while they wait, so two processes of 2 threads on 2 cores ran ~20x slower.
+_THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(_THREADS)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 
 def compose_config(
@@ -41,6 +48,42 @@ def _restore_global_state():
     GlobalHydra.instance().clear()
 
 
+class TrainedRuns:
+    """Runs trained once per test session and shared by every test that asks for the same overrides
+    (and across pytest-xdist workers: the first to ask trains, under a file lock, the others wait).
+    A test reads a shared run and never writes into it: one that resumes or changes a run copies it.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __call__(self, *overrides: str) -> Path:
+        """The run dir of ``difflab-train <overrides>`` (in-process, this test process's settings)."""
+        from filelock import FileLock
+
+        from difflab.train import train
+
+        key = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:12]
+        run, done = self.root / key, self.root / f"{key}.done"
+        with FileLock(self.root / f"{key}.lock"):
+            if not done.exists():
+                shutil.rmtree(run, ignore_errors=True)  # a worker that died mid-training left it
+                train(compose_run(run, overrides, "train"))
+                HydraConfig.instance().cfg = None
+                done.write_text("\n".join(overrides))
+        return run
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, worker_id: str) -> TrainedRuns:
+    # One folder for the whole session: pytest-xdist gives each worker its own base temp dir, under a
+    # common parent (the pattern of pytest-xdist's docs for session data shared between workers).
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "trained_runs"
+    root.mkdir(exist_ok=True)
+    return TrainedRuns(root)
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     def _make(*overrides: str, run_dir: Path | None = None, config_name: str = "train") -> DictConfig:
@@ -62,3 +105,8 @@ FAST = (
     "trainer.precision=32-true",
 )
 FAST_DIGITS = (*FAST, "callbacks.sample_grid=null")  # ... and no sample grids
+
+# Runs several test files read (through the ``trained_runs`` fixture, trained once per session).
+FLOW_30 = (*FAST_DIGITS, "trainer.max_steps=30")  # the default objective, 30 steps
+DDPM_2 = (*FAST_DIGITS, "trainer.max_steps=2", "model=ddpm")
+POSTHOC_22 = (*FAST_DIGITS, "model/ema=posthoc", "model.ema.snapshot_every=5", "trainer.max_steps=22")

@@ -170,7 +170,7 @@ class _ForkServer:
         if cls.process is None or cls.process.poll() is not None:
             folder = tempfile.mkdtemp(prefix="difflab-forkserver-")
             cls.socket_path = os.path.join(folder, "socket")
-            env = {k: v for k, v in user_env().items() if k != "OMP_NUM_THREADS"}
+            env = user_env()
             cls.process = subprocess.Popen(
                 [sys.executable, str(ROOT / "tests" / "forkserver.py"), cls.socket_path],
                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True, cwd=folder,

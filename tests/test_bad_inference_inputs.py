@@ -25,19 +25,16 @@ from difflab.export import COMMAND as EXPORT
 from difflab.files import DiskFullError, atomic_dir
 from difflab.metrics.fid import RealFeatureCache
 from difflab.sample import COMMAND as SAMPLE
-from difflab.train import train
-from tests.conftest import FAST_DIGITS, compose_config
+from tests.conftest import DDPM_2, FLOW_30
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory) -> dict[str, Path]:
-    """2-step digits checkpoints: the flow default, a DDPM one, one without EMA weights (from the
-    flow one), one trained on a folder that has moved, an exported pipeline, a truncated file and a
-    pipeline with truncated weights."""
+def ckpts(tmp_path_factory, trained_runs) -> dict[str, Path]:
+    """Digits checkpoints: the flow default, a DDPM one, one without EMA weights (from the flow one),
+    one trained on a folder that has moved, an exported pipeline, a truncated file and a pipeline
+    with truncated weights."""
     root = tmp_path_factory.mktemp("ckpts")
-    for name, extra in (("flow", []), ("ddpm", ["model=ddpm"])):
-        train(compose_config(root / name, [*FAST_DIGITS, "trainer.max_steps=2", *extra]))
-    flow = root / "flow" / "checkpoints" / "last.ckpt"
+    flow = trained_runs(*FLOW_30) / "checkpoints" / "last.ckpt"
     state = torch.load(flow, weights_only=True)
     del state["ema"]
     torch.save(state, root / "noema.ckpt")
@@ -52,7 +49,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     weights.write_bytes(weights.read_bytes()[:3000])
     return {
         "flow": flow,
-        "ddpm": root / "ddpm" / "checkpoints" / "last.ckpt",
+        "ddpm": trained_runs(*DDPM_2) / "checkpoints" / "last.ckpt",
         "noema": root / "noema.ckpt",
         "pipe": root / "pipe",
         "truncated": root / "truncated.ckpt",

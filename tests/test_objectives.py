@@ -227,11 +227,8 @@ def test_objective_is_read_from_the_scheduler_config():
 
 # ------------------------------------------------------------------------------- a trained flow model
 @pytest.fixture(scope="module")
-def flow_ckpt(tmp_path_factory):
-    from tests.conftest import compose_config
-
-    run = tmp_path_factory.mktemp("flow") / "run"
-    train(compose_config(run, [*FAST_DIGITS, "model=flow", "model.immiscible=true", "trainer.max_steps=30"]))
+def flow_ckpt(trained_runs):
+    run = trained_runs(*FAST_DIGITS, "model=flow", "model.immiscible=true", "trainer.max_steps=30")
     return run / "checkpoints" / "last.ckpt"
 
 

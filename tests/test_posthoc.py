@@ -22,7 +22,7 @@ from difflab.diffusion.posthoc import (
 )
 from difflab.errors import DifflabError
 from difflab.train import train
-from tests.conftest import FAST_DIGITS, compose_config
+from tests.conftest import FAST_DIGITS, POSTHOC_22, compose_config
 from tests.helpers import difflab_cli
 
 
@@ -139,14 +139,12 @@ def test_snapshot_problems_are_one_line_naming_the_file(tmp_path):
         list_snapshots(tmp_path / "snaps")
 
 
-POSTHOC = (*FAST_DIGITS, "model/ema=posthoc", "model.ema.snapshot_every=5", "trainer.max_steps=22")
+POSTHOC = POSTHOC_22
 
 
 @pytest.fixture(scope="module")
-def posthoc_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("posthoc") / "run"
-    train(compose_config(run, POSTHOC))
-    return run
+def posthoc_run(trained_runs) -> Path:
+    return trained_runs(*POSTHOC)
 
 
 def test_training_writes_snapshots_and_the_last_step(posthoc_run):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,28 +90,31 @@ def test_readme_slurm_line_composes(tmp_path):
     assert "SlurmLauncher" in p.stdout and "partition: gpu" in p.stdout and "gpus_per_node: 8" in p.stdout
 
 
-def test_readme_sample_eval_export_lines_as_written(tmp_path):
-    from difflab.train import train
-    from tests.conftest import FAST_DIGITS, compose_config
+def test_readme_sample_eval_export_lines_as_written(tmp_path, trained_runs):
+    from tests.conftest import POSTHOC_22
 
-    # A post-hoc EMA run, so the ema_std= lines have snapshots to reconstruct from.
-    run_args = [*FAST_DIGITS, "trainer.max_steps=20", "model/ema=posthoc", "model.ema.snapshot_every=5"]
-    train(compose_config(tmp_path / "logs" / "runs" / "r1", run_args))
+    # A post-hoc EMA run, so the ema_std= lines have snapshots to reconstruct from (a copy: the
+    # commands read the shared run in its place, logs/runs/<run>).
+    shutil.copytree(trained_runs(*POSTHOC_22), tmp_path / "logs" / "runs" / "r1")
     lines = {c: readme_commands(c) for c in ("sample", "eval", "export")}
     assert [len(v) for v in lines.values()] == [2, 3, 2]
     for command, found in lines.items():
         for args in found:
             args = [a.replace("<run>", "r1") for a in args]
-            p = difflab_cli(command, *args, cwd=tmp_path)
+            # eval lines with a cheap override appended (later overrides win): 100 samples per FID
+            # instead of 1,000, as in the optuna test (the line itself is parsed and run as written)
+            cheap = ["num_samples=100"] if command == "eval" else []
+            p = difflab_cli(command, *args, *cheap, cwd=tmp_path)
             assert p.returncode == 0, (command, args, p.stderr[-3000:])
     assert len(list((tmp_path / "samples").glob("*.png"))) == 65  # 64 images + grid.png
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert [(r["sampler"], r["steps"]) for r in rows] == [
         (s, n) for s in ("dpmsolver++", "unipc") for n in (10, 20, 50)
     ]
-    jobs = sorted(p.name for p in (tmp_path / "eval_sweep").iterdir() if p.is_dir())
+    sweep = sorted(p for p in (tmp_path / "eval_sweep").iterdir() if p.is_dir())
+    jobs = [p.name.removeprefix("num_samples=100,") for p in sweep]
     assert jobs == [f"sampler={s},steps={n}" for s in ("dpmsolver++", "unipc") for n in (10, 20)]
-    assert all((tmp_path / "eval_sweep" / j / "results.json").is_file() for j in jobs)
+    assert all((p / "results.json").is_file() for p in sweep)
     assert (tmp_path / "exported" / "fashion-flow" / "model_index.json").is_file()
     assert (tmp_path / "exported" / "fashion-phema" / "model_index.json").is_file()
     assert (tmp_path / "ema_sweep" / "fid_vs_ema.png").is_file()

@@ -11,7 +11,7 @@ import torch
 from difflab.checkpoints import load_checkpoint
 from difflab.errors import DifflabError
 from difflab.train import train
-from tests.conftest import FAST_DIGITS, compose_config
+from tests.conftest import FAST_DIGITS
 from tests.helpers import Crash, _TorchWithSave, max_abs_diff
 
 
@@ -131,11 +131,9 @@ def assert_identical(reference: dict, final: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def chain_straight(tmp_path_factory) -> Path:
+def chain_straight(trained_runs) -> Path:
     """The checkpoints of CHAIN run without interruption."""
-    run = tmp_path_factory.mktemp("chain") / "straight"
-    train(compose_config(run, CHAIN))
-    return run / "checkpoints"
+    return trained_runs(*CHAIN) / "checkpoints"
 
 
 def test_two_resumes_at_epoch_ends_equal_uninterrupted(make_cfg, tmp_path, chain_straight):

@@ -14,8 +14,6 @@ from difflab.diffusion.sampling import SAMPLERS, build_sampler, image_generators
 from difflab.errors import DifflabError
 from difflab.export import COMMAND as EXPORT
 from difflab.sample import COMMAND as SAMPLE
-from difflab.train import train
-from tests.conftest import FAST_DIGITS
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
@@ -63,12 +61,10 @@ def test_unknown_sampler_is_clear():
 
 
 @pytest.fixture(scope="module")
-def trained_ckpt(tmp_path_factory):
-    from tests.conftest import compose_config
+def trained_ckpt(trained_runs):
+    from tests.conftest import FLOW_30
 
-    run = tmp_path_factory.mktemp("trained") / "run"
-    train(compose_config(run, [*FAST_DIGITS, "trainer.max_steps=30"]))
-    return run / "checkpoints" / "last.ckpt"
+    return trained_runs(*FLOW_30) / "checkpoints" / "last.ckpt"
 
 
 def sample(**kw) -> list:

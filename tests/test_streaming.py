@@ -362,7 +362,7 @@ def test_streaming_trains_with_fid_reference_from_the_shards(tmp_path, digit_sha
 
 def test_readme_streaming_lines_as_written(tmp_path):
     """The README's prepare/train lines, from a fresh directory (the placeholder image folder made
-    here; the training lines given a 2-step budget instead of the default job's 2,000)."""
+    here; the training lines given 2 steps of 8 images instead of the default job's 2,000 of 64)."""
     from PIL import Image
 
     from tests.test_readme_sweeps import readme_commands
@@ -381,7 +381,8 @@ def test_readme_streaming_lines_as_written(tmp_path):
     streaming = [a for a in trains if "data=streaming" in a]
     assert len(streaming) == 2
     for args in streaming:
-        short = ["model/unet=tiny", "trainer.max_steps=2", "callbacks.sample_grid=null", "logger=none"]
+        short = ["model/unet=tiny", "trainer.max_steps=2", "data.batch_size=8", "callbacks.sample_grid=null",
+                 "logger=none"]  # fmt: skip
         run = tmp_path / f"run_{len(list(tmp_path.glob('run_*')))}"
         p = difflab_cli("train", *args, *short, f"hydra.run.dir={run}", cwd=tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
