@@ -175,6 +175,7 @@ class _ForkServer:
                 [sys.executable, str(ROOT / "tests" / "forkserver.py"), cls.socket_path],
                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True, cwd=folder,
             )  # fmt: skip
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
             atexit.register(cls.process.kill)
             assert cls.process.stdout.readline().strip() == "ready", "tests/forkserver.py did not start"
         return cls.socket_path
@@ -190,7 +191,9 @@ class CliProcess:
 
     def __init__(self, command: str, *args: str, cwd, env: dict[str, str] | None = None) -> None:
         self.args = [str(BIN / f"difflab-{command}"), *args]
-        self._files = tempfile.mkdtemp(prefix="difflab-cli-")
+        # Removed by communicate(), or when a test that only signals or polls drops the object.
+        self._folder = tempfile.TemporaryDirectory(prefix="difflab-cli-", ignore_cleanup_errors=True)
+        self._files = self._folder.name
         out, err = os.path.join(self._files, "stdout"), os.path.join(self._files, "stderr")
         self.returncode: int | None = None
         self._popen: subprocess.Popen | None = None
@@ -246,7 +249,7 @@ class CliProcess:
             self.wait()
             raise
         out = self.output()
-        shutil.rmtree(self._files, ignore_errors=True)
+        self._folder.cleanup()
         return out
 
     def output(self) -> tuple[str, str]:
