@@ -41,39 +41,48 @@ def test_wandb_offline_fallback_and_same_run_on_resume(make_cfg, tmp_path, monke
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # `wandb sync` merges them
 
 
-def wandb_records(path: Path) -> list[bytes]:
-    """The records of a .wandb file: a 7-byte header, then LevelDB-log framing in 32 KiB blocks
-    (crc32, little-endian length, type FULL/FIRST/MIDDLE/LAST). wandb 0.31 ships no Python reader."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, out, pending = 7, 32768, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            out.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            out.append(pending + chunk)
-    return out
+def wandb_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a finished offline run's .wandb file, once it ends with the run's exit record:
+    wandb's service writes the file on its own thread and may still be flushing it when finish()
+    returns (seen once in CI: a read met half a record). The file: a 7-byte header, then
+    LevelDB-log framing in 32 KiB blocks (crc32, little-endian length, type FULL/FIRST/MIDDLE/LAST).
+    wandb 0.31 ships no Python reader."""
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + timeout
+    while True:
+        data = path.read_bytes()
+        assert data[:4] == b":W&B"
+        pos, block, chunks, pending = 7, 32768, [], b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:
+                pos += block - pos % block
+                continue
+            length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+            if pos + 7 + length > len(data):
+                break  # the record being written
+            chunk = data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind == 1:
+                chunks.append(chunk)
+            elif kind == 2:
+                pending = chunk
+            elif kind == 3:
+                pending += chunk
+            elif kind == 4:
+                chunks.append(pending + chunk)
+        records = [wandb_internal_pb2.Record.FromString(chunk) for chunk in chunks]
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record {timeout} s after the run finished"
+        time.sleep(0.2)
 
 
 def wandb_config(run_dir: Path) -> dict:
     import json
 
-    from wandb.proto import wandb_internal_pb2
-
     config = {}
-    for data in wandb_records(next(run_dir.glob("*.wandb"))):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
+    for rec in wandb_records(next(run_dir.glob("*.wandb"))):
         if rec.WhichOneof("record_type") == "config":
             config.update({item.key: json.loads(item.value_json) for item in rec.config.update})
     return config
@@ -83,12 +92,8 @@ def wandb_history(run_dir: Path) -> list[dict]:
     """Decode the history rows of an offline wandb run from its .wandb transaction log."""
     import json
 
-    from wandb.proto import wandb_internal_pb2
-
     rows = []
-    for data in wandb_records(next(run_dir.glob("*.wandb"))):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
+    for rec in wandb_records(next(run_dir.glob("*.wandb"))):
         if rec.WhichOneof("record_type") == "history":
             rows.append(
                 {
