@@ -110,3 +110,81 @@ FAST_DIGITS = (*FAST, "callbacks.sample_grid=null")  # ... and no sample grids
 FLOW_30 = (*FAST_DIGITS, "trainer.max_steps=30")  # the default objective, 30 steps
 DDPM_2 = (*FAST_DIGITS, "trainer.max_steps=2", "model=ddpm")
 POSTHOC_22 = (*FAST_DIGITS, "model/ema=posthoc", "model.ema.snapshot_every=5", "trainer.max_steps=22")
+
+# The kill -9 / preemption run (test_preemption.py; test_reliability.py's NaN and disk runs too). Digits:
+# 1,797 images / batch 64 = 28 steps an epoch. 70 steps = 2.5 epochs; a checkpoint every 7 steps puts
+# one exactly on the epoch boundaries (28, 56) and others inside epochs. Warm-up ends at
+# step 10, so the cosine schedule (which depends on max_steps) is in force for most of the run.
+DIGITS_70 = (
+    "experiment=digits",
+    "seed=7",
+    "trainer.max_steps=70",
+    "model.warmup_steps=10",
+    "data.flip=true",
+    "callbacks.model_checkpoint.every_n_train_steps=7",
+    "callbacks.sample_grid=null",
+    "callbacks.progress_bar=null",
+    "logger=none",
+    "trainer.enable_model_summary=false",
+)
+
+
+def streaming_run(shards: Path, *extra: str) -> tuple[str, ...]:
+    """DIGITS_70 from a shard set of difflab-prepare."""
+    rest = tuple(a for a in DIGITS_70 if a != "experiment=digits")
+    return (
+        "experiment=digits",
+        "data=streaming",
+        f"data.source.path={shards}",
+        "data.resolution=8",
+        "data.channels=1",
+        *rest,
+        *extra,
+    )
+
+
+# 1,797 digits in ~12 chunks of 5 KB: training shuffles chunk order, blocks and items inside chunks.
+SMALL_CHUNKS = "chunk_bytes=5KB"
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory) -> Path:
+    """The digits as LitData shards (test_streaming.py, test_preemption.py)."""
+    from difflab.prepare import COMMAND as PREPARE
+
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    PREPARE.call(["data=digits", f"out={out}", SMALL_CHUNKS, "num_workers=2"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory, trained_runs) -> dict[str, Path]:
+    """What the inference commands are tried on (test_bad_inference_inputs.py, test_sample.py,
+    test_export.py): digits checkpoints of the flow default, of DDPM, one without EMA weights, one
+    trained on a folder since moved, a truncated file; an exported pipeline and one with truncated
+    weights."""
+    root = tmp_path_factory.mktemp("ckpts")
+    flow = trained_runs(*FLOW_30) / "checkpoints" / "last.ckpt"
+    state = torch.load(flow, weights_only=True)
+    del state["ema"]
+    torch.save(state, root / "noema.ckpt")
+    (root / "truncated.ckpt").write_bytes(flow.read_bytes()[:5000])
+    folder = {"_target_": "difflab.data.sources.FolderSource", "_partial_": True, "path": str(root / "moved")}
+    state["difflab"]["config"]["data"]["source"] = folder  # trained on a folder since moved away
+    torch.save(state, root / "moved.ckpt")
+    from difflab.export import COMMAND as EXPORT
+
+    EXPORT.call([f"ckpt={flow}", f"out={root / 'pipe'}"])
+    damaged = root / "damaged"
+    shutil.copytree(root / "pipe", damaged)
+    weights = damaged / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    return {
+        "flow": flow,
+        "ddpm": trained_runs(*DDPM_2) / "checkpoints" / "last.ckpt",
+        "noema": root / "noema.ckpt",
+        "pipe": root / "pipe",
+        "truncated": root / "truncated.ckpt",
+        "damaged": damaged,
+        "moved": root / "moved.ckpt",
+    }

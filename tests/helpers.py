@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,3 +311,34 @@ BENCH_MACHINE = {
     "commit": "abc",
     "dirty": False,
 }
+
+
+def user_files(root: Path) -> dict[str, Path]:
+    """A user's files a refused command must leave alone: a folder with a file, a file, their parent."""
+    root.mkdir(exist_ok=True)
+    full = root / "full"
+    full.mkdir(exist_ok=True)
+    (full / "notes.txt").write_text("mine")
+    (root / "notes.txt").write_text("mine")
+    return {"full": full, "file": root / "notes.txt", "dir": root}
+
+
+def refused_line(command, args, tmp_path, monkeypatch, capsys, ckpts) -> str:
+    """``difflab-<command> args`` in a fresh cwd: returns its one error line (asserting exit 2, one
+    line, no traceback, no litter in the cwd and the user's files untouched)."""
+    files = {**user_files(tmp_path / "inputs"), **ckpts}
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(exist_ok=True)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        command.main([a.format(**files) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("difflab: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err, err
+    assert list(cwd.iterdir()) == [], list(cwd.iterdir())  # no run dir, out dir or temporary dir
+    assert (files["full"] / "notes.txt").read_text() == "mine"
+    assert files["file"].read_text() == "mine"
+    return errors[0].format(**files)

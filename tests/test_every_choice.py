@@ -125,7 +125,7 @@ REFUSED_HERE = {  # choice -> the one-line start-up error it gives on this GPU-l
     "data/cifar10": "could not be downloaded",
     "metrics/inception": "metrics.extractor.weights_path=.*none.pth does not exist",
 }
-# 113.7M parameters: ~15 s a step; 2 spawned ranks: 12 s (test_streaming.py runs ddp_spawn_cpu too)
+# 113.7M parameters: ~15 s a step; 2 spawned ranks: 12 s (test_distributed.py runs ddp_spawn_cpu)
 SLOW = {"model/unet/diffusers_64", "trainer/ddp_spawn_cpu"}
 
 GROUPS = ["data", "model/unet", "model/ema", "trainer", "logger", "callbacks", "metrics", "debug"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +19,9 @@ from difflab.data.datamodule import ImageDataModule
 from difflab.data.sources import digits_source
 from difflab.diffusion.sampling import build_sampler
 from difflab.errors import DifflabError
+from difflab.files import DiskFullError
 from difflab.metrics import fid as fid_module
-from difflab.metrics.fid import FIDEvaluator, metric_name, real_features
+from difflab.metrics.fid import FIDEvaluator, RealFeatureCache, metric_name, real_features
 from difflab.train import train
 from tests.conftest import FAST_DIGITS
 from tests.test_sampling import tiny_unet
@@ -210,75 +213,6 @@ def test_inception_weights_missing_is_one_clear_error(tmp_path):
         InceptionFeatures(weights_path=str(tmp_path / "nope.pth"))
 
 
-def test_eval_command_writes_table_and_plot(tmp_path):
-    import csv
-
-    from difflab.evaluate import COMMAND
-    from tests.conftest import compose_config
-
-    run = tmp_path / "run"
-    train(compose_config(run, [*FAST_DIGITS, "trainer.max_steps=20"]))
-    out = tmp_path / "eval"
-    rows = COMMAND.call(
-        [
-            f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
-            "sampler=[unipc,dpmsolver++]",
-            "steps=[2,4]",
-            "num_samples=40",
-            "num_real=300",
-            "batch_size=20",
-            f"metrics.cache_dir={tmp_path / 'cache'}",
-            f"out={out}",
-        ]
-    )
-    assert [(r["sampler"], r["steps"]) for r in rows] == [
-        ("unipc", 2),
-        ("unipc", 4),
-        ("dpmsolver++", 2),
-        ("dpmsolver++", 4),
-    ]
-    assert all(r["val/fid_classifier_40"] > 0 and r["extractor"].startswith("classifier:") for r in rows)
-    assert json.loads((out / "results.json").read_text()) == rows
-    with open(out / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
-    assert (out / "fid_vs_steps.png").stat().st_size > 1000
-    from difflab.errors import DifflabError
-
-    with pytest.raises(DifflabError, match=r"sampler=.*warp.* is not valid"):
-        COMMAND.call([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=[ddim,warp]"])
-
-
-def test_eval_reference_can_be_the_held_out_split(tmp_path):
-    """real_split=test: the reference statistics come from the test images (their own cache entry), the
-    classifier still from the training images; a source without splits is one line naming the key."""
-    from difflab.errors import DifflabError
-    from difflab.evaluate import COMMAND
-    from tests.conftest import compose_config
-
-    run = tmp_path / "run"
-    small = ["data=fashion_mnist", "data.source.max_items=256", "data.resolution=8", "trainer.max_steps=4"]
-    train(compose_config(run, [*FAST_DIGITS, *small]))
-    ckpt = run / "checkpoints" / "last.ckpt"
-    common = [f"ckpt={ckpt}", "steps=2", "num_samples=40", "num_real=300", "batch_size=40"]
-    common += [f"metrics.cache_dir={tmp_path / 'cache'}"]
-    rows = {
-        split: COMMAND.call([*common, f"real_split={split}", f"out={tmp_path / str(split)}"])[0]
-        for split in ("null", "test")
-    }
-    # 256 training images (the run's max_items), 300 held-out ones (the whole split is open to it).
-    assert (rows["null"]["num_real"], rows["test"]["num_real"]) == (256, 300)
-    assert rows["null"]["extractor"] == rows["test"]["extractor"]  # one classifier
-    classifiers = list((tmp_path / "cache").glob("classifier_*.pt"))
-    assert len(classifiers) == 1 and torch.load(classifiers[0])["num_classes"] == 10  # the labels, auto
-    assert rows["null"]["val/fid_classifier_40"] != rows["test"]["val/fid_classifier_40"]
-    assert len(list((tmp_path / "cache").glob("fid_real_*.pt"))) == 2
-
-    digits = tmp_path / "digits"
-    train(compose_config(digits, [*FAST_DIGITS, "trainer.max_steps=2"]))
-    with pytest.raises(DifflabError, match=r"real_split=test: .* has no splits"):
-        COMMAND.call([f"ckpt={digits / 'checkpoints' / 'last.ckpt'}", "real_split=test", "num_real=10"])
-
-
 def test_label_free_classifier_tells_images_apart(tmp_path):
     """labels=auto on data without labels trains one class per image under shifts and flips: a shifted,
     mirrored copy of an emoji is nearest to its own original among 64; dataset labels are refused."""
@@ -301,3 +235,27 @@ def test_label_free_classifier_tells_images_apart(tmp_path):
 
     with pytest.raises(DifflabError, match=r"needs class labels.*labels=instance"):
         ClassifierFeatures(cache_dir=str(tmp_path / "other"), labels="dataset").prepare(dm)
+
+
+def test_fid_cache_on_a_full_disk_is_one_line_naming_the_key(tmp_path, monkeypatch):
+    import difflab.metrics.fid as fid
+
+    def full(path, write, shared=False, sync=True):
+        raise DiskFullError(Path(path))
+
+    monkeypatch.setattr(fid, "atomic_write", full)
+    with pytest.raises(fid.DifflabError) as e:
+        RealFeatureCache(tmp_path / "fid").save("k", torch.zeros(2, 3), {})
+    assert str(e.value) == (
+        f"cannot write the FID real-feature cache in {tmp_path / 'fid'} (no space left on device); free "
+        "space there or move the cache with metrics.cache_dir=<dir> (checkpoints are untouched)"
+    )
+
+
+def test_damaged_fid_cache_is_recomputed(tmp_path, caplog):
+    cache = RealFeatureCache(tmp_path)
+    cache.save("k", torch.ones(2, 3), {})
+    cache.path("k").write_bytes(cache.path("k").read_bytes()[:100])  # damaged by a copy, not by difflab
+    with caplog.at_level(logging.WARNING):
+        assert cache.load("k") is None
+    assert "cannot be read" in caplog.text

@@ -1,15 +1,12 @@
 """Objectives: flow matching beside DDPM, the timestep densities, min-SNR-γ weighting per target,
-immiscible noise; flow models through sample, export and eval; mismatches refused at start-up."""
+immiscible noise; flow models through sample and eval (export: test_export.py); mismatches refused at
+start-up."""
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
-from PIL import Image
+from diffusers import DDPMScheduler
 
 from difflab.diffusion.noise import (
     FlowProcess,
@@ -20,7 +17,7 @@ from difflab.diffusion.noise import (
     noise_process,
     objective_of,
 )
-from difflab.diffusion.sampling import FLOW_SAMPLERS, SAMPLERS, build_sampler, image_generators, sample_batch
+from difflab.diffusion.sampling import FLOW_SAMPLERS, SAMPLERS, build_sampler, sample_batch
 from difflab.diffusion.weighting import LearnedWeighting
 from difflab.errors import DifflabError
 from difflab.export import COMMAND as EXPORT
@@ -225,54 +222,14 @@ def test_objective_is_read_from_the_scheduler_config():
     assert {"flow_euler", "flow_heun"} <= set(SAMPLERS)
 
 
-# ------------------------------------------------------------------------------- a trained flow model
-@pytest.fixture(scope="module")
-def flow_ckpt(trained_runs):
-    run = trained_runs(*FAST_DIGITS, "model=flow", "model.immiscible=true", "trainer.max_steps=30")
-    return run / "checkpoints" / "last.ckpt"
+# ---------------------------------------------------------------- a trained flow model (conftest.ckpts)
 
 
-def test_flow_export_loads_with_diffusers_and_matches_difflab_sample(flow_ckpt, tmp_path):
-    out = EXPORT.call([f"ckpt={flow_ckpt}", f"out={tmp_path / 'pipe'}"])
-    index = json.loads((out / "model_index.json").read_text())
-    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-    pipe = DiffusionPipeline.from_pretrained(out)
-    ref = pipe(
-        batch_size=3, generator=image_generators(7, range(3)), num_inference_steps=8, output_type="np"
-    ).images
-    ours = SAMPLE.call(
-        [
-            f"ckpt={flow_ckpt}",
-            "num_images=3",
-            "seed=7",
-            "steps=8",
-            "sampler=flow_euler",
-            f"out={tmp_path / 's'}",
-        ]
-    )
-    for i, p in enumerate(ours):
-        assert (
-            np.abs(np.asarray(Image.open(p))[..., 0].astype(float) - np.round(ref[i, ..., 0] * 255)).max()
-            <= 1
-        )
-    again = SAMPLE.call(
-        [f"ckpt={out}", "num_images=3", "seed=7", "steps=8", "sampler=flow_euler", f"out={tmp_path / 'e'}"]
-    )
-    for p, q in zip(ours, again, strict=True):
-        assert (
-            np.abs(np.asarray(Image.open(p)).astype(int) - np.asarray(Image.open(q)).astype(int)).max() <= 1
-        )
-    heun = SAMPLE.call(
-        [f"ckpt={flow_ckpt}", "num_images=2", "steps=4", "sampler=flow_heun", f"out={tmp_path / 'h'}"]
-    )
-    assert len(heun) == 2
-
-
-def test_flow_and_ddpm_samplers_refused_across_objectives(flow_ckpt, tmp_path):
+def test_flow_and_ddpm_samplers_refused_across_objectives(ckpts, tmp_path):
     with pytest.raises(
         DifflabError, match=r"the ddim sampler is for DDPM models; a flow-matching model .*flow_euler"
     ):
-        SAMPLE.call([f"ckpt={flow_ckpt}", "sampler=ddim", f"out={tmp_path / 'x'}"])
+        SAMPLE.call([f"ckpt={ckpts['flow']}", "sampler=ddim", f"out={tmp_path / 'x'}"])
     with pytest.raises(DifflabError, match=r"the flow_euler sampler is for flow-matching models"):
         build_sampler("flow_euler", dict(DDPMScheduler().config))
 
@@ -303,11 +260,11 @@ def test_objective_mistakes_are_one_line_at_start_up(args, expected, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_resuming_a_flow_checkpoint_as_ddpm_is_refused(flow_ckpt, tmp_path):
+def test_resuming_a_flow_checkpoint_as_ddpm_is_refused(ckpts, tmp_path):
     from tests.conftest import compose_config
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.ckpt").write_bytes(flow_ckpt.read_bytes())
+    (run / "checkpoints" / "last.ckpt").write_bytes(ckpts["flow"].read_bytes())
     with pytest.raises(DifflabError, match=r"trained with model=flow, this run is model=ddpm"):
         train(compose_config(run, [*FAST_DIGITS, "model=ddpm", "trainer.max_steps=40"]))

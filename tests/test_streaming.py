@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,18 +20,8 @@ from difflab.data.shards import ShardSource
 from difflab.data.transforms import normalize_batch
 from difflab.errors import DifflabError
 from difflab.prepare import COMMAND as PREPARE
+from tests.conftest import SMALL_CHUNKS, streaming_run
 from tests.helpers import CliProcess, difflab_cli, image_digest, user_env
-from tests.test_reliability import assert_same_end, kill_then_rerun, uninterrupted
-
-# 1,797 digits in ~12 chunks of 5 KB: training shuffles chunk order, blocks and items inside chunks.
-SMALL_CHUNKS = "chunk_bytes=5KB"
-
-
-@pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "digits"
-    PREPARE.call(["data=digits", f"out={out}", SMALL_CHUNKS, "num_workers=2"])
-    return out
 
 
 def digits_uint8() -> torch.Tensor:
@@ -290,50 +279,21 @@ def _plain_item(i: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- training
-def streaming_run(shards: Path, *extra: str) -> tuple[str, ...]:
-    """The reliability suite's 70-step digits run (2.5 epochs, checkpoints every 7 steps), from shards."""
-    from tests.test_reliability import RUN
-
-    rest = tuple(a for a in RUN if a != "experiment=digits")
-    return (
-        "experiment=digits",
-        "data=streaming",
-        f"data.source.path={shards}",
-        "data.resolution=8",
-        "data.channels=1",
-        *rest,
-        *extra,
-    )
 
 
-@pytest.mark.parametrize(
-    "workers,resumed_with",
-    [(0, 2), pytest.param(2, 2, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow)],
-)
-def test_kill9_mid_epoch_resumes_exactly_from_shards(tmp_path, digit_shards, workers, resumed_with):
-    """Killed 3 steps past the checkpoint of step 42 in epoch 1 and resumed with data.num_workers
-    changed (the order does not depend on it): the resume crosses into epoch 2 and ends identical."""
-    args = streaming_run(digit_shards, f"data.num_workers={workers}")
-    reference = uninterrupted(tmp_path / "straight", args)
-    rerun = (f"data.num_workers={resumed_with}",)
-    final = kill_then_rerun(tmp_path / "kill_45", args, 45, "step", rerun_with=rerun)
-    assert_same_end(reference, final)
-
-
-def test_ddp_ranks_read_disjoint_shards_that_cover_the_epoch(tmp_path, make_cfg):
-    from difflab.train import train
-
+def test_ddp_ranks_read_disjoint_shards_that_cover_the_epoch(tmp_path):
     shards = tmp_path / "shards"
     PREPARE.call(["data=digits", "data.source.max_items=1024", f"out={shards}", SMALL_CHUNKS])
-    cfg = make_cfg(
+    p = difflab_cli(
+        "train",
         *streaming_run(shards, "data.flip=false", "data.batch_size=32", "trainer.max_steps=16"),
-        "trainer=ddp_spawn_cpu",  # in-process (trainer=ddp_cpu reruns the command line)
-        "trainer.devices=2",
+        "trainer=ddp_cpu",  # Lightning's launcher: rank 1 reruns this command line
         "+callbacks.dump._target_=tests.helpers.DumpRankState",
         f"+callbacks.dump.path={tmp_path / 'dump'}",
-        run_dir=tmp_path / "run",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
     )
-    train(cfg)
+    assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
     assert r0["world_size"] == 2 and len(r0["seen"]) == len(r1["seen"]) == 16  # 1024 / 2 ranks / 32
     per_rank = [Counter(h for batch in r["seen"] for h in batch) for r in (r0, r1)]
