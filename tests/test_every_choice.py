@@ -187,8 +187,14 @@ VALUES = [
     *(f"model.lr_schedule={v}" for v in allowed(LRSchedule)),
     *(f"data.crop={v}" for v in allowed(Crop)),
     *(f"model.channels_last={str(v).lower()}" for v in allowed(ChannelsLast)),
-    *(("model=ddpm", f"callbacks.sample_grid.sampler={v}") for v in SAMPLERS if not v.startswith("flow_")),
+    *(
+        ("model=ddpm", f"callbacks.sample_grid.sampler={v}")
+        for v in SAMPLERS
+        if not v.startswith("flow_") and v != "meanflow"
+    ),
     *(("model=flow", f"callbacks.sample_grid.sampler={v}") for v in FLOW_SAMPLERS),
+    ("model=meanflow", "callbacks.sample_grid.sampler=meanflow", "callbacks.sample_grid.steps=2"),
+    ("model=meanflow", "callbacks.sample_grid.sampler=meanflow", "model.immiscible=true"),
     ("model=flow", "model.min_snr_gamma=5.0", "model.noise_levels.density=uniform"),
     ("model=ddpm", "model.noise_levels.density=logit_normal"),
     "model.noise_levels.stratified=true",
@@ -225,6 +231,8 @@ REFUSED_COMBOS = [
     (("callbacks.sample_grid.sampler=ddim",), "ddim"),  # the default model is a flow one
     (("model=flow", "callbacks.sample_grid.sampler=heun"), "heun"),
     (("model=ddpm", "callbacks.sample_grid.sampler=flow_euler"), "flow_euler"),
+    (("model=flow", "callbacks.sample_grid.sampler=meanflow"), "meanflow"),
+    (("model=meanflow", "callbacks.sample_grid.sampler=unipc"), "unipc"),
 ]
 
 

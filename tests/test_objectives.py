@@ -234,6 +234,7 @@ def test_flow_and_ddpm_samplers_refused_across_objectives(ckpts, tmp_path):
         build_sampler("flow_euler", dict(DDPMScheduler().config))
 
 
+MEANFLOW_GRID = ("model=meanflow", "callbacks.sample_grid.sampler=meanflow", "callbacks.sample_grid.steps=2")
 BAD_OBJECTIVE_LINES = [
     (
         ["model=flow", "callbacks.sample_grid.sampler=ddpm"],
@@ -248,6 +249,22 @@ BAD_OBJECTIVE_LINES = [
     (["model.noise_levels.density=lognormal"], "model.noise_levels.density=lognormal"),
     (["model.timesteps=uniform"], "model.timesteps is now model.noise_levels.density"),
     (["model=flow", "model.noise_scheduler.shift=0"], "model.noise_scheduler.shift=0"),
+    (
+        ["model=meanflow"],
+        "callbacks.sample_grid.sampler=dpmsolver++: the dpmsolver++ sampler cannot sample a MeanFlow",
+    ),
+    (["model=flow", "callbacks.sample_grid.sampler=meanflow"], "the meanflow sampler is for MeanFlow models"),
+    (
+        [*MEANFLOW_GRID, "model.unet.class_embed_type=null"],
+        "model.unet.class_embed_type=null has no slot for MeanFlow's second time",
+    ),
+    (
+        [*MEANFLOW_GRID, "model.min_snr_gamma=5"],
+        "model.min_snr_gamma=5: MeanFlow weights its loss adaptively",
+    ),
+    ([*MEANFLOW_GRID, "model.learned_weighting=true"], "model.learned_weighting=false"),
+    ([*MEANFLOW_GRID, "model.noise_scheduler.ratio=1.5"], "model.noise_scheduler.ratio=1.5"),
+    ([*MEANFLOW_GRID, "callbacks.sample_grid.steps=1001"], "callbacks.sample_grid.steps=1001"),
 ]
 
 

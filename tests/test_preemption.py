@@ -277,3 +277,12 @@ def test_kill9_mid_epoch_resumes_exactly_from_shards(tmp_path, digit_shards, wor
     rerun = (f"data.num_workers={resumed_with}",)
     final = kill_then_rerun(tmp_path / "kill_45", args, 45, "step", rerun_with=rerun)
     assert_same_end(reference, final)
+
+
+def test_kill9_resumes_a_meanflow_run_exactly(tmp_path):
+    """MeanFlow's second noise level (r) and its r = t choice come from the step's seeded generator
+    too: a resume redraws them. Killed at step 24, it resumes from step 21 across the epoch end (28)."""
+    args = (*RUN, "model=meanflow", "trainer.max_steps=35")
+    reference = uninterrupted(tmp_path / "straight", args)
+    final = kill_then_rerun(tmp_path / "killed", args, 24, "step")
+    assert_same_end(reference, final)

@@ -36,6 +36,11 @@ def export(
     # model_index.json names each component's class: write diffusers' own UNet2DModel (difflab's
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
     unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, unet_class=UNet2DModel, ema_std=ema_std)
+    if objective_of(sched_cfg) == "meanflow":  # DDPMPipeline's loop cannot feed its second time input
+        raise DifflabError(
+            f"ckpt={ckpt} is a MeanFlow model: difflab-export cannot write it as a diffusers pipeline yet; "
+            "sample it with difflab-sample sampler=meanflow"
+        )
     # DDPMPipeline's loop (noise, then step() over the timesteps) runs a flow model with diffusers'
     # flow Euler scheduler as well: the export of either objective loads with from_pretrained.
     scheduler = scheduler_class(objective_of(sched_cfg)).from_config(sched_cfg)

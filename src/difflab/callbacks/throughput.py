@@ -42,7 +42,9 @@ class ThroughputCallback(L.Callback):
             copy = type(unet).from_config(cfg)
             x = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
             t = torch.zeros(1, dtype=torch.long)
-        return measure_flops(copy, lambda: copy(x, t).sample, lambda y: y.sum())
+        # MeanFlow's second time input (class_labels); its JVP's tangent pass is not counted.
+        more = {"class_labels": t} if getattr(cfg, "class_embed_type", None) else {}
+        return measure_flops(copy, lambda: copy(x, t, **more).sample, lambda y: y.sum())
 
     @staticmethod
     def global_batch(trainer: L.Trainer) -> int:

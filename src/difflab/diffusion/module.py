@@ -18,7 +18,7 @@ from difflab.cadence import due
 from difflab.checkpoints import repair_epoch_progress, start_next_epoch_after_epoch_end
 from difflab.diffusion.ema import swapped_in
 from difflab.diffusion.loss_window import LossWindow
-from difflab.diffusion.noise import NoiseLevels, TrainScheduler, immiscible_noise, noise_process
+from difflab.diffusion.noise import NoiseLevels, TrainScheduler, immiscible_noise, noise_process, objective_of
 from difflab.diffusion.posthoc import PowerFunctionEMA
 from difflab.diffusion.weighting import LearnedWeighting
 from difflab.errors import DifflabError
@@ -81,6 +81,15 @@ class DiffusionModule(L.LightningModule):
         self._last_step = -1
         self._ema_params: list[torch.nn.Parameter] = []
 
+    @staticmethod
+    def settings_problems(settings: dict[str, Any]) -> list[str]:
+        """The settings an objective cannot take together (rules.config_problems runs this at start-up)."""
+        from difflab.diffusion.meanflow import meanflow_settings_problems
+
+        if objective_of(settings.get("noise_scheduler") or {}) == "meanflow":
+            return meanflow_settings_problems(settings)
+        return []
+
     # ----------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
         # Every buffer here (the noise process's tables) is a function of the config, equal on every
@@ -138,15 +147,14 @@ class DiffusionModule(L.LightningModule):
         t = self.process.timesteps(x0.shape[0], g, x0.device)
         if self.immiscible:
             noise = immiscible_noise(x0, noise)
-        xt = self.process.add_noise(x0, noise, t)
-        pred = self.unet(xt, t).sample
-        target = self.process.target(x0, noise, t)
+        pred, target, t = self.process.prediction_and_target(self.unet, x0, noise, t, g)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         weighted = per_sample * self.process.loss_weights(t)
         loss = weighted.mean()
         # The loggers keep the fixed-weight loss (comparable across runs); training minimises the
-        # learned weighting's objective, whose u terms make its value no measure of quality.
-        objective = loss
+        # objective's own (MeanFlow's adaptive weight) or the learned weighting's, whose u terms make
+        # its value no measure of quality.
+        objective = self.process.objective_loss(weighted)
         if self.weighting is not None:
             objective = self.weighting(weighted, self.process.log_snr(t)).mean()
 

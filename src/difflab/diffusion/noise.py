@@ -7,6 +7,8 @@ Two objectives, each defined by the diffusers scheduler that owns its schedule:
 - ``flow`` (``FlowMatchEulerDiscreteScheduler``; rectified flow, Liu et al. 2023 / Lipman et al.
   2023): x_σ = (1−σ)·x0 + σ·ε for σ in (0, 1); the network sees the timestep σ·T (diffusers'
   convention, so its flow samplers drive it) and predicts the velocity v = ε − x0.
+- ``meanflow`` (diffusion/meanflow.py): the flow path, the network predicting the average velocity
+  over an interval, for one- and few-step sampling.
 
 Both draw u in (0, 1) from one timestep density (uniform, or logit-normal as in SD3, Esser et al.
 2024, which spends the steps on mid noise levels) and map it to t = ⌊u·T⌋ or σ = u. Stratified, a
@@ -42,7 +44,7 @@ from difflab.rules import Above, AtLeast, Between
 # What the network predicts, and the β schedules diffusers' DDPMScheduler computes (difflab tests each).
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
-Objective = Literal["ddpm", "flow"]
+Objective = Literal["ddpm", "flow", "meanflow"]
 # How training draws noise levels: u ~ U(0, 1), or u = sigmoid(n), n ~ N(logit_mean, logit_std²).
 TimestepDensity = Literal["uniform", "logit_normal"]
 TrainScheduler = DDPMScheduler | FlowMatchEulerDiscreteScheduler
@@ -50,7 +52,9 @@ TrainScheduler = DDPMScheduler | FlowMatchEulerDiscreteScheduler
 
 def objective_of(scheduler_config: Any) -> Objective:
     """The objective a (checkpoint's, pipeline's or config's) training scheduler config belongs to:
-    flow configs carry a ``shift`` and no betas."""
+    MeanFlow's says so, flow configs carry a ``shift`` and no betas."""
+    if scheduler_config.get("objective") == "meanflow":
+        return "meanflow"
     return "flow" if "shift" in scheduler_config and "beta_start" not in scheduler_config else "ddpm"
 
 
@@ -162,6 +166,13 @@ class NoiseProcess(nn.Module):
     def _levels(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         return self.levels.draw(n, generator, device)
 
+    def prediction_and_target(
+        self, unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The network's output on the noised batch, its regression target, and the timesteps the
+        loss is binned and weighted by (``t``, unless the objective draws more from ``g``)."""
+        return unet(self.add_noise(x0, noise, t), t).sample, self.target(x0, noise, t), t
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, t)
 
@@ -184,6 +195,10 @@ class NoiseProcess(nn.Module):
         if self.prediction_type == "sample":
             return clipped
         return clipped / (snr + 1)  # v-loss = (SNR + 1)·x0-loss
+
+    def objective_loss(self, weighted: torch.Tensor) -> torch.Tensor:
+        """What training minimises, from each sample's weighted loss (the loggers keep their mean)."""
+        return weighted.mean()
 
     def snr_at(self, t: torch.Tensor) -> torch.Tensor:
         """SNR = signal²/noise² at each timestep, float32 (min-SNR-γ and the learned weighting read it)."""
@@ -232,6 +247,10 @@ def noise_process(
     scheduler: TrainScheduler, levels: NoiseLevels | None = None, min_snr_gamma: float | None = None
 ) -> NoiseProcess:
     """The process for the training scheduler's objective."""
+    from difflab.diffusion.meanflow import MeanFlowProcess  # it builds on FlowProcess, defined here
+
+    if objective_of(scheduler.config) == "meanflow":
+        return MeanFlowProcess(scheduler, levels, min_snr_gamma)
     cls = FlowProcess if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else NoiseProcess
     return cls(scheduler, levels, min_snr_gamma)
 

@@ -42,6 +42,8 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     # which diffusers runs on flow sigmas with a velocity ("flow_prediction") network.
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    # MeanFlow (model=meanflow): jumps of the learned average velocity, 1-4 steps (diffusion/meanflow.py).
+    "meanflow": ("MeanFlowScheduler", {}),
 }
 # The names as a type, for the signatures that take one (the start-up check reads it: rules.py).
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
@@ -52,8 +54,16 @@ def sampler_problem(name: str, train_scheduler_config: dict) -> str | None:
     """Why sampler ``name`` cannot sample a model trained under this noise schedule, or None. Measured
     over every sampler x prediction type x zero-terminal-SNR (tests/test_every_choice.py): diffusers'
     PNDM and Euler-ancestral have no x0 ("sample") parameterisation, and Heun and PNDM divide by
-    the zero terminal ᾱ of a rescaled schedule (NaN images). Flow models take the flow samplers only."""
-    if objective_of(train_scheduler_config) == "flow":
+    the zero terminal ᾱ of a rescaled schedule (NaN images). Flow models take the flow samplers only,
+    MeanFlow models their own: an ODE sampler would integrate u as if it were the instantaneous velocity."""
+    objective = objective_of(train_scheduler_config)
+    if objective == "meanflow":
+        if name != "meanflow":
+            return f"the {name} sampler cannot sample a MeanFlow model (model=meanflow); use sampler=meanflow"
+        return None
+    if name == "meanflow":
+        return f"the meanflow sampler is for MeanFlow models (model=meanflow); this is a {objective} model"
+    if objective == "flow":
         if name not in FLOW_SAMPLERS:
             return (
                 f"the {name} sampler is for DDPM models; a flow-matching model (model=flow) samples with "
@@ -129,10 +139,18 @@ def steps_problem(name: str, train_scheduler_config: dict, steps: int) -> str | 
     rounded timestep: past that many steps DDPM models get NaN images (ddpm and ddim refuse with a
     ValueError), and flow models under dpmsolver++ or unipc, whose shifted timesteps repeat sooner,
     fail deep in the sampler (IndexError, a bare AssertionError) from a shift-dependent count
-    (501 and 334 at shift 3). Measured over every sampler: tests/test_bad_inference_inputs.py."""
+    (501 and 334 at shift 3). Measured over every sampler: tests/test_bad_inference_inputs.py. MeanFlow
+    jumps between noise levels of the training scale: at most num_train_timesteps of them."""
     if name in CONTINUOUS_SAMPLERS or sampler_problem(name, train_scheduler_config):
         return None
     levels = int(train_scheduler_config.get("num_train_timesteps", 1000))
+    if name == "meanflow":
+        if steps <= levels:
+            return None
+        return (
+            f"steps={steps} is more than the model's num_train_timesteps={levels} (the time scale of its "
+            f"jumps); give steps<={levels} (MeanFlow models sample in 1-4)"
+        )
     if objective_of(train_scheduler_config) != "flow":
         if steps <= levels:
             return None
@@ -204,6 +222,10 @@ def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) 
     problem = sampler_problem(name, train_scheduler_config)
     if problem:
         raise DifflabError(problem)
+    if name == "meanflow":
+        from difflab.diffusion.meanflow import MeanFlowScheduler
+
+        return MeanFlowScheduler.from_config({k: v for k, v in dict(train_scheduler_config).items()})
     cls_name, extra = SAMPLERS[name]
     cls = EulerAncestralDiscreteScheduler if name == "euler_a" else getattr(diffusers, cls_name)
     # Private keys go: diffusers drops the `_use_default_values` keys from a config, so a checkpoint's
@@ -275,9 +297,11 @@ def sample_batch(
     x = x * getattr(sampler, "init_noise_sigma", 1.0)
     scale = getattr(sampler, "scale_model_input", lambda x, t: x)
     step_kwargs = {"generator": gens} if _accepts(sampler.step, "generator") else {}
+    # What the network takes beside (x, t): MeanFlow's second time (diffusion/meanflow.py).
+    more = getattr(sampler, "model_inputs", lambda t, n: {})
     for t in sampler.timesteps:
         model_in = scale(x, t)
-        out = unet(model_in, t).sample
+        out = unet(model_in, t, **more(t, len(indices))).sample
         x = sampler.step(out, t, x, **step_kwargs).prev_sample
     return (x.float() / 2 + 0.5).clamp(0, 1)
 

@@ -1,0 +1,184 @@
+"""MeanFlow (Geng et al. 2025, arXiv 2505.13447): a network that samples in one or a few steps.
+
+Same path as flow matching (diffusion/noise.py ``FlowProcess``): z_t = (1−t)·x + t·ε for t in [0, 1],
+velocity v = ε − x = dz_t/dt. The network learns the *average* velocity over [r, t]
+
+    u(z_t, r, t) = 1/(t−r) · ∫_r^t v(z_τ, τ) dτ,       so   z_r = z_t − (t−r)·u(z_t, r, t)
+
+is one exact jump (one network evaluation for r = 0, t = 1). Differentiating (t−r)·u along the path
+gives the MeanFlow identity, the regression target:
+
+    u(z_t, r, t) = v − (t−r)·du/dt,      du/dt = ∂u/∂z·v + ∂u/∂t      (r held fixed)
+
+du/dt is one forward-mode JVP of the network with tangents (v, 0, 1) for (z, r, t), computed in the
+same pass as u itself (``torch.autograd.forward_ad``), with the gradient stopped on the target. At
+r = t the target is v: plain flow matching, so a flow model is a MeanFlow model at r = t.
+
+The network: diffusers' ``UNet2DModel`` with ``class_embed_type="timestep"``, its timestep input t·T
+and its class-embedding input (t−r)·T (T = num_train_timesteps, as for flow): the second time goes
+through diffusers' own sinusoidal projection and embedding MLP, so checkpoints stay diffusers' class.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from difflab.diffusion.noise import FlowProcess, NoiseLevels
+from difflab.rules import Above, AtLeast, Between
+
+
+class MeanFlowScheduler(SchedulerMixin, ConfigMixin):
+    """The MeanFlow schedule (``model.noise_scheduler`` under model=meanflow) and its sampler
+    (``sampler=meanflow``): ``steps`` equal jumps z_r = z_t − (t−r)·u from t = 1 (pure noise) to 0.
+
+    The training settings live in the config too, so a checkpoint records them: ``ratio`` (the share of
+    samples with r ≠ t; the rest are flow-matching samples at r = t), and the adaptive loss weight
+    w = 1/(‖Δ‖² + c)^p (``adaptive_p``, ``adaptive_c``). ``objective`` marks the config as MeanFlow's
+    (noise.objective_of reads it)."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        ratio: float = 0.25,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-3,
+        objective: str = "meanflow",
+    ) -> None:
+        self.timesteps = torch.tensor([float(num_train_timesteps)])
+        self.init_noise_sigma = 1.0
+        self._ends: torch.Tensor = torch.tensor([0.0])
+        self._index = 0
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+        """Jumps between t = 1 − i/steps and r = 1 − (i+1)/steps, as network timesteps (t·T)."""
+        edges = torch.linspace(1.0, 0.0, num_inference_steps + 1) * self.config.num_train_timesteps
+        self.timesteps, self._ends = edges[:-1].to(device), edges[1:].to(device)
+        self._index = 0
+
+    def model_inputs(self, timestep: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+        """What the network takes beside (z_t, t): (t − r)·T as its class-embedding input."""
+        gap = self.timesteps[self._index] - self._ends[self._index]
+        return {"class_labels": gap.expand(batch)}
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor]:
+        """z_r = z_t − (t − r)·u, with u = ``model_output``."""
+        gap = (self.timesteps[self._index] - self._ends[self._index]) / self.config.num_train_timesteps
+        prev = (sample.float() - gap * model_output.float()).to(sample.dtype)
+        self._index += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def meanflow_schedule(
+    *,
+    num_train_timesteps: Annotated[int, AtLeast(2)],
+    ratio: Annotated[float, Between(0, 1)],
+    adaptive_p: Annotated[float, AtLeast(0)],
+    adaptive_c: Annotated[float, Above(0)],
+    objective: Literal["meanflow"] = "meanflow",
+) -> MeanFlowScheduler:
+    """``MeanFlowScheduler`` with its settings typed (the start-up check reads the hints); ``objective``
+    marks the config as MeanFlow's before it is built (noise.objective_of)."""
+    return MeanFlowScheduler(
+        num_train_timesteps=num_train_timesteps, ratio=ratio, adaptive_p=adaptive_p, adaptive_c=adaptive_c
+    )
+
+
+class MeanFlowProcess(FlowProcess):
+    """The ``meanflow`` objective: the flow path, the average-velocity target from one JVP, (t, r)
+    drawn from the noise-level density, and the adaptive loss weight."""
+
+    objective = "meanflow"
+
+    def __init__(
+        self,
+        scheduler: MeanFlowScheduler,
+        levels: NoiseLevels | None = None,
+        min_snr_gamma: float | None = None,
+    ) -> None:
+        super().__init__(scheduler, levels, min_snr_gamma)
+        self.ratio = float(scheduler.config.ratio)
+        self.p, self.c = float(scheduler.config.adaptive_p), float(scheduler.config.adaptive_c)
+
+    def prediction_and_target(
+        self, unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # A second level from the same density and the step's generator (an exact resume redraws it):
+        # t the larger, r the smaller; a share 1 − ratio of the samples gets r = t (flow matching).
+        n, device = x0.shape[0], x0.device
+        other = self.timesteps(n, g, device)
+        t, r = torch.maximum(t, other), torch.minimum(t, other)
+        r = torch.where(torch.rand(n, generator=g, device=device) < self.ratio, r, t)
+        u, target = self.average_velocity_and_target(unet, x0, noise, t, r)
+        return u, target, t
+
+    def average_velocity_and_target(
+        self, unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u_θ(z_t, r, t) and its target v − (t−r)·du/dt (gradient stopped), for network timesteps
+        t ≥ r (in units of T), in one forward pass carrying the JVP's tangents."""
+        scale = float(self.num_timesteps)
+        sigma = self._sigma(t, x0)
+        z = (1 - sigma) * x0 + sigma * noise
+        v = noise - x0
+        ones = torch.full_like(t, scale)  # d(t·T)/dt and d((t−r)·T)/dt: the inputs are scaled by T
+        # Without autocast: under it a convolution casts a dual input's primal but not its tangent and
+        # fails on the mixed dtypes (PyTorch 2.14; torch.func.jvp alike), so a bf16-mixed or 16-mixed
+        # run computes this pass in the weights' dtype. Forward-mode AD has no formula for PyTorch's
+        # fused (flash) attention kernels; the math kernel has one.
+        with torch.autocast(x0.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH), fwAD.dual_level():
+            out = unet(
+                fwAD.make_dual(z, v), fwAD.make_dual(t, ones), class_labels=fwAD.make_dual(t - r, ones)
+            ).sample
+            u, du_dt = fwAD.unpack_dual(out)
+        target = v - ((t - r) / scale).to(v.dtype).view(-1, 1, 1, 1) * du_dt
+        return u, target.detach()
+
+    def objective_loss(self, weighted: torch.Tensor) -> torch.Tensor:
+        """Σ w·‖Δ‖² / n with w = 1/(‖Δ‖² + c)^p, gradient stopped on w (p = 1: each sample's term is about
+        ‖Δ‖²/(‖Δ‖² + c), robust to the large errors of the JVP target; p = 0: plain MSE). The loggers
+        keep the plain mean of ‖Δ‖², comparable across steps and runs."""
+        if self.p == 0:
+            return weighted.mean()
+        return (weighted * (weighted.detach() + self.c).pow(-self.p)).mean()
+
+
+def meanflow_settings_problems(model: dict[str, Any]) -> list[str]:
+    """Lines for the model settings MeanFlow cannot take (DiffusionModule.settings_problems calls it)."""
+    problems = []
+    embed = (model.get("unet") or {}).get("class_embed_type")
+    if embed != "timestep":
+        embed = "null" if embed is None else embed
+        problems.append(
+            f"unet.class_embed_type={embed} has no slot for MeanFlow's second time (t − r); "
+            "model=meanflow sets model.unet.class_embed_type=timestep"
+        )
+    if model.get("min_snr_gamma") is not None:
+        problems.append(
+            f"min_snr_gamma={model['min_snr_gamma']}: MeanFlow weights its loss adaptively "
+            "(model.noise_scheduler.adaptive_p); give model.min_snr_gamma=null"
+        )
+    if model.get("learned_weighting"):
+        problems.append(
+            "learned_weighting=true: MeanFlow weights its loss adaptively "
+            "(model.noise_scheduler.adaptive_p); give model.learned_weighting=false"
+        )
+    return problems
