@@ -187,20 +187,110 @@ def test_two_ddp_ranks_train_a_meanflow_model(tmp_path):
 
 
 def test_readme_meanflow_lines_as_written(tmp_path):
-    """The README's MeanFlow block, each line run as written, with cheap overrides appended (later
-    overrides win): 20 training steps, 100 samples per FID."""
+    """The README's MeanFlow block, each line run as written and in its order, with cheap overrides
+    appended (later overrides win): 20 training steps, 100 samples per FID."""
     from difflab.checkpoints import load_checkpoint
     from tests.helpers import difflab_cli
     from tests.test_readme_sweeps import readme_commands
 
-    lines = {c: [a for a in readme_commands(c) if "model=meanflow" in a or "sampler=meanflow" in a]
-             for c in ("train", "sample", "eval")}  # fmt: skip
-    assert [len(v) for v in lines.values()] == [1, 1, 1]
+    def ours(args: list[str]) -> bool:
+        return any(a in ("model=meanflow", "sampler=meanflow", "hydra.run.dir=logs/runs/flow") for a in args)
+
+    lines = [(c, a) for c in ("train", "sample", "eval") for a in readme_commands(c) if ours(a)]
+    assert [c for c, _ in lines] == ["train", "train", "train", "sample", "eval"]
+    trains = {a[-1].removeprefix("hydra.run.dir=logs/runs/"): a for c, a in lines if c == "train"}
+    assert sorted(trains) == ["flow", "meanflow", "meanflow_tuned"]
     cheap = {"train": ["trainer.max_steps=20", "logger=none"], "sample": [], "eval": ["num_samples=100"]}
-    for command, (args,) in lines.items():
+    runs = [("train", trains["meanflow"]), *[(c, a) for c, a in lines if c != "train"],
+            ("train", trains["flow"]), ("train", trains["meanflow_tuned"])]  # fmt: skip
+    for command, args in runs:
         p = difflab_cli(command, *args, *cheap[command], cwd=tmp_path)
         assert p.returncode == 0, (command, p.stderr[-3000:])
-    assert load_checkpoint(tmp_path / "logs/runs/meanflow/checkpoints/last.ckpt")["global_step"] == 20
+    for run in ("meanflow", "flow", "meanflow_tuned"):
+        assert load_checkpoint(tmp_path / f"logs/runs/{run}/checkpoints/last.ckpt")["global_step"] == 20
     assert len(list((tmp_path / "samples_1step").glob("*.png"))) == 65  # 64 images + grid.png
     rows = json.loads((tmp_path / "eval_meanflow" / "results.json").read_text())
     assert [(r["sampler"], r["steps"]) for r in rows] == [("meanflow", 1), ("meanflow", 2), ("meanflow", 4)]
+
+
+# ------------------------------------------------------------------ starting from a trained run (init_from)
+def test_init_from_a_flow_run_or_its_export_is_the_flow_model_at_r_equal_t(ckpts):
+    """The flow UNet's EMA weights are copied and the second time's embedding outputs zero: for every
+    gap t − r the new model gives the flow model's velocity."""
+    from difflab.inference import init_weights, load_trained_unet
+
+    flow, flow_sched, _ = load_trained_unet(ckpts["flow"])
+    x = torch.randn(3, flow.config.in_channels, flow.config.sample_size, flow.config.sample_size)
+    t = torch.tensor([900.0, 500.0, 100.0])
+    with torch.no_grad():
+        expected = flow(x, t).sample
+    for source in (ckpts["flow"], ckpts["pipe"]):
+        unet = UNet2DModel.from_config(flow.config, class_embed_type="timestep")
+        init_weights(unet, MEANFLOW, str(source))
+        with torch.no_grad():
+            for gap in (torch.zeros(3), torch.tensor([900.0, 250.0, 50.0])):
+                assert torch.allclose(unet(x, t, class_labels=gap).sample, expected, atol=1e-6)
+    assert flow_sched["num_train_timesteps"] == MEANFLOW["num_train_timesteps"]
+
+
+def test_a_run_from_init_from_starts_its_own_count_and_records_the_source(ckpts, make_cfg, tmp_path):
+    from difflab.checkpoints import load_checkpoint
+    from difflab.train import train
+
+    run = tmp_path / "run"
+    cfg = make_cfg(*FAST_DIGITS, "model=meanflow", f"model.init_from={ckpts['flow']}", "trainer.max_steps=3",
+                   run_dir=run)  # fmt: skip
+    train(cfg)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3 and ckpt["lr_schedulers"][0]["last_epoch"] == 3
+    assert ckpt["difflab"]["config"]["model"]["init_from"] == str(ckpts["flow"])
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "message"),
+    [
+        ("{tmp}/missing.ckpt", (), "model.init_from={tmp}/missing.ckpt does not exist"),
+        ("{ddpm}", (), "is a ddpm model; a model=meanflow run starts from a flow or meanflow one"),
+        ("{truncated}", (), "is truncated or corrupt"),
+        ("{full}", (), "is neither a checkpoint file nor an exported pipeline"),
+        (
+            "{flow}",
+            ("data.resolution=16",),
+            "differs from this run in model.unet.sample_size (init_from 8, config 16)",
+        ),
+        ("{flow}", ("data=fashion_mnist", "data.resolution=8", "data.channels=3"), "model.unet.in_channels"),
+        (
+            "{flow}",
+            ("model.noise_scheduler.num_train_timesteps=100",),
+            "model.noise_scheduler.num_train_timesteps",
+        ),
+    ],
+)
+def test_init_from_mistakes_are_one_line_and_leave_no_run_dir(
+    source, extra, message, ckpts, tmp_path, monkeypatch, capsys
+):
+    from difflab.train import COMMAND as TRAIN
+    from tests.helpers import refused_line
+
+    files = {**ckpts, "tmp": tmp_path}
+    args = ["experiment=digits", "model=meanflow", "callbacks.sample_grid.sampler=meanflow", "logger=none",
+            f"model.init_from={source}", *extra]  # fmt: skip
+    line = refused_line(TRAIN, args, tmp_path, monkeypatch, capsys, files)
+    assert message.format(**files) in line, line
+
+
+def test_a_resume_does_not_read_init_from_again(ckpts, make_cfg, tmp_path):
+    """The resumed weights come from the run's checkpoint: its source may be gone by then."""
+    import shutil
+
+    from difflab.checkpoints import load_checkpoint
+    from difflab.train import train
+
+    source = tmp_path / "source.ckpt"
+    shutil.copy(ckpts["flow"], source)
+    run = tmp_path / "run"
+    args = (*FAST_DIGITS, "model=meanflow", f"model.init_from={source}")
+    train(make_cfg(*args, "trainer.max_steps=3", run_dir=run))
+    source.unlink()
+    train(make_cfg(*args, "trainer.max_steps=5", run_dir=run))  # ckpt_path=last: resumes
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 5

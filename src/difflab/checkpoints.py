@@ -186,7 +186,10 @@ def repair_epoch_progress(checkpoint: dict[str, Any]) -> None:
             counts["ready"] = counts["started"] = counts["processed"] + 1
 
 
-def _differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None) -> list[str]:
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None
+) -> list[str]:
+    """``key (checkpoint a, config b)`` for each key whose values differ (private keys skipped)."""
     keys = keys or (set(saved) | set(current))
     out = []
     for k in sorted(keys):
@@ -212,7 +215,7 @@ def check_resume_compatible(
         raise DifflabError(
             f"cannot resume from {path}: it was trained with model={theirs}, this run is model={mine}"
         )
-    diffs = [f"model.unet.{d}" for d in _differences(record.unet_config, unet_config)]
+    diffs = [f"model.unet.{d}" for d in config_differences(record.unet_config, unet_config)]
     sched_keys = {
         "shift",
         "num_train_timesteps",
@@ -224,7 +227,7 @@ def check_resume_compatible(
     }
     diffs += [
         f"model.noise_scheduler.{d}"
-        for d in _differences(record.scheduler_config, scheduler_config, sched_keys)
+        for d in config_differences(record.scheduler_config, scheduler_config, sched_keys)
     ]
     if diffs:
         raise DifflabError(

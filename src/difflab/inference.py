@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from difflab.checkpoints import load_checkpoint
+from difflab.checkpoints import config_differences, load_checkpoint
 from difflab.errors import DifflabError
 from difflab.run_record import RunRecord
 
@@ -124,3 +124,52 @@ def schedule_of(ckpt: str | os.PathLike) -> dict | None:
         return RunRecord.peek(path).scheduler_config
     except Exception:  # any unreadable file: reported by the loader, with its reasons, once the run starts
         return None
+
+
+# What a run of each objective may start from (model.init_from): the same objective, or for MeanFlow a
+# flow model too (the same path and time scale: a flow model is a MeanFlow model at r = t).
+STARTS_FROM = {"ddpm": ("ddpm",), "flow": ("flow",), "meanflow": ("flow", "meanflow")}
+
+
+def init_weights(unet: torch.nn.Module, scheduler_config: dict[str, Any], path: str) -> None:
+    """Copies the (EMA) UNet weights of a trained run or exported pipeline at ``path`` into ``unet``
+    (model.init_from): a new run's starting point, not a resume (its step counter, optimizer and LR
+    schedule start fresh). From a flow model into a MeanFlow one, the second time's embedding, which the
+    flow UNet lacks, starts with a zero output layer: the new model is the flow model at r = t."""
+    from difflab.diffusion.noise import objective_of  # here: diffusers is slow to import
+
+    key = f"model.init_from={path}"
+    if not Path(path).exists():  # checked here, not at start-up: a resume never reads it (train.py)
+        raise DifflabError(f"{key} does not exist")
+    source, theirs_cfg, _ = load_trained_unet(path, use_ema=True)
+    mine, theirs = objective_of(scheduler_config), objective_of(theirs_cfg)
+    if theirs not in STARTS_FROM[mine]:
+        raise DifflabError(
+            f"{key} is a {theirs} model; a model={mine} run starts from a "
+            + " or ".join(STARTS_FROM[mine])
+            + " one"
+        )
+    scale = ("num_train_timesteps", "prediction_type")  # the time scale and the target
+    diffs = [
+        f"model.noise_scheduler.{d}" for d in config_differences(theirs_cfg, scheduler_config, set(scale))
+    ]
+    added = theirs == "flow" and mine == "meanflow"
+    skip = {"class_embed_type"} if added else set()
+    unet_keys = (set(source.config) | set(unet.config)) - skip
+    diffs += [
+        f"model.unet.{d}" for d in config_differences(dict(source.config), dict(unet.config), unet_keys)
+    ]
+    if diffs:
+        raise DifflabError(
+            f"{key} differs from this run in " + "; ".join(diffs).replace("checkpoint ", "init_from ")
+        )
+    result = unet.load_state_dict(source.state_dict(), strict=False)
+    new = sorted(result.missing_keys)
+    assert not result.unexpected_keys and all(k.startswith("class_embedding.") for k in new), result
+    if new:
+        with torch.no_grad():
+            unet.class_embedding.linear_2.weight.zero_()
+            unet.class_embedding.linear_2.bias.zero_()
+    log.info(
+        "model.init_from: UNet weights from %s%s", path, " (new: the second time's embedding)" if new else ""
+    )

@@ -129,7 +129,9 @@ def train(cfg: DictConfig) -> float | None:
     # comes first: its step-end check must stop a NaN run before the FID or grid callbacks sample it.
     callbacks = [DivergenceGuard(), *instantiate_group(cfg.get("callbacks"))]
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    # A resume's weights come from its checkpoint: model.init_from (a new run's start) is not read,
+    # so a resume still works after its source run was deleted.
+    model = instantiate(cfg.model, **({"init_from": None} if resume is not None else {}))
     # Set after instantiation: passed to instantiate, the `_target_`s inside would be built too.
     resolved = OmegaConf.to_container(cfg, resolve=True)
     model.run_config = resolved

@@ -52,10 +52,16 @@ class DiffusionModule(L.LightningModule):
         seed: int | None = 0,
         channels_last: ChannelsLast = "auto",
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         """``optimizer``: a partial taking the parameters; ``ema``: a partial taking the UNet (the EMA
-        kept for every grid, FID and export), or None for none."""
+        kept for every grid, FID and export), or None for none; ``init_from``: a trained run's checkpoint
+        or an exported pipeline whose UNet weights this run starts from (inference.init_weights)."""
         super().__init__()
+        if init_from is not None:  # before the EMA copies the weights
+            from difflab.inference import init_weights
+
+            init_weights(unet, dict(noise_scheduler.config), init_from)
         self.unet = unet
         self.noise_scheduler = noise_scheduler
         self.process = noise_process(noise_scheduler, noise_levels, min_snr_gamma)
