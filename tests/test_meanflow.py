@@ -26,18 +26,18 @@ DDPM = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_schedule": "lin
 
 
 def tiny_meanflow_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),  # attention: the JVP through SDPA too
+    """tests/test_sampling.py's tiny UNet with attention (the JVP through SDPA too) and the second
+    time's slot."""
+    from tests.test_sampling import tiny_unet
+
+    config = tiny_unet(
+        seed,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
         class_embed_type="timestep",
-    )
+    ).config
+    torch.manual_seed(seed)
+    return UNet2DModel.from_config(config)  # difflab's class (its bf16/float64 fix), in train mode
 
 
 def test_jvp_target_equals_reverse_mode_derivatives_of_the_network():

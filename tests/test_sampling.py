@@ -11,18 +11,13 @@ from difflab.diffusion.sampling import SAMPLERS, build_sampler, image_generators
 from difflab.errors import DifflabError
 
 
-def tiny_unet(seed: int = 0) -> UNet2DModel:
+def tiny_unet(seed: int = 0, **settings: object) -> UNet2DModel:
+    """An 8 px grey UNet of 2 levels, in eval mode; ``settings`` override UNet2DModel's."""
     torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    ).eval()
+    base = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": (16, 32),
+            "layers_per_block": 1, "down_block_types": ("DownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "UpBlock2D"), "norm_num_groups": 8}  # fmt: skip
+    return UNet2DModel(**{**base, **settings}).eval()
 
 
 def images(unet, name, n=6, seed=0, steps=4, batch_size=6):
