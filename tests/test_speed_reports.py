@@ -1,6 +1,6 @@
-"""precision_bench.py's, run_benchmarks.py's and speed_levers.py's reports, generated from small fixtures
-of raw JSON lines (nothing trained): ratios paired within each alternation, the A/A noise floor, the
-verdict, and each writes only its own block of the page."""
+"""precision_bench.py's, run_benchmarks.py's, speed_levers.py's and meanflow_cost.py's reports, generated
+from small fixtures of raw JSON lines (nothing trained): ratios paired within each alternation, the A/A
+noise floor, the verdict, and each writes only its own block of the page."""
 
 from __future__ import annotations
 
@@ -193,3 +193,46 @@ def test_speed_levers_report_with_fewer_than_five_alternations_shows_nothing():
     text = speed_levers.build_report([r for k in range(3) for r in lever_rows(k, 2.0, 400.0)])
     assert text.count("not shown (n=3 < 5 alternations)") == 4
     assert speed_levers.build_report([]) == "Not measured yet under the protocol."
+
+
+def meanflow_rows(k: int, meanflow_fp32: float) -> list[dict]:
+    """One alternation of meanflow_cost.py: steps per CPU second of each row."""
+    speeds = {
+        "flow fp32": 3.0,
+        "meanflow fp32": meanflow_fp32,
+        "flow bf16": 4.0,
+        "meanflow bf16": 1.0,
+        "flow fp32 again": 3.0,
+    }
+    return [
+        record(
+            "meanflow_cost",
+            row=row,
+            repeat=k,
+            steps_per_cpu_sec=v,
+            cpu_step_ms=1000 / v,
+            threads=1,
+            steps=20,
+            warmup=5,
+        )
+        for row, v in speeds.items()
+    ]
+
+
+def test_meanflow_cost_report_gives_the_time_ratio_and_the_goal_verdict(tmp_path, monkeypatch):
+    """Time per step = 1/speed: 3.0 / 2.0 = 1.5x at fp32 (goal <= 2x: met), 4.0 / 1.0 = 4x at bf16."""
+    import meanflow_cost
+
+    recs = [r for k in range(5) for r in meanflow_rows(k, 2.0)]
+    page = page_with_prose(tmp_path, monkeypatch, meanflow_cost)
+    monkeypatch.setattr(meanflow_cost, "load", lambda bench, raw_dir=None: recs)
+    meanflow_cost.report()
+    text = page.read_text()
+    line = {c.split("|")[1].strip(): c for c in text.splitlines() if c.startswith("| ") and "÷" in c}
+    assert "| 1.50 [1.50, 1.50] (n=5, bootstrap 95%) | shown" in line["32-true: MeanFlow step ÷ flow step"]
+    assert (
+        "| 4.00 [4.00, 4.00] (n=5, bootstrap 95%) | refuted" in line["bf16-mixed: MeanFlow step ÷ flow step"]
+    )
+    assert line["noise floor: flow fp32 again ÷ flow fp32"].rstrip().endswith("|  |")
+    assert "| 0 | 333 | 500 | 250 | 1000 | 333 |" in text  # the per-alternation ms
+    assert meanflow_cost.build_report([]) == "Not measured yet under the protocol."
