@@ -71,6 +71,24 @@ def test_jvp_target_equals_reverse_mode_derivatives_of_the_network():
     assert not target.requires_grad and u.requires_grad
 
 
+def test_samples_at_r_equal_t_take_a_plain_pass_with_the_jvp_passs_results():
+    """The first round(ratio·n) samples go through the JVP pass; the rest (r = t) through a plain pass,
+    which must give what the JVP pass would: the prediction, and the velocity as the target."""
+    unet = tiny_meanflow_unet()
+    process = MeanFlowProcess(MeanFlowScheduler(ratio=0.5))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1, torch.randn(8, 1, 8, 8, generator=g)
+    t = process.timesteps(8, g, "cpu")
+    pred, target, t_used = process.prediction_and_target(unet, x0, noise, t, torch.Generator().manual_seed(1))
+    other = process.timesteps(8, torch.Generator().manual_seed(1), "cpu")
+    hi, lo = torch.maximum(t, other), torch.minimum(t, other)
+    r = torch.cat([lo[:4], hi[4:]])
+    u, expected = process.average_velocity_and_target(unet, x0, noise, hi, r)
+    assert torch.equal(t_used, hi) and (r[:4] < hi[:4]).all()
+    assert torch.allclose(pred, u, atol=1e-5) and torch.allclose(target, expected, atol=1e-5)
+    assert torch.equal(target[4:], noise[4:] - x0[4:])
+
+
 def test_one_step_lands_on_a_one_image_data_set():
     """With one image c every path is straight, so the exact average velocity is u = (z_t − c)/t
     and one jump from pure noise lands on c: a trained tiny network must get there in 1 and 2 steps."""

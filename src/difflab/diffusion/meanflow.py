@@ -39,9 +39,9 @@ class MeanFlowScheduler(SchedulerMixin, ConfigMixin):
     (``sampler=meanflow``): ``steps`` equal jumps z_r = z_t − (t−r)·u from t = 1 (pure noise) to 0.
 
     The training settings live in the config too, so a checkpoint records them: ``ratio`` (the share of
-    samples with r ≠ t; the rest are flow-matching samples at r = t), and the adaptive loss weight
-    w = 1/(‖Δ‖² + c)^p (``adaptive_p``, ``adaptive_c``). ``objective`` marks the config as MeanFlow's
-    (noise.objective_of reads it)."""
+    samples with r ≠ t, round(ratio·batch) of each batch; the rest are flow-matching samples at r = t),
+    and the adaptive loss weight w = 1/(‖Δ‖² + c)^p (``adaptive_p``, ``adaptive_c``). ``objective``
+    marks the config as MeanFlow's (noise.objective_of reads it)."""
 
     order = 1
 
@@ -122,13 +122,25 @@ class MeanFlowProcess(FlowProcess):
         self, unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, g: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # A second level from the same density and the step's generator (an exact resume redraws it):
-        # t the larger, r the smaller; a share 1 − ratio of the samples gets r = t (flow matching).
+        # t the larger, r the smaller, for the first round(ratio·n) samples (the batch comes in random
+        # order); the rest get r = t. A fixed count, as in the paper's code: the split needs no host sync.
         n, device = x0.shape[0], x0.device
+        k = round(self.ratio * n)
         other = self.timesteps(n, g, device)
         t, r = torch.maximum(t, other), torch.minimum(t, other)
-        r = torch.where(torch.rand(n, generator=g, device=device) < self.ratio, r, t)
-        u, target = self.average_velocity_and_target(unet, x0, noise, t, r)
-        return u, target, t
+        r = torch.cat([r[:k], t[k:]])
+        us, targets = [], []
+        if k:
+            u, target = self.average_velocity_and_target(unet, x0[:k], noise[:k], t[:k], r[:k])
+            us, targets = [u.float()], [target.float()]
+        if k < n:
+            # r = t: the target is the velocity itself and needs no JVP, so these samples take a plain
+            # pass (under autocast, where the run has it): at ratio 0.25 a step costs 2.45x a flow step
+            # with every sample through the JVP pass (RESULTS.md "meanflow_cost", before this split).
+            x, times = x0[k:], t[k:]
+            us.append(unet(self.add_noise(x, noise[k:], times), times, class_labels=times * 0).sample.float())
+            targets.append((noise[k:] - x).float())
+        return torch.cat(us), torch.cat(targets), t
 
     def average_velocity_and_target(
         self, unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor
