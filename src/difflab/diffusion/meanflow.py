@@ -135,8 +135,8 @@ class MeanFlowProcess(FlowProcess):
             us, targets = [u.float()], [target.float()]
         if k < n:
             # r = t: the target is the velocity itself and needs no JVP, so these samples take a plain
-            # pass (under autocast, where the run has it): at ratio 0.25 a step costs 2.45x a flow step
-            # with every sample through the JVP pass (RESULTS.md "meanflow_cost", before this split).
+            # pass (under autocast, where the run has it). With every sample through the JVP pass a step
+            # cost 2.45x [2.25, 2.50] a flow step at 32-true (raw/meanflow_cost.jsonl, its first run).
             x, times = x0[k:], t[k:]
             us.append(unet(self.add_noise(x, noise[k:], times), times, class_labels=times * 0).sample.float())
             targets.append((noise[k:] - x).float())
