@@ -182,10 +182,30 @@ def test_sample_and_eval_at_one_two_and_four_steps(meanflow_ckpt, tmp_path):
     assert json.loads((tmp_path / "eval" / "results.json").read_text()) == rows
 
 
-def test_export_of_a_meanflow_model_is_one_line_and_writes_nothing(meanflow_ckpt, tmp_path):
-    with pytest.raises(DifflabError, match="is a MeanFlow model: difflab-export cannot write it"):
-        EXPORT.call([f"ckpt={meanflow_ckpt}", f"out={tmp_path / 'pipe'}"])
-    assert not (tmp_path / "pipe").exists()
+@pytest.mark.parametrize("steps", [1, 2])
+def test_export_loads_in_diffusers_with_its_own_pipeline_and_draws_difflab_samples_images(
+    steps, meanflow_ckpt, tmp_path
+):
+    """The folder's pipeline.py (torch and diffusers only) loads with one documented line and draws,
+    for the same per-image generators, difflab-sample's images; difflab-sample reads the folder too."""
+    from diffusers import DiffusionPipeline
+
+    from difflab.diffusion.sampling import image_generators
+
+    out = EXPORT.call([f"ckpt={meanflow_ckpt}", f"out={tmp_path / 'pipe'}"])
+    assert "difflab" not in (out / "pipeline.py").read_text().split('"""')[2]  # the code, past the docstring
+    pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=str(out), trust_remote_code=True)
+    assert type(pipe).__name__ == "MeanFlowPipeline"
+    ref = pipe(
+        batch_size=3, generator=image_generators(7, range(3)), num_inference_steps=steps, output_type="np"
+    )
+    common = ["sampler=meanflow", f"steps={steps}", "num_images=3", "seed=7", "grid=false"]
+    ours = SAMPLE.call([f"ckpt={meanflow_ckpt}", *common, f"out={tmp_path / 's'}"])
+    again = SAMPLE.call([f"ckpt={out}", *common, f"out={tmp_path / 'e'}"])
+    for i, (p, q) in enumerate(zip(ours, again, strict=True)):
+        mine = np.asarray(Image.open(p))[..., 0].astype(float)
+        assert np.abs(mine - np.round(ref.images[i, ..., 0] * 255)).max() <= 1
+        assert np.abs(np.asarray(Image.open(q))[..., 0].astype(float) - mine).max() <= 1
 
 
 def test_two_ddp_ranks_train_a_meanflow_model(tmp_path):

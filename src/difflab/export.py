@@ -36,20 +36,43 @@ def export(
     # model_index.json names each component's class: write diffusers' own UNet2DModel (difflab's
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
     unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, unet_class=UNet2DModel, ema_std=ema_std)
-    if objective_of(sched_cfg) == "meanflow":  # DDPMPipeline's loop cannot feed its second time input
-        raise DifflabError(
-            f"ckpt={ckpt} is a MeanFlow model: difflab-export cannot write it as a diffusers pipeline yet; "
-            "sample it with difflab-sample sampler=meanflow"
-        )
-    # DDPMPipeline's loop (noise, then step() over the timesteps) runs a flow model with diffusers'
-    # flow Euler scheduler as well: the export of either objective loads with from_pretrained.
-    scheduler = scheduler_class(objective_of(sched_cfg)).from_config(sched_cfg)
-    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-    with atomic_dir(out) as partial:  # a kill mid-write leaves no half pipeline, a rerun no litter
-        pipe.save_pretrained(partial, safe_serialization=True)
+    if objective_of(sched_cfg) == "meanflow":
+        write_meanflow_pipeline(unet, sched_cfg, out)
+    else:
+        # DDPMPipeline's loop (noise, then step() over the timesteps) runs a flow model with diffusers'
+        # flow Euler scheduler as well: the export of either objective loads with from_pretrained.
+        scheduler = scheduler_class(objective_of(sched_cfg)).from_config(sched_cfg)
+        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+        with atomic_dir(out) as partial:  # a kill mid-write leaves no half pipeline, a rerun no litter
+            pipe.save_pretrained(partial, safe_serialization=True)
     if push_to_hub:
         push(Path(out), hub_repo_id, hub_private)
     return Path(out)
+
+
+def write_meanflow_pipeline(unet: UNet2DModel, sched_cfg: dict, out: str) -> None:
+    """A MeanFlow model's folder: diffusers' UNet2DModel, a flow scheduler config that carries T (and
+    ``objective: meanflow``, which difflab-sample reads), and its own pipeline class as ``pipeline.py``
+    (diffusion/meanflow_pipeline.py, torch and diffusers only): DDPMPipeline's loop has no second time
+    input. diffusers loads it with ``DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR,
+    trust_remote_code=True)`` (the code is the folder's own pipeline.py)."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from difflab.diffusion import meanflow_pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=sched_cfg["num_train_timesteps"])
+    pipe = meanflow_pipeline.MeanFlowPipeline(unet=unet, scheduler=scheduler)
+    with atomic_dir(out) as partial:
+        pipe.save_pretrained(partial, safe_serialization=True)
+        index_path = Path(partial) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = "MeanFlowPipeline"  # the class in pipeline.py, not a diffusers one
+        index_path.write_text(json.dumps(index, indent=2))
+        sched_path = Path(partial) / "scheduler" / "scheduler_config.json"
+        sched_path.write_text(json.dumps({**json.loads(sched_path.read_text()), **sched_cfg}, indent=2))
+        (Path(partial) / "pipeline.py").write_text(Path(meanflow_pipeline.__file__).read_text())
 
 
 def push(out: Path, repo_id: str, private: bool) -> None:
