@@ -4,13 +4,15 @@ velocity is known, the sampler and its refusals, and a trained model through sam
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from difflab.diffusion.meanflow import MeanFlowProcess, MeanFlowScheduler
+from difflab.diffusion.meanflow import MeanFlowProcess
+from difflab.diffusion.meanflow_pipeline import MeanFlowScheduler
 from difflab.diffusion.noise import NoiseLevels, objective_of
 from difflab.diffusion.sampling import build_sampler, sample_batch, sampler_problem, steps_problem
 from difflab.diffusion.unet import UNet2DModel
@@ -193,7 +195,7 @@ def test_export_loads_in_diffusers_with_its_own_pipeline_and_draws_difflab_sampl
     from difflab.diffusion.sampling import image_generators
 
     out = EXPORT.call([f"ckpt={meanflow_ckpt}", f"out={tmp_path / 'pipe'}"])
-    assert "difflab" not in (out / "pipeline.py").read_text().split('"""')[2]  # the code, past the docstring
+    assert not re.search(r"^\s*(from|import) difflab", (out / "pipeline.py").read_text(), flags=re.M)
     pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=str(out), trust_remote_code=True)
     assert type(pipe).__name__ == "MeanFlowPipeline"
     ref = pipe(

@@ -187,9 +187,12 @@ def repair_epoch_progress(checkpoint: dict[str, Any]) -> None:
 
 
 def config_differences(
-    saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    keys: set[str] | None = None,
+    saved_name: str = "checkpoint",
 ) -> list[str]:
-    """``key (checkpoint a, config b)`` for each key whose values differ (private keys skipped)."""
+    """``key (<saved_name> a, config b)`` for each key whose values differ (private keys skipped)."""
     keys = keys or (set(saved) | set(current))
     out = []
     for k in sorted(keys):
@@ -199,7 +202,7 @@ def config_differences(
         if isinstance(a, tuple | list) and isinstance(b, tuple | list):
             a, b = list(a), list(b)
         if a != b:
-            out.append(f"{k} (checkpoint {a!r}, config {b!r})")
+            out.append(f"{k} ({saved_name} {a!r}, config {b!r})")
     return out
 
 

@@ -66,10 +66,6 @@ def write_meanflow_pipeline(unet: UNet2DModel, sched_cfg: dict, out: str) -> Non
     pipe = meanflow_pipeline.MeanFlowPipeline(unet=unet, scheduler=scheduler)
     with atomic_dir(out) as partial:
         pipe.save_pretrained(partial, safe_serialization=True)
-        index_path = Path(partial) / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["_class_name"] = "MeanFlowPipeline"  # the class in pipeline.py, not a diffusers one
-        index_path.write_text(json.dumps(index, indent=2))
         sched_path = Path(partial) / "scheduler" / "scheduler_config.json"
         sched_path.write_text(json.dumps({**json.loads(sched_path.read_text()), **sched_cfg}, indent=2))
         (Path(partial) / "pipeline.py").write_text(Path(meanflow_pipeline.__file__).read_text())

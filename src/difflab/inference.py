@@ -151,18 +151,18 @@ def init_weights(unet: torch.nn.Module, scheduler_config: dict[str, Any], path: 
         )
     scale = ("num_train_timesteps", "prediction_type")  # the time scale and the target
     diffs = [
-        f"model.noise_scheduler.{d}" for d in config_differences(theirs_cfg, scheduler_config, set(scale))
+        f"model.noise_scheduler.{d}"
+        for d in config_differences(theirs_cfg, scheduler_config, set(scale), saved_name="init_from")
     ]
     added = theirs == "flow" and mine == "meanflow"
     skip = {"class_embed_type"} if added else set()
     unet_keys = (set(source.config) | set(unet.config)) - skip
     diffs += [
-        f"model.unet.{d}" for d in config_differences(dict(source.config), dict(unet.config), unet_keys)
+        f"model.unet.{d}"
+        for d in config_differences(dict(source.config), dict(unet.config), unet_keys, saved_name="init_from")
     ]
     if diffs:
-        raise DifflabError(
-            f"{key} differs from this run in " + "; ".join(diffs).replace("checkpoint ", "init_from ")
-        )
+        raise DifflabError(f"{key} differs from this run in " + "; ".join(diffs))
     result = unet.load_state_dict(source.state_dict(), strict=False)
     new = sorted(result.missing_keys)
     assert not result.unexpected_keys and all(k.startswith("class_embedding.") for k in new), result

@@ -25,66 +25,12 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from difflab.diffusion.meanflow_pipeline import MeanFlowScheduler
 from difflab.diffusion.noise import FlowProcess, NoiseLevels
 from difflab.rules import Above, AtLeast, Between
-
-
-class MeanFlowScheduler(SchedulerMixin, ConfigMixin):
-    """The MeanFlow schedule (``model.noise_scheduler`` under model=meanflow) and its sampler
-    (``sampler=meanflow``): ``steps`` equal jumps z_r = z_t − (t−r)·u from t = 1 (pure noise) to 0.
-
-    The training settings live in the config too, so a checkpoint records them: ``ratio`` (the share of
-    samples with r ≠ t, round(ratio·batch) of each batch; the rest are flow-matching samples at r = t),
-    and the adaptive loss weight w = 1/(‖Δ‖² + c)^p (``adaptive_p``, ``adaptive_c``). ``objective``
-    marks the config as MeanFlow's (noise.objective_of reads it)."""
-
-    order = 1
-
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        ratio: float = 0.25,
-        adaptive_p: float = 1.0,
-        adaptive_c: float = 1e-3,
-        objective: str = "meanflow",
-    ) -> None:
-        self.timesteps = torch.tensor([float(num_train_timesteps)])
-        self.init_noise_sigma = 1.0
-        self._ends: torch.Tensor = torch.tensor([0.0])
-        self._index = 0
-
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        """Jumps between t = 1 − i/steps and r = 1 − (i+1)/steps, as network timesteps (t·T)."""
-        edges = torch.linspace(1.0, 0.0, num_inference_steps + 1) * self.config.num_train_timesteps
-        self.timesteps, self._ends = edges[:-1].to(device), edges[1:].to(device)
-        self._index = 0
-
-    def model_inputs(self, timestep: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
-        """What the network takes beside (z_t, t): (t − r)·T as its class-embedding input."""
-        gap = self.timesteps[self._index] - self._ends[self._index]
-        return {"class_labels": gap.expand(batch)}
-
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple[torch.Tensor]:
-        """z_r = z_t − (t − r)·u, with u = ``model_output``."""
-        gap = (self.timesteps[self._index] - self._ends[self._index]) / self.config.num_train_timesteps
-        prev = (sample.float() - gap * model_output.float()).to(sample.dtype)
-        self._index += 1
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
 
 
 def meanflow_schedule(
@@ -137,9 +83,9 @@ class MeanFlowProcess(FlowProcess):
             # r = t: the target is the velocity itself and needs no JVP, so these samples take a plain
             # pass (under autocast, where the run has it). With every sample through the JVP pass a step
             # cost 2.45x [2.25, 2.50] a flow step at 32-true (raw/meanflow_cost.jsonl, its first run).
-            x, times = x0[k:], t[k:]
-            us.append(unet(self.add_noise(x, noise[k:], times), times, class_labels=times * 0).sample.float())
-            targets.append((noise[k:] - x).float())
+            x, eps, times = x0[k:], noise[k:], t[k:]
+            us.append(unet(self.add_noise(x, eps, times), times, class_labels=times * 0).sample.float())
+            targets.append(self.target(x, eps, times).float())
         return torch.cat(us), torch.cat(targets), t
 
     def average_velocity_and_target(
@@ -148,9 +94,7 @@ class MeanFlowProcess(FlowProcess):
         """u_θ(z_t, r, t) and its target v − (t−r)·du/dt (gradient stopped), for network timesteps
         t ≥ r (in units of T), in one forward pass carrying the JVP's tangents."""
         scale = float(self.num_timesteps)
-        sigma = self._sigma(t, x0)
-        z = (1 - sigma) * x0 + sigma * noise
-        v = noise - x0
+        z, v = self.add_noise(x0, noise, t), self.target(x0, noise, t)
         ones = torch.full_like(t, scale)  # d(t·T)/dt and d((t−r)·T)/dt: the inputs are scaled by T
         # Without autocast: under it a convolution casts a dual input's primal but not its tangent and
         # fails on the mixed dtypes (PyTorch 2.14; torch.func.jvp alike), so a bf16-mixed or 16-mixed

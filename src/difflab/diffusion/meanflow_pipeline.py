@@ -1,22 +1,79 @@
-"""A diffusers pipeline for a MeanFlow model (difflab's model=meanflow), written beside an export as its
-``pipeline.py``: it imports torch and diffusers only, so the folder loads without difflab installed:
+"""MeanFlow's sampler and a diffusers pipeline that drives it (difflab's model=meanflow). difflab-sample
+uses the sampler; difflab-export writes this file beside an export as its ``pipeline.py``: it imports
+torch and diffusers only, so the folder loads without difflab installed, and draws with the same code:
 
     pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
     images = pipe(batch_size=16, num_inference_steps=1).images
 
 The UNet predicts the average velocity u(z_t, r, t) over [r, t] (timestep t·T, class label (t − r)·T);
 ``num_inference_steps`` equal jumps z_r = z_t − (t − r)·u go from pure noise (t = 1) to an image (r = 0),
-the same arithmetic as ``difflab-sample sampler=meanflow``. The scheduler component only carries T
-(``num_train_timesteps``).
+``MeanFlowScheduler`` below, as ``difflab-sample sampler=meanflow``. The pipeline's scheduler component
+(diffusers' flow scheduler, so diffusers loads it without custom code) only carries T.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+
+class MeanFlowScheduler(SchedulerMixin, ConfigMixin):
+    """The MeanFlow schedule (``model.noise_scheduler`` under model=meanflow) and its sampler
+    (``sampler=meanflow``): ``steps`` equal jumps z_r = z_t − (t−r)·u from t = 1 (pure noise) to 0.
+
+    The training settings live in the config too, so a checkpoint records them: ``ratio`` (the share of
+    samples with r ≠ t, round(ratio·batch) of each batch; the rest are flow-matching samples at r = t),
+    and the adaptive loss weight w = 1/(‖Δ‖² + c)^p (``adaptive_p``, ``adaptive_c``). ``objective``
+    marks the config as MeanFlow's (difflab reads it)."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        ratio: float = 0.25,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-3,
+        objective: str = "meanflow",
+    ) -> None:
+        self.timesteps = torch.tensor([float(num_train_timesteps)])
+        self.init_noise_sigma = 1.0
+        self._ends: torch.Tensor = torch.tensor([0.0])
+        self._index = 0
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+        """Jumps between t = 1 − i/steps and r = 1 − (i+1)/steps, as network timesteps (t·T)."""
+        edges = torch.linspace(1.0, 0.0, num_inference_steps + 1) * self.config.num_train_timesteps
+        self.timesteps, self._ends = edges[:-1].to(device), edges[1:].to(device)
+        self._index = 0
+
+    def _gap(self) -> torch.Tensor:
+        """(t − r)·T of the current jump."""
+        return self.timesteps[self._index] - self._ends[self._index]
+
+    def model_inputs(self, timestep: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+        """What the network takes beside (z_t, t): (t − r)·T as its class-embedding input."""
+        return {"class_labels": self._gap().expand(batch)}
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor]:
+        """z_r = z_t − (t − r)·u, with u = ``model_output``."""
+        gap = self._gap() / self.config.num_train_timesteps
+        prev = (sample.float() - gap * model_output.float()).to(sample.dtype)
+        self._index += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
 
 
 class MeanFlowPipeline(DiffusionPipeline):
@@ -38,12 +95,11 @@ class MeanFlowPipeline(DiffusionPipeline):
         cfg = self.unet.config
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        scale = self.scheduler.config.num_train_timesteps
-        edges = (torch.linspace(1.0, 0.0, num_inference_steps + 1) * scale).to(self.device)
-        for t, r in self.progress_bar(list(itertools.pairwise(edges))):
-            gap = t - r
-            u = self.unet(x, t, class_labels=gap.expand(batch_size)).sample
-            x = (x.float() - gap / scale * u.float()).to(x.dtype)
+        sampler = MeanFlowScheduler(num_train_timesteps=self.scheduler.config.num_train_timesteps)
+        sampler.set_timesteps(num_inference_steps, device=self.device)
+        for t in self.progress_bar(sampler.timesteps):
+            u = self.unet(x, t, **sampler.model_inputs(t, batch_size)).sample
+            x = sampler.step(u, t, x).prev_sample
         image = (x.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
         if output_type == "pil":
             image = self.numpy_to_pil(image)

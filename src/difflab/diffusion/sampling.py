@@ -43,7 +43,7 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
     # MeanFlow (model=meanflow): jumps of the learned average velocity, 1-4 steps (diffusion/meanflow.py).
-    "meanflow": ("MeanFlowScheduler", {}),
+    "meanflow": ("MeanFlowScheduler", {}),  # difflab's: diffusion/meanflow_pipeline.py
 }
 # The names as a type, for the signatures that take one (the start-up check reads it: rules.py).
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
@@ -223,9 +223,9 @@ def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) 
     if problem:
         raise DifflabError(problem)
     if name == "meanflow":
-        from difflab.diffusion.meanflow import MeanFlowScheduler
+        from difflab.diffusion.meanflow_pipeline import MeanFlowScheduler
 
-        return MeanFlowScheduler.from_config({k: v for k, v in dict(train_scheduler_config).items()})
+        return MeanFlowScheduler.from_config(dict(train_scheduler_config))
     cls_name, extra = SAMPLERS[name]
     cls = EulerAncestralDiscreteScheduler if name == "euler_a" else getattr(diffusers, cls_name)
     # Private keys go: diffusers drops the `_use_default_values` keys from a config, so a checkpoint's
