@@ -323,10 +323,11 @@ def user_files(root: Path) -> dict[str, Path]:
     return {"full": full, "file": root / "notes.txt", "dir": root}
 
 
-def refused_line(command, args, tmp_path, monkeypatch, capsys, ckpts) -> str:
-    """``difflab-<command> args`` in a fresh cwd: returns its one error line (asserting exit 2, one
-    line, no traceback, no litter in the cwd and the user's files untouched)."""
-    files = {**user_files(tmp_path / "inputs"), **ckpts}
+def refused_line(command, args, tmp_path, monkeypatch, capsys, paths: dict[str, Path]) -> str:
+    """``difflab-<command> args`` in a fresh cwd, ``{name}`` in ``args`` filled from ``paths`` and
+    user_files(): returns its one error line (asserting exit 2, one line, no traceback, no litter in the
+    cwd and the user's files untouched)."""
+    files = {**user_files(tmp_path / "inputs"), **paths}
     cwd = tmp_path / "cwd"
     cwd.mkdir(exist_ok=True)
     monkeypatch.chdir(cwd)

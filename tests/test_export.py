@@ -23,11 +23,7 @@ from difflab.export import COMMAND as EXPORT
 from difflab.files import atomic_dir
 from difflab.sample import COMMAND as SAMPLE
 from tests.helpers import refused_line
-
-
-def sample(**kw) -> list:
-    """`difflab-sample k=v ...`, in this process."""
-    return SAMPLE.call([f"{k}={v}" for k, v in kw.items()])
+from tests.test_sample import sample
 
 
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
