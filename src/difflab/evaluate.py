@@ -2,6 +2,7 @@
 
 difflab-eval ckpt=PATH sampler=[dpmsolver++,ddim] steps=[10,20,50] num_samples=1000   (one table)
 difflab-eval -m ckpt=PATH sampler=ddim,dpmsolver++ steps=10,20       (one table per job, out/<overrides>)
+difflab-eval ckpt=PATH guide=[step:2000,ema:0.03] guidance=[1.0,1.5,2.0]   (autoguidance: fid_vs_guidance.png)
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from difflab.cli import Command, instantiate, keywords
+from difflab.diffusion.guidance import GuidedUNet, guidance_problems, load_guide
 from difflab.diffusion.posthoc import EMAStd
-from difflab.diffusion.sampling import SamplerName, batch_fits, build_sampler, steps_problem
+from difflab.diffusion.sampling import (
+    SamplerName,
+    batch_fits,
+    build_sampler,
+    network_evaluations,
+    steps_problem,
+)
 from difflab.errors import DifflabError
 from difflab.files import Readable, atomic_write, atomic_write_text
 from difflab.inference import load_trained_unet
@@ -51,13 +59,22 @@ def evaluate(
     ema_std: EMAStd | list[EMAStd] | None,
     channels_last: ChannelsLast,
     real_split: str | None = None,
+    guide: str | list[str] | None = None,
+    guidance: Annotated[float, AtLeast(0)] | list[Annotated[float, AtLeast(0)]] = 1.0,
 ) -> list[dict]:
-    """One row per (EMA length, sampler, steps): FID (and KID with its std over subsets), seconds;
-    written to ``out`` (conf/eval.yaml documents each setting). ``extractor`` comes from the metrics
-    group, as in training. ``kid="auto"``: KID beside FID when ``num_samples`` < 10,000."""
+    """One row per (EMA length, guide and guidance, sampler, steps): FID (and KID with its std over
+    subsets), seconds; written to ``out`` (conf/eval.yaml documents each setting). ``extractor`` comes
+    from the metrics group, as in training. ``kid="auto"``: KID beside FID when ``num_samples`` < 10,000.
+    With a guide, each row also names its guide, its weight and its network evaluations per image."""
     samplers = [sampler] if isinstance(sampler, str) else list(sampler)
     step_counts = [steps] if isinstance(steps, int) else list(steps)
     ema_stds = list(ema_std) if isinstance(ema_std, list) else [ema_std]
+    guides = [] if guide is None else [guide] if isinstance(guide, str) else list(guide)
+    weights = [float(guidance)] if isinstance(guidance, int | float) else [float(w) for w in guidance]
+    # Unguided once (w = 1 is the same images whatever the guide), then each guide at each other weight.
+    settings = [(None, 1.0)] if 1.0 in weights or not guides else []
+    settings += [(g, w) for g in guides for w in weights if w != 1.0]
+    loaded: dict[str, nn.Module] = {}
     device = resolve_device(device)
     nhwc = uses_channels_last(channels_last, "32-true", torch.device(device).type)
 
@@ -97,13 +114,21 @@ def evaluate(
         if k:
             unet = load(std)[0]
         unet.to(device)
-        for name in samplers:
-            for count in step_counts:
-                t0 = time.perf_counter()
+        for g, w in settings:
+            if g is not None and g not in loaded:
+                loaded[g] = load_guide(g, ckpt, use_ema, nhwc).to(device)
+            model = unet if g is None else GuidedUNet(unet, loaded[g], w)
+            for name, count in ((name, count) for name in samplers for count in step_counts):
+                t0, scheduler = time.perf_counter(), build_sampler(name, sched_cfg)
                 with batch_fits(batch_size, device):
-                    values = evaluator.evaluate(unet, build_sampler(name, sched_cfg), count, seed, batch_size)
+                    values = evaluator.evaluate(model, scheduler, count, seed, batch_size)
+                guided = {}
+                if guides:  # the guide's evaluations count: equal sampling cost compares this column
+                    per_image = network_evaluations(build_sampler(name, sched_cfg), count)
+                    guided = {"guide": g, "guidance": w, "evaluations": per_image * (1 if g is None else 2)}
                 row = {
                     **({"ema_std": std} if std is not None else {}),
+                    **guided,
                     "sampler": name,
                     "steps": count,
                     **values,
@@ -117,6 +142,14 @@ def evaluate(
                 write_table(rows, Path(out))  # each finished row kept: Ctrl-C in hour 3 loses no FID
     fid_key = evaluator.names()["fid"]
     write_results(rows, Path(out), fid_key)
+    if guides:
+        best = min(rows, key=lambda r: r[fid_key])
+        plot_fid_vs_guidance(rows, Path(out), fid_key)
+        print(
+            f"best: guide={best['guide']} guidance={best['guidance']} ({best['sampler']}, {best['steps']} "
+            f"steps, {best['evaluations']} evaluations per image): {fid_key.removeprefix('val/')}="
+            f"{best[fid_key]:.3f}; plot: {Path(out) / 'fid_vs_guidance.png'}"
+        )
     if len(ema_stds) > 1:
         best = min(rows, key=lambda r: r[fid_key])
         plot_fid_vs_ema(rows, Path(out), fid_key)
@@ -178,6 +211,37 @@ def plot_fid_vs_ema(rows: list[dict], out: Path, fid_key: str) -> None:
     plt.close(fig)
 
 
+def plot_fid_vs_guidance(rows: list[dict], out: Path, fid_key: str) -> None:
+    """FID against the guidance weight, one curve per (guide, sampler, steps[, EMA length]), each
+    starting from the unguided point (w = 1); the best point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    guides = [g for g in dict.fromkeys(r["guide"] for r in rows) if g is not None]
+    for g, name, count, std in dict.fromkeys(
+        (g, r["sampler"], r["steps"], r.get("ema_std")) for g in guides for r in rows
+    ):
+        pts = sorted(
+            (r["guidance"], r[fid_key])
+            for r in rows
+            if (r["sampler"], r["steps"], r.get("ema_std")) == (name, count, std) and r["guide"] in (g, None)
+        )
+        extra = "" if std is None else f", ema_std={std}"
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"guide={g}: {name}, {count} steps{extra}")
+    best = min(rows, key=lambda r: r[fid_key])
+    ax.scatter([best["guidance"]], [best[fid_key]], s=120, facecolors="none", edgecolors="k", zorder=3)
+    ax.set_xlabel("guidance weight w (1 = unguided)")
+    ax.set_ylabel(fid_key.removeprefix("val/"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(out / "fid_vs_guidance.png", lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
 def write_table(rows: list[dict], out: Path) -> None:
     """results.json and results.csv, each replaced whole."""
     out.mkdir(parents=True, exist_ok=True)
@@ -197,11 +261,15 @@ def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, std in dict.fromkeys((r["sampler"], r.get("ema_std")) for r in rows):
-        pts = sorted(
-            (r["steps"], r[fid_key]) for r in rows if (r["sampler"], r.get("ema_std")) == (name, std)
-        )
-        ax.plot(*zip(*pts, strict=True), marker="o", label=name if std is None else f"{name}, ema_std={std}")
+
+    def curve(r: dict) -> tuple:
+        return r["sampler"], r.get("ema_std"), r.get("guide"), r.get("guidance")
+
+    for key in dict.fromkeys(map(curve, rows)):
+        name, std, g, w = key
+        pts = sorted((r["steps"], r[fid_key]) for r in rows if curve(r) == key)
+        label = name + ("" if std is None else f", ema_std={std}") + ("" if g is None else f", {g} w={w}")
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label)
     ax.set_xlabel("sampler steps")
     ax.set_ylabel(fid_key.removeprefix("val/"))
     ax.set_xscale("log")
@@ -230,12 +298,18 @@ def checks(cfg: DictConfig) -> list[str]:
         return [str(e)]
     samplers = list(cfg.sampler) if OmegaConf.is_list(cfg.sampler) else [cfg.sampler]
     step_counts = list(cfg.steps) if OmegaConf.is_list(cfg.steps) else [cfg.steps]
-    return sampler_steps_problems(str(cfg.ckpt), samplers, step_counts) + [
+    guides = list(cfg.guide) if OmegaConf.is_list(cfg.guide) else cfg.guide
+    weights = list(cfg.guidance) if OmegaConf.is_list(cfg.guidance) else cfg.guidance
+    problems = sampler_steps_problems(str(cfg.ckpt), samplers, step_counts)
+    problems += guidance_problems(guides, weights, str(cfg.ckpt))
+    return problems + [
         f"{key}=[] is empty; give one value or a list of them ({key}={example})"
         for key, example in (
             ("sampler", "[dpmsolver++,ddim]"),
             ("steps", "[10,20]"),
             ("ema_std", "[0.05,0.1]"),
+            ("guide", "[step:2000,ema:0.03]"),
+            ("guidance", "[1.0,1.5,2.0]"),
         )
         if OmegaConf.is_list(cfg.get(key)) and len(cfg[key]) == 0
     ]

@@ -1,6 +1,7 @@
 """`difflab-export`: a training checkpoint → a diffusers ``DDPMPipeline`` directory (safetensors).
 
 difflab-export ckpt=PATH out=DIR [push_to_hub=true hub_repo_id=user/name]
+difflab-export ckpt=PATH out=DIR guide=step:2000 guidance=2.0      (an autoguided pipeline, both UNets)
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ from diffusers import DDPMPipeline, UNet2DModel
 from omegaconf import DictConfig
 
 from difflab.cli import Command, keywords
+from difflab.diffusion.guidance import guidance_problems, load_guide
 from difflab.diffusion.noise import objective_of, scheduler_class
 from difflab.diffusion.posthoc import EMAStd
 from difflab.errors import DifflabError
 from difflab.files import Readable, atomic_dir
 from difflab.inference import load_trained_unet
-from difflab.rules import Exists, OutputDir
+from difflab.rules import AtLeast, Exists, OutputDir
 
-# What DiffusionPipeline.save_pretrained writes: an earlier export there is replaced whole.
-PIPELINE_DIR = OutputDir(("model_index.json", "unet", "scheduler", "README.md"), "an exported pipeline")
+# What DiffusionPipeline.save_pretrained writes (and a custom pipeline's code): an earlier export there is
+# replaced whole.
+PIPELINE_DIR = OutputDir(
+    ("model_index.json", "unet", "guide", "scheduler", "pipeline.py", "README.md"), "an exported pipeline"
+)
 
 
 def export(
@@ -31,12 +36,17 @@ def export(
     push_to_hub: bool,
     hub_repo_id: str | None,
     hub_private: bool,
+    guide: str | None,
+    guidance: Annotated[float, AtLeast(0)],
 ) -> Path:
     """Write the pipeline to ``out`` (and optionally push that folder alone to the Hub)."""
     # model_index.json names each component's class: write diffusers' own UNet2DModel (difflab's
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
     unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, unet_class=UNet2DModel, ema_std=ema_std)
-    if objective_of(sched_cfg) == "meanflow":
+    if guide is not None:
+        weak = load_guide(guide, ckpt, use_ema, unet_class=UNet2DModel)
+        write_guided_pipeline(unet, weak, guidance, sched_cfg, out)
+    elif objective_of(sched_cfg) == "meanflow":
         write_meanflow_pipeline(unet, sched_cfg, out)
     else:
         # DDPMPipeline's loop (noise, then step() over the timesteps) runs a flow model with diffusers'
@@ -71,6 +81,21 @@ def write_meanflow_pipeline(unet: UNet2DModel, sched_cfg: dict, out: str) -> Non
         (Path(partial) / "pipeline.py").write_text(Path(meanflow_pipeline.__file__).read_text())
 
 
+def write_guided_pipeline(
+    unet: UNet2DModel, guide: UNet2DModel, guidance: float, sched_cfg: dict, out: str
+) -> None:
+    """An autoguided model's folder: both UNets (diffusers' class), the scheduler a plain export of
+    this objective saves, the weight in model_index.json, and its pipeline class as ``pipeline.py``
+    (diffusion/guided_pipeline.py, torch and diffusers only), loaded as the MeanFlow export is."""
+    from difflab.diffusion import guided_pipeline
+
+    scheduler = scheduler_class(objective_of(sched_cfg)).from_config(sched_cfg)
+    pipe = guided_pipeline.GuidedPipeline(unet=unet, guide=guide, scheduler=scheduler, guidance=guidance)
+    with atomic_dir(out) as partial:
+        pipe.save_pretrained(partial, safe_serialization=True)
+        (Path(partial) / "pipeline.py").write_text(Path(guided_pipeline.__file__).read_text())
+
+
 def push(out: Path, repo_id: str, private: bool) -> None:
     """Upload the exported folder (only it: checkpoints and logs live elsewhere and never travel)."""
     from huggingface_hub import create_repo, upload_folder
@@ -92,8 +117,17 @@ def push(out: Path, repo_id: str, private: bool) -> None:
 
 
 def checks(cfg: DictConfig) -> list[str]:
-    if not cfg.push_to_hub:
-        return []
+    problems = guidance_problems(cfg.guide, cfg.guidance, str(cfg.ckpt))
+    if cfg.guide is not None and not problems:
+        from difflab.inference import schedule_of
+
+        if objective_of(schedule_of(str(cfg.ckpt)) or {}) == "meanflow":
+            problems.append(
+                "guide= with a MeanFlow model: its export is the MeanFlow pipeline, which takes no guide; "
+                "sample it guided with difflab-sample guide=... sampler=meanflow"
+            )
+    if problems or not cfg.push_to_hub:
+        return problems
     if not cfg.hub_repo_id:
         return ["push_to_hub=true needs hub_repo_id=<user>/<name>"]
     from huggingface_hub import get_token

@@ -2,6 +2,7 @@
 
 difflab-sample ckpt=PATH num_images=N out=DIR sampler=NAME steps=S seed=K batch_size=B
 difflab-sample -m ckpt=PATH sampler=ddim,unipc steps=10,20     (one subdir of out per combination)
+difflab-sample ckpt=PATH guide=step:2000 guidance=2.0           (autoguidance: diffusion/guidance.py)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from difflab.cli import Command, keywords
+from difflab.diffusion.guidance import GuidedUNet, guidance_problems, load_guide
 from difflab.diffusion.posthoc import EMAStd
 from difflab.diffusion.sampling import (
     SamplerName,
@@ -55,12 +57,16 @@ def sample(
     ema_std: EMAStd | None,
     channels_last: ChannelsLast,
     grid: bool,
+    guide: str | None,
+    guidance: Annotated[float, AtLeast(0)],
 ) -> list[Path]:
     """Write ``num_images`` PNGs (and a grid) to ``out``; returns the image paths (conf/sample.yaml
     documents each setting)."""
     device = resolve_device(device)
     nhwc = uses_channels_last(channels_last, "32-true", torch.device(device).type)
     unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, channels_last=nhwc, ema_std=ema_std)
+    if guide is not None:
+        unet = GuidedUNet(unet, load_guide(guide, ckpt, use_ema, nhwc), guidance)
     scheduler = build_sampler(sampler, sched_cfg)
     if problem := steps_problem(sampler, sched_cfg, steps):
         raise DifflabError(problem)
@@ -127,7 +133,9 @@ def sampler_steps_problems(ckpt: str, samplers: list[str], step_counts: list[int
 
 
 def checks(cfg: DictConfig) -> list[str]:
-    return sampler_steps_problems(str(cfg.ckpt), [cfg.sampler], [cfg.steps])
+    return sampler_steps_problems(str(cfg.ckpt), [cfg.sampler], [cfg.steps]) + guidance_problems(
+        cfg.guide, cfg.guidance, str(cfg.ckpt)
+    )
 
 
 def run(cfg: DictConfig) -> list[Path]:

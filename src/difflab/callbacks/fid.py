@@ -13,6 +13,7 @@ import lightning as L
 from torch import nn
 
 from difflab.cadence import due
+from difflab.diffusion.guidance import EMA, STEP, GuidedUNet, describe, load_guide, mismatch
 from difflab.diffusion.sampling import SamplerName, build_sampler
 from difflab.errors import DifflabError
 from difflab.metrics.fid import FIDEvaluator, prepare_extractor, real_features
@@ -35,6 +36,10 @@ class FIDCallback(L.Callback):
     the run's data source (held-out images: a model that memorises its training set gains nothing);
     ``auto``, ``test`` where the source has it, else the training images. The feature extractor is
     prepared on the training images either way.
+
+    ``guide`` / ``guidance``: autoguidance (diffusion/guidance.py) by a checkpoint or exported pipeline,
+    or by ``step:N``, this run's own checkpoint of step N: until it is saved, FID is unguided (said once,
+    and each fid.jsonl line names the guide it used).
     """
 
     def __init__(
@@ -51,7 +56,21 @@ class FIDCallback(L.Callback):
         cache_dir: str = "data_cache/fid",
         results_file: str | None = None,
         real_split: str | None = None,
+        guide: str | None = None,
+        guidance: Annotated[float, AtLeast(0)] = 1.0,
     ) -> None:
+        if guide is None and guidance != 1.0:
+            raise DifflabError(
+                f"callbacks.fid.guidance={guidance} needs a guide: give callbacks.fid.guide=PATH or step:N "
+                "(guidance=1.0 is unguided)"
+            )
+        if guide is not None and EMA.fullmatch(guide):
+            raise DifflabError(
+                f"callbacks.fid.guide={guide}: a run's post-hoc EMA exists once it has trained; guide its "
+                "FID with step:N or a checkpoint here, and with ema:S in difflab-eval afterwards"
+            )
+        self.guide, self.guidance = guide, float(guidance)
+        self.guide_unet: nn.Module | None = None
         self.extractor = extractor
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
         self.sampler_name, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
@@ -78,6 +97,13 @@ class FIDCallback(L.Callback):
         self.reference = str(getattr(reference, "identity", ""))  # set up by real_features
         self.evaluator = FIDEvaluator(self.extractor, self.num_samples, kid=self.kid)
         self.evaluator.set_real_features(feats, rank=trainer.global_rank, world_size=trainer.world_size)
+        if self.guide is not None and not STEP.fullmatch(self.guide):
+            # A fixed guide is checked before the first step (step:N is this run's own model).
+            mine = (dict(pl_module.unet.config), dict(pl_module.noise_scheduler.config))
+            if problem := mismatch(
+                f"callbacks.fid.guide={self.guide}", describe(Path(self.guide)), mine, "this run"
+            ):
+                raise DifflabError(problem)
 
     def reference_data(self, datamodule: object, run_config: dict | None) -> object:
         """The datamodule whose images form the FID reference (``real_split``, see the class)."""
@@ -106,6 +132,23 @@ class FIDCallback(L.Callback):
         log.info("FID reference: the %s split (%s)", split, reference.identity)
         return reference
 
+    def guide_network(self, trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module | None:
+        """The guide (loaded once, EMA weights, on the module's device), or None while unguided."""
+        if self.guide is None or self.guidance == 1.0:
+            return None
+        if self.guide_unet is None:
+            path = Path(self.guide)
+            if m := STEP.fullmatch(self.guide):
+                folder = Path(trainer.checkpoint_callback.dirpath or ".")
+                path = folder / f"step_{int(m.group(1)):07d}.ckpt"
+                if not path.is_file():
+                    if self.last_step >= 0 and not getattr(self, "_said", False):
+                        log.warning("FID: guide %s is not saved yet; FID is unguided until it is", path)
+                        self._said = True
+                    return None
+            self.guide_unet = load_guide(str(path), str(path), use_ema=True).to(pl_module.device)
+        return self.guide_unet
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
         final = 0 < trainer.max_steps <= step
@@ -117,8 +160,10 @@ class FIDCallback(L.Callback):
         t0 = time.perf_counter()
         self.evaluator.to(pl_module.device)
         sampler = build_sampler(self.sampler_name, dict(pl_module.noise_scheduler.config))
+        guide = self.guide_network(trainer, pl_module)
         with pl_module.sampling_unet() as unet:
-            values = self.evaluator.evaluate(unet, sampler, self.steps, self.seed, self.batch_size)
+            model = unet if guide is None else GuidedUNet(unet, guide, self.guidance)
+            values = self.evaluator.evaluate(model, sampler, self.steps, self.seed, self.batch_size)
         seconds = time.perf_counter() - t0
         pl_module.log_dict(values, rank_zero_only=False)
         pl_module.log("perf/fid_seconds", seconds)
@@ -132,6 +177,11 @@ class FIDCallback(L.Callback):
                 "reference": self.reference,  # training images or a held-out split (real_split)
                 "sampler": self.sampler_name,
                 "steps": self.steps,
+                **(
+                    {"guide": self.guide if guide is not None else None, "guidance": self.guidance}
+                    if self.guide is not None
+                    else {}
+                ),
                 "seconds": round(seconds, 2),
             }
             self.results_file.parent.mkdir(parents=True, exist_ok=True)

@@ -215,6 +215,12 @@ def time_estimate(
     return f"about {hours} h {rest // 60} min" if hours else f"about {rest // 60} min {rest % 60} s"
 
 
+def network_evaluations(sampler: diffusers.SchedulerMixin, steps: int) -> int:
+    """Network evaluations per image of ``steps`` steps of ``sampler`` (Heun: two a step but the last)."""
+    sampler.set_timesteps(steps)
+    return len(sampler.timesteps)
+
+
 def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) -> diffusers.SchedulerMixin:
     """A diffusers scheduler named ``name`` configured like the training noise schedule."""
     if name not in SAMPLERS:
