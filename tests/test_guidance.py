@@ -211,10 +211,12 @@ def test_guided_export_loads_in_diffusers_and_draws_difflab_sample_images(run, t
         assert np.abs(img[..., 0] - np.round(ref.images[i, ..., 0] * 255)).max() <= 1.0
 
 
-def test_fid_callback_guided_by_an_earlier_checkpoint_of_its_run(tmp_path):
-    """callbacks.fid.guide=step:10: FID at step 10 is unguided (the checkpoint is saved after the FID
-    callback runs), from step 20 on guided; fid.jsonl names the guide of each line."""
-    out = tmp_path / "run"
+def test_fid_callback_guided_by_the_runs_own_earlier_weights_survives_a_resume(tmp_path):
+    """callbacks.fid.guide=step:10: the EMA weights of step 10 guide every later FID (at step 10 itself
+    the guide is the model: unguided values); fid.jsonl names the guide. They travel in the checkpoint: a
+    run resumed from step 20 (a fresh process) logs the uninterrupted run's guided FID at step 30."""
+    import shutil
+
     fid = [
         "callbacks=with_fid",
         "callbacks.fid.every_n_steps=10",
@@ -226,10 +228,27 @@ def test_fid_callback_guided_by_an_earlier_checkpoint_of_its_run(tmp_path):
         "callbacks.fid.guidance=2.0",
         f"metrics.cache_dir={tmp_path / 'cache'}",
     ]
-    every_10 = [a for a in GUIDED_30 if a.startswith("callbacks.model_checkpoint")]
-    train(compose_config(out, [*FAST_DIGITS, "trainer.max_steps=20", *every_10, *fid]))
-    lines = [json.loads(x) for x in (out / "fid.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["guide"], r["guidance"]) for r in lines] == [(10, None, 2.0), (20, "step:10", 2.0)]
+    args = [*GUIDED_30, *fid]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(compose_config(whole, args))
+    lines = [json.loads(x) for x in (whole / "fid.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["guide"], r["guidance"]) for r in lines] == [
+        (s, "step:10", 2.0) for s in (10, 20, 30)
+    ]
+    shutil.copytree(whole, resumed)
+    for ckpt in (resumed / "checkpoints").glob("*.ckpt"):  # last, step 30, the best-FID checkpoint
+        if ckpt.name not in ("step_0000010.ckpt", "step_0000020.ckpt"):
+            ckpt.unlink()
+    (resumed / "fid.jsonl").write_text("")
+    train(compose_config(resumed, args))  # ckpt_path=last: from step 20
+    again = [json.loads(x) for x in (resumed / "fid.jsonl").read_text().splitlines()]
+    key = "val/fid_classifier_20"
+    assert [(r["step"], r["guide"], r[key]) for r in again] == [(30, "step:10", lines[2][key])]
+    # The callback's own state holds the guide: without it the resumed FID would be unguided.
+    from difflab.checkpoints import load_checkpoint
+
+    state = load_checkpoint(whole / "checkpoints" / "step_0000020.ckpt")["callbacks"]
+    assert any(v.get("guide") == "step:10" and "guide_weights" in v for v in state.values())
 
 
 BAD = [

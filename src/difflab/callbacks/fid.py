@@ -3,6 +3,7 @@ against the training images or a held-out split of the run's data source."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -38,8 +39,8 @@ class FIDCallback(L.Callback):
     prepared on the training images either way.
 
     ``guide`` / ``guidance``: autoguidance (diffusion/guidance.py) by a checkpoint or exported pipeline,
-    or by ``step:N``, this run's own checkpoint of step N: until it is saved, FID is unguided (said once,
-    and each fid.jsonl line names the guide it used).
+    or by ``step:N``, this run's own EMA weights at step N: until then FID is unguided (each fid.jsonl
+    line names the guide it used).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class FIDCallback(L.Callback):
             )
         self.guide, self.guidance = guide, float(guidance)
         self.guide_unet: nn.Module | None = None
+        self._pending: dict | None = None  # step:N's weights from a resumed checkpoint
         self.extractor = extractor
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
         self.sampler_name, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
@@ -99,10 +101,11 @@ class FIDCallback(L.Callback):
         self.evaluator.set_real_features(feats, rank=trainer.global_rank, world_size=trainer.world_size)
         if self.guide is not None and not STEP.fullmatch(self.guide):
             # A fixed guide is checked before the first step (step:N is this run's own model).
+            key = f"callbacks.fid.guide={self.guide}"
+            if not Path(self.guide).exists():
+                raise DifflabError(f"{key} does not exist; give a checkpoint, an exported pipeline or step:N")
             mine = (dict(pl_module.unet.config), dict(pl_module.noise_scheduler.config))
-            if problem := mismatch(
-                f"callbacks.fid.guide={self.guide}", describe(Path(self.guide)), mine, "this run"
-            ):
+            if problem := mismatch(key, describe(Path(self.guide), "callbacks.fid.guide"), mine, "this run"):
                 raise DifflabError(problem)
 
     def reference_data(self, datamodule: object, run_config: dict | None) -> object:
@@ -133,24 +136,37 @@ class FIDCallback(L.Callback):
         return reference
 
     def guide_network(self, trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module | None:
-        """The guide (loaded once, EMA weights, on the module's device), or None while unguided."""
+        """The guide (EMA weights, on the module's device), or None while FID is unguided."""
         if self.guide is None or self.guidance == 1.0:
             return None
-        if self.guide_unet is None:
-            path = Path(self.guide)
-            if m := STEP.fullmatch(self.guide):
-                folder = Path(trainer.checkpoint_callback.dirpath or ".")
-                path = folder / f"step_{int(m.group(1)):07d}.ckpt"
-                if not path.is_file():
-                    if self.last_step >= 0 and not getattr(self, "_said", False):
-                        log.warning("FID: guide %s is not saved yet; FID is unguided until it is", path)
-                        self._said = True
-                    return None
-            self.guide_unet = load_guide(str(path), str(path), use_ema=True).to(pl_module.device)
-        return self.guide_unet
+        if self.guide_unet is None and not STEP.fullmatch(self.guide):
+            self.guide_unet = load_guide(self.guide, self.guide, use_ema=True)
+        if self.guide_unet is None and self._pending is not None:  # resumed past step N
+            self.guide_unet = copy.deepcopy(pl_module.unet)
+            self.guide_unet.load_state_dict(self._pending)
+        return None if self.guide_unet is None else self.guide_unet.to(pl_module.device).eval()
+
+    def keep_step_guide(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """At step N of ``step:N``, a copy of the EMA weights (what that step's checkpoint holds): kept
+        here and in this callback's checkpoint state, so it guides whatever checkpoints are deleted later
+        (save_top_k) and after a resume."""
+        m = STEP.fullmatch(self.guide or "")
+        if m and self.guide_unet is None and trainer.global_step == int(m.group(1)):
+            with pl_module.sampling_unet() as unet:
+                self.guide_unet = copy.deepcopy(unet)
+
+    def state_dict(self) -> dict:
+        if STEP.fullmatch(self.guide or "") and self.guide_unet is not None:
+            return {"guide": self.guide, "guide_weights": self.guide_unet.state_dict()}
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("guide") == self.guide:
+            self._pending = state_dict["guide_weights"]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
+        self.keep_step_guide(trainer, pl_module)
         final = 0 < trainer.max_steps <= step
         if (due(step, self.every_n_steps) or final) and step > 0 and step != self.last_step:
             self.evaluate(trainer, pl_module)
