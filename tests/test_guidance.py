@@ -39,6 +39,13 @@ def run(trained_runs):
     return trained_runs(*GUIDED_30)
 
 
+def small_unet(**kw) -> UNet2DModel:
+    """A randomly initialised 8 px UNet: a network for the tests that need no training."""
+    blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=8, **blocks, **kw).eval()  # fmt: skip
+
+
 def pixels(paths) -> list[np.ndarray]:
     return [np.asarray(Image.open(p)).astype(int) for p in paths]
 
@@ -65,16 +72,7 @@ def test_weight_one_is_unguided_and_an_identical_guide_changes_nothing(run, tmp_
         def forward(self, *args, **kwargs):
             raise AssertionError("the guide ran at w = 1")
 
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-    )
+    unet = small_unet()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor(500)
     assert torch.equal(GuidedUNet(unet, Refuses(), 1.0)(x, t).sample, unet(x, t).sample)
 
@@ -122,20 +120,7 @@ def test_meanflow_second_time_reaches_the_model_and_the_guide():
     to the model changes nothing, another guide changes the images."""
     torch.manual_seed(0)
 
-    def unet() -> UNet2DModel:
-        return UNet2DModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 16),
-            down_block_types=("DownBlock2D",) * 2,
-            up_block_types=("UpBlock2D",) * 2,
-            layers_per_block=1,
-            norm_num_groups=8,
-            class_embed_type="timestep",
-        ).eval()
-
-    model, other = unet(), unet()
+    model, other = small_unet(class_embed_type="timestep"), small_unet(class_embed_type="timestep")
     draw = lambda net: sample_batch(net, MeanFlowScheduler(), range(3), 0, 2, device="cpu")  # noqa: E731
     plain = draw(model)
     assert torch.equal(draw(GuidedUNet(model, model, 2.5)), plain)

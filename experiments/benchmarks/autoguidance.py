@@ -259,7 +259,7 @@ def build_report(records: list[dict]) -> str:
                 f"{sorted(floor)}: "
                 f"FID spread {spread:.3g} ({spread / statistics.median(floor.values()):.1%} of the median)."
             )
-        runs = [r for r in records if r.get("kind") == "run" and r["data"] == data]
+        runs = list({r["seed"]: r for r in records if r.get("kind") == "run" and r["data"] == data}.values())
         if runs:
             per_step = [
                 (r["timing"]["tiny"]["seconds"] / r["timing"]["tiny"]["steps"])
@@ -277,7 +277,7 @@ def report(opts: argparse.Namespace) -> None:
     body = build_report(load(BENCH, opts.raw))
     print(body)
     if opts.raw.resolve() == RAW.resolve():  # a smoke run's records are printed only
-        write_section(BENCH, f"<!-- written by `{Path(__file__).name} --report` from raw/*.jsonl -->\n{body}")
+        write_section(BENCH, body)
 
 
 def main() -> None:

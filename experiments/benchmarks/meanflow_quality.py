@@ -468,7 +468,7 @@ def report(opts: argparse.Namespace) -> None:
     print(body)
     if opts.raw.resolve() != RAW.resolve():
         return  # a smoke run's records: printed, never into RESULTS.md
-    write_section(BENCH, f"<!-- written by `{Path(__file__).name} --report` from raw/*.jsonl -->\n{body}")
+    write_section(BENCH, body)
     if curves:
         plot(curves, HERE / "meanflow_fid_vs_cost.png")
 

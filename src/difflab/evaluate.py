@@ -189,57 +189,55 @@ def reference_split(data_cfg: dict, split: str, ckpt: str) -> object:
     return datamodule
 
 
-def plot_fid_vs_ema(rows: list[dict], out: Path, fid_key: str) -> None:
-    """FID against the post-hoc EMA length, one curve per (sampler, steps); the best point marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, count in dict.fromkeys((r["sampler"], r["steps"]) for r in rows):
-        pts = sorted((r["ema_std"], r[fid_key]) for r in rows if (r["sampler"], r["steps"]) == (name, count))
-        ax.plot(*zip(*pts, strict=True), marker="o", label=f"{name}, {count} steps")
-    best = min(rows, key=lambda r: r[fid_key])
-    ax.scatter([best["ema_std"]], [best[fid_key]], s=120, facecolors="none", edgecolors="k", zorder=3)
-    ax.set_xlabel("post-hoc EMA length σ_rel (ema_std)")
-    ax.set_ylabel(fid_key.removeprefix("val/"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(out / "fid_vs_ema.png", lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-
-
-def plot_fid_vs_guidance(rows: list[dict], out: Path, fid_key: str) -> None:
-    """FID against the guidance weight, one curve per (guide, sampler, steps[, EMA length]), each
-    starting from the unguided point (w = 1); the best point marked."""
+def save_plot(
+    path: Path, curves: dict[str, list[tuple]], xlabel: str, fid_key: str, best: tuple | None = None
+) -> None:
+    """One figure of FID curves ({label: [(x, FID), ...]}), the ``best`` (x, FID) point ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    guides = [g for g in dict.fromkeys(r["guide"] for r in rows) if g is not None]
-    for g, name, count, std in dict.fromkeys(
-        (g, r["sampler"], r["steps"], r.get("ema_std")) for g in guides for r in rows
-    ):
-        pts = sorted(
-            (r["guidance"], r[fid_key])
-            for r in rows
-            if (r["sampler"], r["steps"], r.get("ema_std")) == (name, count, std) and r["guide"] in (g, None)
-        )
-        extra = "" if std is None else f", ema_std={std}"
-        ax.plot(*zip(*pts, strict=True), marker="o", label=f"guide={g}: {name}, {count} steps{extra}")
-    best = min(rows, key=lambda r: r[fid_key])
-    ax.scatter([best["guidance"]], [best[fid_key]], s=120, facecolors="none", edgecolors="k", zorder=3)
-    ax.set_xlabel("guidance weight w (1 = unguided)")
+    for label, pts in curves.items():
+        ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=label)
+    if best is not None:
+        ax.scatter([best[0]], [best[1]], s=120, facecolors="none", edgecolors="k", zorder=3)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(fid_key.removeprefix("val/"))
+    if xlabel == "sampler steps":
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(out / "fid_vs_guidance.png", lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
+
+
+def plot_fid_vs_ema(rows: list[dict], out: Path, fid_key: str) -> None:
+    """FID against the post-hoc EMA length, one curve per (sampler, steps); the best point marked."""
+    curves: dict[str, list[tuple]] = {}
+    for r in rows:
+        curves.setdefault(f"{r['sampler']}, {r['steps']} steps", []).append((r["ema_std"], r[fid_key]))
+    best = min(rows, key=lambda r: r[fid_key])
+    save_plot(out / "fid_vs_ema.png", curves, "post-hoc EMA length σ_rel (ema_std)", fid_key,
+              (best["ema_std"], best[fid_key]))  # fmt: skip
+
+
+def plot_fid_vs_guidance(rows: list[dict], out: Path, fid_key: str) -> None:
+    """FID against the guidance weight, one curve per (guide, sampler, steps[, EMA length]), each
+    starting from the unguided point (w = 1); the best point marked."""
+    curves: dict[str, list[tuple]] = {}
+    guides = [g for g in dict.fromkeys(r["guide"] for r in rows) if g is not None]
+    for g in guides:
+        for r in rows:
+            if r["guide"] in (g, None):
+                extra = "" if r.get("ema_std") is None else f", ema_std={r['ema_std']}"
+                label = f"guide={g}: {r['sampler']}, {r['steps']} steps{extra}"
+                curves.setdefault(label, []).append((r["guidance"], r[fid_key]))
+    best = min(rows, key=lambda r: r[fid_key])
+    save_plot(out / "fid_vs_guidance.png", curves, "guidance weight w (1 = unguided)", fid_key,
+              (best["guidance"], best[fid_key]))  # fmt: skip
 
 
 def write_table(rows: list[dict], out: Path) -> None:
@@ -255,29 +253,13 @@ def write_table(rows: list[dict], out: Path) -> None:
 
 def write_results(rows: list[dict], out: Path, fid_key: str) -> None:
     write_table(rows, out)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-
-    def curve(r: dict) -> tuple:
-        return r["sampler"], r.get("ema_std"), r.get("guide"), r.get("guidance")
-
-    for key in dict.fromkeys(map(curve, rows)):
-        name, std, g, w = key
-        pts = sorted((r["steps"], r[fid_key]) for r in rows if curve(r) == key)
-        label = name + ("" if std is None else f", ema_std={std}") + ("" if g is None else f", {g} w={w}")
-        ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.set_xlabel("sampler steps")
-    ax.set_ylabel(fid_key.removeprefix("val/"))
-    ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(out / "fid_vs_steps.png", lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
+    curves: dict[str, list[tuple]] = {}
+    for r in rows:
+        std, g = r.get("ema_std"), r.get("guide")
+        label = r["sampler"] + ("" if std is None else f", ema_std={std}")
+        label += "" if g is None else f", {g} w={r['guidance']}"
+        curves.setdefault(label, []).append((r["steps"], r[fid_key]))
+    save_plot(out / "fid_vs_steps.png", curves, "sampler steps", fid_key)
 
 
 def run(cfg: DictConfig) -> list[dict]:
