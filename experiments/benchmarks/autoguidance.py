@@ -34,13 +34,13 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))
 
+from meanflow_quality import run_eval  # noqa: E402
 from protocol import RAW, Recorder, claim, interval, load, machine_line, table, write_section  # noqa: E402
 from time_to_quality import HELD_OUT, run_command  # noqa: E402
 
 BENCH = "autoguidance"
 SAMPLER = "dpmsolver++"
 EVAL_SEED, NOISE_SEEDS = 1234, [1, 2]
-NUM_REAL = {"fashion_mnist": 10000, "twemoji": 3397}  # the whole reference set of each
 GOAL = 0.75  # issue 32: at least 25% lower held-out FID than unguided at equal sampling cost
 
 
@@ -89,27 +89,12 @@ def evaluate(
 ) -> list:
     """One difflab-eval call of the model of (data, seed); its rows (read back when already done)."""
     out = opts.work / "eval" / data / f"seed{seed}_{name}_eval{eval_seed}"
-    if not (out / "done").is_file():
-        ckpt = runs_of(opts, data, seed)["model"] / "checkpoints" / f"step_{opts.steps:07d}.ckpt"
-        run_command(
-            [
-                str(BIN / "difflab-eval"),
-                f"ckpt={ckpt}",
-                f"sampler={SAMPLER}",
-                *args,
-                f"num_samples={opts.num_samples}",
-                f"num_real={min(opts.num_real, NUM_REAL[data])}",
-                f"real_split={HELD_OUT[data] or 'null'}",
-                "kid=true",
-                f"seed={eval_seed}",
-                f"metrics.cache_dir={opts.work / 'fid_cache'}",
-                f"out={out}",
-            ],
-            opts.work,
-            opts.code,
-        )
-        (out / "done").touch()
-    return json.loads((out / "results.json").read_text())
+    if (out / "done").is_file():
+        return json.loads((out / "results.json").read_text())
+    ckpt = runs_of(opts, data, seed)["model"] / "checkpoints" / f"step_{opts.steps:07d}.ckpt"
+    rows = run_eval(opts, data, ckpt, out, eval_seed, f"sampler={SAMPLER}", *args)
+    (out / "done").touch()
+    return rows
 
 
 def run(opts: argparse.Namespace) -> None:

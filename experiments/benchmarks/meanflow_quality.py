@@ -139,6 +139,28 @@ def chosen(run: dict, budget: float) -> int | None:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
+def run_eval(opts: argparse.Namespace, data: str, ckpt: Path, out: Path, eval_seed: int, *args: str) -> list:
+    """`difflab-eval` of ``ckpt`` (``args``: its sampler, steps, guides...) against this benchmark's
+    reference of ``data`` (autoguidance.py's too); its rows."""
+    run_command(
+        [
+            str(BIN / "difflab-eval"),
+            f"ckpt={ckpt}",
+            *args,
+            f"num_samples={opts.num_samples}",
+            f"num_real={min(opts.num_real, NUM_REAL[data])}",
+            f"real_split={HELD_OUT[data] or 'null'}",
+            "kid=true",
+            f"seed={eval_seed}",
+            f"metrics.cache_dir={opts.work / 'fid_cache'}",
+            f"out={out}",
+        ],
+        opts.work,
+        opts.code,
+    )
+    return json.loads((out / "results.json").read_text())
+
+
 def evaluate(
     rec: Recorder,
     done: set,
@@ -158,25 +180,8 @@ def evaluate(
         return
     ckpt = opts.work / data / f"{row}_seed{seed}" / "checkpoints" / f"step_{step:07d}.ckpt"
     out = opts.work / "eval" / data / f"{row}_seed{seed}_step{step}_eval{eval_seed}"
-    num_real = min(opts.num_real, NUM_REAL[data])
-    run_command(
-        [
-            str(BIN / "difflab-eval"),
-            f"ckpt={ckpt}",
-            f"sampler={sampler}",
-            "steps=[" + ",".join(map(str, counts)) + "]",
-            f"num_samples={opts.num_samples}",
-            f"num_real={num_real}",
-            f"real_split={HELD_OUT[data] or 'null'}",
-            "kid=true",
-            f"seed={eval_seed}",
-            f"metrics.cache_dir={opts.work / 'fid_cache'}",
-            f"out={out}",
-        ],
-        opts.work,
-        opts.code,
-    )
-    for r in json.loads((out / "results.json").read_text()):
+    steps = "steps=[" + ",".join(map(str, counts)) + "]"
+    for r in run_eval(opts, data, ckpt, out, eval_seed, f"sampler={sampler}", steps):
         fid_key = next(k for k in r if k.startswith("val/fid_"))
         kid_key = next(k for k in r if k.startswith("val/kid_") and not k.endswith("_std"))
         rec.record(

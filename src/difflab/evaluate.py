@@ -124,7 +124,7 @@ def evaluate(
                     values = evaluator.evaluate(model, scheduler, count, seed, batch_size)
                 guided = {}
                 if guides:  # the guide's evaluations count: equal sampling cost compares this column
-                    per_image = network_evaluations(build_sampler(name, sched_cfg), count)
+                    per_image = network_evaluations(scheduler, count)
                     guided = {"guide": g, "guidance": w, "evaluations": per_image * (1 if g is None else 2)}
                 row = {
                     **({"ema_std": std} if std is not None else {}),
