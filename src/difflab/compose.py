@@ -46,7 +46,7 @@ RENAMED = {
 }
 
 # `model.unet=tiny`, `model.ema=posthoc` read naturally, but Hydra selects groups with a slash: accept both.
-GROUP_ALIASES = {"model.unet": "model/unet", "model.ema": "model/ema"}
+GROUP_ALIASES = {"model.unet": "model/unet", "model.ema": "model/ema", "model.guide": "model/guide"}
 
 
 def rewrite_group_aliases(argv: list[str]) -> list[str]:

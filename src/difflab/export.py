@@ -43,11 +43,11 @@ def export(
     # model_index.json names each component's class: write diffusers' own UNet2DModel (difflab's
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
     unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, unet_class=UNet2DModel, ema_std=ema_std)
-    if guide is not None:
-        weak = load_guide(guide, ckpt, use_ema, unet_class=UNet2DModel)
+    weak = load_guide(guide, ckpt, use_ema, unet_class=UNet2DModel) if guide is not None else None
+    if objective_of(sched_cfg) == "meanflow":
+        write_meanflow_pipeline(unet, sched_cfg, out, weak, guidance)
+    elif weak is not None:
         write_guided_pipeline(unet, weak, guidance, sched_cfg, out)
-    elif objective_of(sched_cfg) == "meanflow":
-        write_meanflow_pipeline(unet, sched_cfg, out)
     else:
         # DDPMPipeline's loop (noise, then step() over the timesteps) runs a flow model with diffusers'
         # flow Euler scheduler as well: the export of either objective loads with from_pretrained.
@@ -60,12 +60,15 @@ def export(
     return Path(out)
 
 
-def write_meanflow_pipeline(unet: UNet2DModel, sched_cfg: dict, out: str) -> None:
+def write_meanflow_pipeline(
+    unet: UNet2DModel, sched_cfg: dict, out: str, guide: UNet2DModel | None = None, guidance: float = 1.0
+) -> None:
     """A MeanFlow model's folder: diffusers' UNet2DModel, a flow scheduler config that carries T (and
     ``objective: meanflow``, which difflab-sample reads), and its own pipeline class as ``pipeline.py``
     (diffusion/meanflow_pipeline.py, torch and diffusers only): DDPMPipeline's loop has no second time
     input. diffusers loads it with ``DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR,
-    trust_remote_code=True)`` (the code is the folder's own pipeline.py)."""
+    trust_remote_code=True)`` (the code is the folder's own pipeline.py). With ``guide``, both UNets and
+    the weight ``guidance`` (autoguidance)."""
     import json
 
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -73,7 +76,7 @@ def write_meanflow_pipeline(unet: UNet2DModel, sched_cfg: dict, out: str) -> Non
     from difflab.diffusion import meanflow_pipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=sched_cfg["num_train_timesteps"])
-    pipe = meanflow_pipeline.MeanFlowPipeline(unet=unet, scheduler=scheduler)
+    pipe = meanflow_pipeline.MeanFlowPipeline(unet=unet, scheduler=scheduler, guide=guide, guidance=guidance)
     with atomic_dir(out) as partial:
         pipe.save_pretrained(partial, safe_serialization=True)
         sched_path = Path(partial) / "scheduler" / "scheduler_config.json"
@@ -118,14 +121,6 @@ def push(out: Path, repo_id: str, private: bool) -> None:
 
 def checks(cfg: DictConfig) -> list[str]:
     problems = guidance_problems(cfg.guide, cfg.guidance, str(cfg.ckpt))
-    if cfg.guide is not None and not problems:
-        from difflab.inference import schedule_of
-
-        if objective_of(schedule_of(str(cfg.ckpt)) or {}) == "meanflow":
-            problems.append(
-                "guide= with a MeanFlow model: its export is the MeanFlow pipeline, which takes no guide; "
-                "sample it guided with difflab-sample guide=... sampler=meanflow"
-            )
     if problems or not cfg.push_to_hub:
         return problems
     if not cfg.hub_repo_id:

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -24,11 +24,13 @@ def load_trained_unet(
     channels_last: bool = False,
     unet_class: type | None = None,
     ema_std: float | None = None,
+    part: Literal["unet", "guide"] = "unet",
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(UNet with EMA weights, noise-scheduler config, run config) from a training checkpoint or an
     exported diffusers pipeline directory. ``unet_class`` defaults to difflab's ``UNet2DModel``;
     ``channels_last`` gives NHWC weights (faster convolutions, same outputs); ``ema_std`` the weights
-    of the post-hoc EMA of that length, reconstructed from the run's snapshots (diffusion/posthoc.py)."""
+    of the post-hoc EMA of that length, reconstructed from the run's snapshots (diffusion/posthoc.py);
+    ``part="guide"`` the guide a checkpoint's run trained alongside (model.guide) instead of its model."""
     from diffusers import DDPMScheduler
 
     from difflab.diffusion.unet import UNet2DModel
@@ -56,19 +58,27 @@ def load_trained_unet(
             ) from None
         run_cfg = {}
     else:
-        unet, sched_cfg, run_cfg = _unet_from_checkpoint(p, use_ema, unet_class, ema_std)
+        unet, sched_cfg, run_cfg = _unet_from_checkpoint(p, use_ema, unet_class, ema_std, part)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     return unet.eval(), sched_cfg, run_cfg
 
 
 def _unet_from_checkpoint(
-    p: Path, use_ema: bool, unet_class: type, ema_std: float | None = None
+    p: Path, use_ema: bool, unet_class: type, ema_std: float | None = None, part: str = "unet"
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     ckpt = load_checkpoint(p)
     record = RunRecord.from_checkpoint(ckpt, p)
-    unet = unet_class.from_config(record.unet_config)
-    live = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
+    # The model (unet.*, checkpoint["ema"]) or the guide trained alongside (guide.unet.*, ["guide_ema"]).
+    config, prefix, ema_key = (
+        (record.unet_config, "unet.", "ema")
+        if part == "unet"
+        else (record.guide_unet_config, "guide.unet.", "guide_ema")
+    )
+    if config is None:
+        raise DifflabError(f"checkpoint {p} holds no guide trained alongside (model.guide)")
+    unet = unet_class.from_config(config)
+    live = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
         unet.load_state_dict(live)
     except RuntimeError as e:
@@ -77,9 +87,9 @@ def _unet_from_checkpoint(
         ) from e
     if ema_std is not None:
         _load_posthoc(unet, record.snapshots(p), int(ckpt.get("global_step", 0)), p, ema_std)
-    elif use_ema and "ema" in ckpt:
+    elif use_ema and ema_key in ckpt:
         params = list(unet.parameters())
-        shadow = ckpt["ema"]["shadow_params"]
+        shadow = ckpt[ema_key]["shadow_params"]
         if len(shadow) != len(params) or any(a.shape != b.shape for a, b in zip(shadow, params, strict=True)):
             raise DifflabError(f"checkpoint {p}: EMA weights do not match the UNet")
         with torch.no_grad():

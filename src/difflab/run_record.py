@@ -12,6 +12,8 @@ ours: ``checkpoint["ema"]`` (the EMA's own ``state_dict``, written by the EMA cl
     log_window        the partly filled window of logged loss means (logged means resume exactly)
     ema_kind          "standard" | "posthoc" | "none"
     snapshot_dir      where a post-hoc EMA run keeps its snapshots (None for the others)
+    guide_unet_config the config of the guide trained alongside (model.guide; its weights are the
+                      state dict's ``guide.unet.*``, its EMA ``checkpoint["guide_ema"]``), or None
     format            this layout's version (2); checkpoints written before it carry none
 
 Version 1 (every checkpoint before ``format`` existed) lacked ``ema_kind`` and ``snapshot_dir``:
@@ -43,6 +45,7 @@ class RunRecord:
     log_window: dict[str, Any] | None = None
     ema_kind: EmaKind = "none"
     snapshot_dir: str | None = None
+    guide_unet_config: dict[str, Any] | None = None
 
     def to_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store this record in ``checkpoint`` (Lightning's dict, in ``on_save_checkpoint``)."""
@@ -77,6 +80,7 @@ class RunRecord:
             log_window=meta.get("log_window"),
             ema_kind=kind,
             snapshot_dir=snapshot_dir,
+            guide_unet_config=meta.get("guide_unet_config"),
         )
 
     @classmethod

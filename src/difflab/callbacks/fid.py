@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from torch import nn
 from difflab.cadence import due
 from difflab.diffusion.guidance import EMA, STEP, GuidedUNet, describe, load_guide, mismatch
 from difflab.diffusion.sampling import SamplerName, build_sampler
+from difflab.diffusion.trained_guide import ALONGSIDE
 from difflab.errors import DifflabError
 from difflab.metrics.fid import FIDEvaluator, prepare_extractor, real_features
 from difflab.rules import AtLeast
@@ -39,8 +41,9 @@ class FIDCallback(L.Callback):
     prepared on the training images either way.
 
     ``guide`` / ``guidance``: autoguidance (diffusion/guidance.py) by a checkpoint or exported pipeline,
-    or by ``step:N``, this run's own EMA weights at step N: until then FID is unguided (each fid.jsonl
-    line names the guide it used).
+    by ``alongside``, the guide this run trains alongside (model/guide=tiny; its EMA weights as they
+    are at each evaluation), or by ``step:N``, this run's own EMA weights at step N: until then FID is
+    unguided (each fid.jsonl line names the guide it used).
     """
 
     def __init__(
@@ -62,7 +65,8 @@ class FIDCallback(L.Callback):
     ) -> None:
         if guide is None and guidance != 1.0:
             raise DifflabError(
-                f"callbacks.fid.guidance={guidance} needs a guide: give callbacks.fid.guide=PATH or step:N "
+                f"callbacks.fid.guidance={guidance} needs a guide: give callbacks.fid.guide=PATH, step:N or "
+                f"{ALONGSIDE} "
                 "(guidance=1.0 is unguided)"
             )
         if guide is not None and EMA.fullmatch(guide):
@@ -99,7 +103,12 @@ class FIDCallback(L.Callback):
         self.reference = str(getattr(reference, "identity", ""))  # set up by real_features
         self.evaluator = FIDEvaluator(self.extractor, self.num_samples, kid=self.kid)
         self.evaluator.set_real_features(feats, rank=trainer.global_rank, world_size=trainer.world_size)
-        if self.guide is not None and not STEP.fullmatch(self.guide):
+        if self.guide == ALONGSIDE and getattr(pl_module, "guide", None) is None:
+            raise DifflabError(
+                f"callbacks.fid.guide={ALONGSIDE}: this run trains no guide; add model/guide=tiny or give "
+                "a checkpoint path or step:N"
+            )
+        if self.guide is not None and not STEP.fullmatch(self.guide) and self.guide != ALONGSIDE:
             # A fixed guide is checked before the first step (step:N is this run's own model).
             key = f"callbacks.fid.guide={self.guide}"
             if not Path(self.guide).exists():
@@ -139,7 +148,7 @@ class FIDCallback(L.Callback):
         """The guide (EMA weights, on the module's device), or None while FID is unguided."""
         if self.guide is None or self.guidance == 1.0:
             return None
-        if self.guide_unet is None and not STEP.fullmatch(self.guide):
+        if self.guide_unet is None and not STEP.fullmatch(self.guide) and self.guide != ALONGSIDE:
             self.guide_unet = load_guide(self.guide, self.guide, use_ema=True)
         if self.guide_unet is None and self._pending is not None:  # resumed past step N
             self.guide_unet = copy.deepcopy(pl_module.unet)
@@ -177,7 +186,11 @@ class FIDCallback(L.Callback):
         self.evaluator.to(pl_module.device)
         sampler = build_sampler(self.sampler_name, dict(pl_module.noise_scheduler.config))
         guide = self.guide_network(trainer, pl_module)
-        with pl_module.sampling_unet() as unet:
+        alongside = self.guide == ALONGSIDE and self.guidance != 1.0
+        with (
+            pl_module.sampling_unet() as unet,
+            pl_module.sampling_guide() if alongside else nullcontext(guide) as guide,
+        ):
             model = unet if guide is None else GuidedUNet(unet, guide, self.guidance)
             values = self.evaluator.evaluate(model, sampler, self.steps, self.seed, self.batch_size)
         seconds = time.perf_counter() - t0

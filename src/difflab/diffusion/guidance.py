@@ -11,8 +11,9 @@ the same for both networks, so blending outputs is exactly blending D (the paper
 conversion per objective and for every sampler that takes a model output.
 
 A guide is named by ``guide=``: a checkpoint or exported pipeline, or a shorthand for this run's own
-weaker versions: ``step:N`` (its checkpoint at optimizer step N) or ``ema:S`` (its post-hoc EMA at
-σ_rel = S, runs trained with model/ema=posthoc).
+weaker versions: ``step:N`` (its checkpoint at optimizer step N), ``ema:S`` (its post-hoc EMA at
+σ_rel = S, runs trained with model/ema=posthoc) or ``alongside`` (the small UNet it trained alongside,
+runs trained with model/guide=tiny: diffusion/trained_guide.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from difflab.diffusion.trained_guide import ALONGSIDE
 from difflab.errors import DifflabError
 
 STEP, EMA = re.compile(r"step:(\d+)"), re.compile(r"ema:(\S+)")
@@ -84,7 +86,8 @@ def guide_source(guide: str, ckpt: str) -> tuple[Path, float | None]:
     path = Path(guide).expanduser()
     if not path.exists():
         raise DifflabError(
-            f"guide={guide} does not exist; give a checkpoint, an exported pipeline, step:N or ema:S"
+            f"guide={guide} does not exist; give a checkpoint, an exported pipeline, step:N, ema:S or "
+            f"{ALONGSIDE}"
         )
     return path, None
 
@@ -135,6 +138,15 @@ def guide_problem(guide: str, ckpt: str) -> str | None:
         mine = describe(Path(ckpt), "ckpt")
     except DifflabError:
         return None  # the model's own loader says what is wrong with ckpt
+    if guide == ALONGSIDE:
+        from difflab.run_record import RunRecord
+
+        if not Path(ckpt).is_file() or RunRecord.peek(ckpt).guide_unet_config is None:
+            return (
+                f"guide={ALONGSIDE}: {ckpt} holds no guide trained alongside (runs trained with "
+                "model/guide=tiny do); give step:N, ema:S or a checkpoint path"
+            )
+        return None  # trained with the model: the same images and objective
     try:
         path, std = guide_source(guide, ckpt)
     except DifflabError as e:
@@ -165,7 +177,7 @@ def guidance_problems(guide: str | list | None, guidance: float | list, ckpt: st
     if not guides and any(w != 1.0 for w in weights):
         return [
             f"guidance={weights[0] if len(weights) == 1 else weights} needs a guide: give guide=PATH, "
-            "guide=step:N or guide=ema:S (guidance=1.0 samples unguided)"
+            f"guide=step:N, guide=ema:S or guide={ALONGSIDE} (guidance=1.0 samples unguided)"
         ]
     return [p for g in guides if (p := guide_problem(str(g), ckpt))]
 
@@ -176,5 +188,7 @@ def load_guide(
     """The guide network named by ``guide`` (checked by guide_problem at start-up)."""
     from difflab.inference import load_trained_unet
 
+    if guide == ALONGSIDE:
+        return load_trained_unet(ckpt, use_ema, channels_last, unet_class, part="guide")[0]
     path, std = guide_source(guide, ckpt)
     return load_trained_unet(path, use_ema, channels_last, unet_class, std)[0]

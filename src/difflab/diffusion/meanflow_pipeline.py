@@ -5,6 +5,10 @@ torch and diffusers only, so the folder loads without difflab installed, and dra
     pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
     images = pipe(batch_size=16, num_inference_steps=1).images
 
+An export with ``guide=`` carries the guide too (autoguidance, difflab's diffusion/guidance.py): each
+jump's average velocity is guide + w·(model − guide), ``guidance`` = w (the weight exported, overridable
+per call; 1.0 skips the guide).
+
 The UNet predicts the average velocity u(z_t, r, t) over [r, t] (timestep t·T, class label (t − r)·T);
 ``num_inference_steps`` equal jumps z_r = z_t − (t − r)·u go from pure noise (t = 1) to an image (r = 0),
 ``MeanFlowScheduler`` below, as ``difflab-sample sampler=meanflow``. The pipeline's scheduler component
@@ -77,11 +81,13 @@ class MeanFlowScheduler(SchedulerMixin, ConfigMixin):
 
 
 class MeanFlowPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->guide"
+    _optional_components = ["guide"]
 
-    def __init__(self, unet, scheduler) -> None:
+    def __init__(self, unet, scheduler, guide=None, guidance: float = 1.0) -> None:
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, guide=guide)
+        self.register_to_config(guidance=float(guidance))
 
     @torch.no_grad()
     def __call__(
@@ -89,16 +95,23 @@ class MeanFlowPipeline(DiffusionPipeline):
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 1,
+        guidance: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
+        weight = float(self.config.guidance if guidance is None else guidance)
+        if weight != 1.0 and self.guide is None:
+            raise ValueError(f"guidance={weight} needs a guide: this pipeline was exported without one")
         cfg = self.unet.config
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         sampler = MeanFlowScheduler(num_train_timesteps=self.scheduler.config.num_train_timesteps)
         sampler.set_timesteps(num_inference_steps, device=self.device)
         for t in self.progress_bar(sampler.timesteps):
-            u = self.unet(x, t, **sampler.model_inputs(t, batch_size)).sample
+            inputs = sampler.model_inputs(t, batch_size)
+            u = self.unet(x, t, **inputs).sample
+            if weight != 1.0:
+                u = torch.lerp(self.guide(x, t, **inputs).sample, u, weight)
             x = sampler.step(u, t, x).prev_sample
         image = (x.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
         if output_type == "pil":

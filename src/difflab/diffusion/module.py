@@ -20,6 +20,7 @@ from difflab.diffusion.ema import swapped_in
 from difflab.diffusion.loss_window import LossWindow
 from difflab.diffusion.noise import NoiseLevels, TrainScheduler, immiscible_noise, noise_process, objective_of
 from difflab.diffusion.posthoc import PowerFunctionEMA
+from difflab.diffusion.trained_guide import TrainedGuide, clip_each_group
 from difflab.diffusion.weighting import LearnedWeighting
 from difflab.errors import DifflabError
 from difflab.precision import ChannelsLast, fp32_matmul_policy, optimizer_for_precision, uses_channels_last
@@ -53,10 +54,12 @@ class DiffusionModule(L.LightningModule):
         channels_last: ChannelsLast = "auto",
         compile: bool = False,
         init_from: str | None = None,
+        guide: TrainedGuide | None = None,
     ) -> None:
         """``optimizer``: a partial taking the parameters; ``ema``: a partial taking the UNet (the EMA
         kept for every grid, FID and export), or None for none; ``init_from``: a trained run's checkpoint
-        or an exported pipeline whose UNet weights this run starts from (inference.init_weights)."""
+        or an exported pipeline whose UNet weights this run starts from (inference.init_weights); ``guide``:
+        a small UNet trained alongside for autoguidance (diffusion/trained_guide.py), or None."""
         super().__init__()
         if init_from is not None:  # before the EMA copies the weights
             from difflab.inference import init_weights
@@ -73,6 +76,8 @@ class DiffusionModule(L.LightningModule):
         self.channels_last_setting = channels_last
         self.channels_last = False  # set by _to_channels_last(): now if true, in setup() if "auto"
         self.ema = ema(unet) if ema is not None else None
+        self.guide = guide  # a submodule: its weights are checkpointed with the UNet's
+        self._guide_steps: int | None = None  # how many steps it trains (configure_optimizers); None: all
         if channels_last is True:
             self._to_channels_last()
         # The base seed of the per-step noise; random when unset, and saved so a resume stays exact.
@@ -108,6 +113,8 @@ class DiffusionModule(L.LightningModule):
             # parameters and buffers private storage, but the EMA shadows are plain attributes: left
             # shared, every rank lerps the same storage and the EMA moves N times too fast.
             self.ema.map_shadows(lambda s: s.clone() if s.is_shared() else s)
+        if self.guide is not None and self.guide.ema is not None:
+            self.guide.ema.map_shadows(lambda s: s.clone() if s.is_shared() else s)
         self.loss_window.unshare()  # plain attributes too, for the same reason
         device_type = self.trainer.strategy.root_device.type
         fp32_matmul_policy(self.trainer.strategy.root_device)  # in every rank: a process-wide setting
@@ -118,10 +125,12 @@ class DiffusionModule(L.LightningModule):
 
     def _to_channels_last(self) -> None:
         self.channels_last = True
-        self.unet.to(memory_format=torch.channels_last)
-        if self.ema is not None:  # the shadows follow, so the foreach EMA update runs over alike strides
-            # Tensor.to, as Module.to converts the weights: same strides.
-            self.ema.map_shadows(lambda s: s.to(memory_format=torch.channels_last) if s.dim() == 4 else s)
+        guide = self.guide
+        for unet, ema in [(self.unet, self.ema)] + ([(guide.unet, guide.ema)] if guide is not None else []):
+            unet.to(memory_format=torch.channels_last)
+            if ema is not None:  # the shadows follow, so the foreach EMA update runs over alike strides
+                # Tensor.to, as Module.to converts the weights: same strides.
+                ema.map_shadows(lambda s: s.to(memory_format=torch.channels_last) if s.dim() == 4 else s)
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
@@ -129,6 +138,8 @@ class DiffusionModule(L.LightningModule):
         # The same Parameter objects the optimizer holds (moving devices and loading weights update
         # them in place). unet.parameters() walks every submodule: 0.14 ms a step for the tiny UNet.
         self._ema_params = list(self.unet.parameters())
+        if self.guide is not None and self.guide.ema is not None:
+            self.guide.ema.to(self.device)
 
     def on_train_start(self) -> None:
         self._last_step = int(self.trainer.estimated_stepping_batches) - 1
@@ -150,7 +161,7 @@ class DiffusionModule(L.LightningModule):
             # The NCHW draw's values (a resume redraws them), laid out as the batch: with mixed layouts
             # every elementwise op and the loss would permute one operand.
             noise = noise.contiguous(memory_format=torch.channels_last)
-        t = self.process.timesteps(x0.shape[0], g, x0.device)
+        t = drawn = self.process.timesteps(x0.shape[0], g, x0.device)
         if self.immiscible:
             noise = immiscible_noise(x0, noise)
         pred, target, t = self.process.prediction_and_target(self.unet, x0, noise, t, g)
@@ -163,6 +174,8 @@ class DiffusionModule(L.LightningModule):
         objective = self.process.objective_loss(weighted)
         if self.weighting is not None:
             objective = self.weighting(weighted, self.process.log_snr(t)).mean()
+        if self.guide is not None:
+            objective = objective + self._guide_objective(x0, noise, drawn, g)
 
         self.loss_window.add(loss, per_sample, t)
         if self._trainer is None:
@@ -177,6 +190,21 @@ class DiffusionModule(L.LightningModule):
                 self.logged_window = (self.loss_window.finite(), self.loss_window.steps, self.global_step + 1)
                 self._log_window(reset=to_loggers)
         return objective
+
+    def _guide_trains(self) -> bool:
+        return self._guide_steps is None or self.global_step < self._guide_steps
+
+    def _guide_objective(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, g: torch.Generator
+    ) -> torch.Tensor:
+        """The trained guide's loss on the batch's first images, with their noise and levels (its own
+        draws, MeanFlow's second time, come from ``g`` after the model's)."""
+        if not self._guide_trains():
+            return self.guide.idle_loss()
+        k = self.guide.batch_size(x0.shape[0])
+        pred, target, t = self.process.prediction_and_target(self.guide.unet, x0[:k], noise[:k], t[:k], g)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return self.process.objective_loss(per_sample * self.process.loss_weights(t))
 
     def _closes_optimizer_step(self, batch_idx: int) -> bool:
         """Whether this micro-batch is the last of its optimizer step (Lightning steps every
@@ -212,6 +240,8 @@ class DiffusionModule(L.LightningModule):
             self.ema.step(self._ema_params or self.unet.parameters())
             if self._is_writer():
                 self.ema.snapshot()
+        if self.guide is not None and self.guide.ema is not None and self._guide_trains():
+            self.guide.ema.step(self.guide.unet.parameters())
 
     def on_train_end(self) -> None:
         if self.ema is not None and self._is_writer():
@@ -226,7 +256,11 @@ class DiffusionModule(L.LightningModule):
         factory = optimizer_for_precision(
             self.optimizer_factory, str(self.trainer.precision), self.trainer.gradient_clip_val
         )
-        optimizer = factory(params=params)
+        groups = [{"params": params}]
+        if self.guide is not None:
+            lr = {"lr": self.guide.lr} if self.guide.lr is not None else {}
+            groups.append({"params": list(self.guide.unet.parameters()), **lr})
+        optimizer = factory(params=groups)
         # estimated_stepping_batches counts real optimizer steps: max_steps, or epochs x batches
         # divided by accumulation and sharded over devices, which is what the schedule must span.
         total = int(self.trainer.estimated_stepping_batches)
@@ -236,7 +270,25 @@ class DiffusionModule(L.LightningModule):
             num_warmup_steps=self.warmup_steps,
             num_training_steps=max(total, 1),
         )
+        if self.guide is not None:
+            # The guide follows the same schedule for its steps, then learning rate 0: frozen.
+            self._guide_steps = stop = self.guide.steps(max(total, 1))
+            shape = scheduler.lr_lambdas[0]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, [shape, lambda step: shape(step) if step < stop else 0.0]
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.guide is None or not gradient_clip_val:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:  # the model's norm as without a guide, the guide's its own
+            clip_each_group(optimizer, float(gradient_clip_val), gradient_clip_algorithm or "norm")
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -250,14 +302,26 @@ class DiffusionModule(L.LightningModule):
             log_window=self.loss_window.state(),
             ema_kind=self.ema.kind if self.ema is not None else "none",
             snapshot_dir=str(snapshots) if snapshots else None,
+            guide_unet_config=dict(self.guide.unet.config) if self.guide is not None else None,
         ).to_checkpoint(checkpoint)
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self.guide is not None and self.guide.ema is not None:
+            checkpoint["guide_ema"] = self.guide.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         repair_epoch_progress(checkpoint)
         record = RunRecord.from_checkpoint(checkpoint)
         self.noise_seed = record.noise_seed if record.noise_seed is not None else self.noise_seed
+        if (record.guide_unet_config is not None) != (self.guide is not None):
+            raise DifflabError(
+                "cannot resume: the checkpoint's run "
+                + ("trained" if self.guide is None else "did not train")
+                + " a guide alongside (model.guide); resume with its settings or start a new run"
+            )
+        if self.guide is not None and self.guide.ema is not None and "guide_ema" in checkpoint:
+            self.guide.ema.load_state_dict(checkpoint["guide_ema"])
+            self.guide.ema.to(self.device)
         if record.log_window is not None:  # the partly filled window, so logged means resume exactly
             self.loss_window.load_state(record.log_window)
         if self.ema is not None and "ema" in checkpoint:
@@ -281,3 +345,15 @@ class DiffusionModule(L.LightningModule):
                 yield unet
         finally:
             self.unet.train(was_training)
+
+    @contextlib.contextmanager
+    def sampling_guide(self) -> Iterator[UNet2DModel]:
+        """The guide trained alongside (model.guide), as sampling_unet gives the model."""
+        guide = self.guide.unet
+        was_training = guide.training
+        guide.eval()
+        try:
+            with swapped_in(self.guide.ema, guide) as unet:
+                yield unet
+        finally:
+            guide.train(was_training)
