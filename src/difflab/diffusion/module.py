@@ -174,7 +174,9 @@ class DiffusionModule(L.LightningModule):
         objective = self.process.objective_loss(weighted)
         if self.weighting is not None:
             objective = self.weighting(weighted, self.process.log_snr(t)).mean()
-        if self.guide is not None:
+        if self.guide is not None and (
+            self._guide_trains() or (self._trainer and self.trainer.world_size > 1)
+        ):
             objective = objective + self._guide_objective(x0, noise, drawn, g)
 
         self.loss_window.add(loss, per_sample, t)
@@ -199,7 +201,7 @@ class DiffusionModule(L.LightningModule):
     ) -> torch.Tensor:
         """The trained guide's loss on the batch's first images, with their noise and levels (its own
         draws, MeanFlow's second time, come from ``g`` after the model's)."""
-        if not self._guide_trains():
+        if not self._guide_trains():  # under DDP: single processes skip the frozen guide outright
             return self.guide.idle_loss()
         k = self.guide.batch_size(x0.shape[0])
         pred, target, t = self.process.prediction_and_target(self.guide.unet, x0[:k], noise[:k], t[:k], g)

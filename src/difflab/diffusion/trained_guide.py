@@ -56,9 +56,10 @@ class TrainedGuide(nn.Module):
         return max(1, round(self.duration * total))
 
     def idle_loss(self) -> torch.Tensor:
-        """0·Σp: zero gradients for a guide past its duration. Under DDP every parameter of the wrapped
-        module must get a gradient each step (the reducer waits for all of them), and a gradient of
-        zero at learning rate 0 (DiffusionModule's schedule) leaves the weights as they are."""
+        """0·Σp: zero gradients for a guide past its duration, under DDP, where every parameter of the
+        wrapped module must get a gradient each step (the reducer waits for all of them); a gradient of
+        zero at learning rate 0 (DiffusionModule's schedule) leaves the weights as they are. A single
+        process gives the frozen guide no gradient at all: the optimizer skips it."""
         return torch.stack([p.sum() for p in self.unet.parameters()]).sum() * 0.0
 
 
