@@ -128,7 +128,17 @@ REFUSED_HERE = {  # choice -> the one-line start-up error it gives on this GPU-l
 # 113.7M parameters: ~15 s a step; 2 spawned ranks: 12 s (test_distributed.py runs ddp_spawn_cpu)
 SLOW = {"model/unet/diffusers_64", "trainer/ddp_spawn_cpu"}
 
-GROUPS = ["data", "model/unet", "model/ema", "model/guide", "trainer", "logger", "callbacks", "metrics", "debug"]
+GROUPS = [
+    "data",
+    "model/unet",
+    "model/ema",
+    "model/guide",
+    "trainer",
+    "logger",
+    "callbacks",
+    "metrics",
+    "debug",
+]
 CASES = [
     pytest.param(f"{g}/{c}", marks=pytest.mark.slow) if f"{g}/{c}" in SLOW else f"{g}/{c}"
     for g in GROUPS

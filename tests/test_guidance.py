@@ -239,7 +239,10 @@ def test_fid_callback_guided_by_the_runs_own_earlier_weights_survives_a_resume(t
 BAD = [
     (["guidance=-1"], "guidance=-1 must be at least 0"),
     (["guidance=abc"], "guidance=abc must be a number"),
-    (["guidance=2"], "guidance=2 needs a guide: give guide=PATH, guide=step:N, guide=ema:S or guide=alongside"),
+    (
+        ["guidance=2"],
+        "guidance=2 needs a guide: give guide=PATH, guide=step:N, guide=ema:S or guide=alongside",
+    ),
     (
         ["guide=step:15", "guidance=2"],
         "guide=step:15: {ckpt}'s run has no checkpoint of step 15 (saved steps: 10, 20, 30)",
