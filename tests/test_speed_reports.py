@@ -1,6 +1,6 @@
-"""precision_bench.py's, run_benchmarks.py's, speed_levers.py's and meanflow_cost.py's reports, generated
-from small fixtures of raw JSON lines (nothing trained): ratios paired within each alternation, the A/A
-noise floor, the verdict, and each writes only its own block of the page."""
+"""precision_bench.py's, run_benchmarks.py's, speed_levers.py's, meanflow_cost.py's and guide_cost.py's
+reports, generated from small fixtures of raw JSON lines (nothing trained): ratios paired within each
+alternation, the A/A noise floor, the verdict, and each writes only its own block of the page."""
 
 from __future__ import annotations
 
@@ -236,3 +236,25 @@ def test_meanflow_cost_report_gives_the_time_ratio_and_the_goal_verdict(tmp_path
     assert line["noise floor: flow fp32 again ÷ flow fp32"].rstrip().endswith("|  |")
     assert "| 0 | 333 | 500 | 250 | 1000 | 333 |" in text  # the per-alternation ms
     assert meanflow_cost.build_report([]) == "Not measured yet under the protocol."
+
+
+def test_guide_cost_report_gives_the_extra_time_while_training_frozen_and_over_a_run(tmp_path, monkeypatch):
+    """Default 100 ms, guide training 120 ms (+20%), frozen 102 ms (+2%): over a run of duration 0.25,
+    0.25·0.20 + 0.75·0.02 = 0.065, under the 0.15 goal."""
+    import guide_cost
+
+    ms = {"default": 100.0, "guide training": 120.0, "guide frozen": 102.0, "default again": 100.0}
+    recs = [
+        record("guide_cost", row=row, repeat=k, step_ms=v, precision="bf16-mixed", steps=30, warmup=5)
+        for k in range(5)
+        for row, v in ms.items()
+    ]
+    page = page_with_prose(tmp_path, monkeypatch, guide_cost)
+    monkeypatch.setattr(guide_cost, "load", lambda bench, raw_dir=None: recs)
+    guide_cost.report(guide_cost.RAW)
+    text = page.read_text()
+    line = {c.split("|")[1].strip(): c for c in text.splitlines() if c.startswith("| ")}
+    assert "| 0.200 [0.200, 0.200] (n=5, bootstrap 95%) |" in line["while the guide trains"]
+    assert "| 0.0650 [0.0650, 0.0650] (n=5, bootstrap 95%) | shown" in line["a whole run, duration 0.25"]
+    assert "| 0 | 100 | 120 | 102 | 100 |" in text
+    assert guide_cost.build_report([]) == "Not measured yet under the protocol."

@@ -6,17 +6,18 @@ itself, at equal sampling cost and at equal steps, under the protocol (PROTOCOL.
     .venv/bin/python experiments/benchmarks/autoguidance.py --steps 40 --seeds 0 --data fashion_mnist \
         --num-samples 64 --num-real 256 --work /tmp/ag_smoke                  # a smoke run
 
-One invocation, seed-major, each (seed, data) trained with the real `difflab-train`:
-- ``model``: the default job with `model/ema=posthoc` (the same training, plus EMA snapshots every 25
-  steps), --steps optimizer steps, a checkpoint every --steps/4; sampled with its EMA (σ_rel 0.10).
-- ``tiny``: the `tiny` UNet preset on the same data for --steps/2: the smaller, shorter-trained guide
-  EDM2 recommends, trained as its own run (its cost reported against the model's run).
-Guides: (a) ``step:<steps/4>``, the model's own checkpoint at a quarter of its training; (b) ``ema:0.02``,
-a short post-hoc EMA of the model's run; (c) the tiny run. Each at --weights, DPM-Solver++ at --steps-guided
-sampler steps (two network evaluations a step), against the model unguided at the same steps (equal steps)
-and at twice them (equal sampling cost). FID (classifier features, difflab-eval) of --num-samples images
-against Fashion-MNIST's held-out test split (twemoji: its training images, as time_to_quality.py), KID
-beside it. Noise floor: seed 0's unguided model sampled again with image seeds 1 and 2.
+One invocation, seed-major, each (seed, data) trained once with the real `difflab-train`: the default
+job (2,000 steps) with `model/ema=posthoc` (the same training, plus EMA snapshots every --steps/40 steps)
+and `model/guide=tiny` (a guide trained alongside, which leaves the model's training bit for bit as it
+is: tests/test_trained_guide.py), a checkpoint every --steps/4; sampled with its EMA (σ_rel 0.10).
+Guides: (a) ``step:<steps/4>``, the model's own checkpoint at a quarter of its training; (b)
+``ema:0.02``, a short post-hoc EMA of the model's run; (c) ``alongside``, the `tiny` UNet trained
+alongside on a quarter of each batch for the first quarter of the run (its cost: guide_cost.py). Each at
+--weights, DPM-Solver++ at --steps-guided sampler steps (two network evaluations a step), against the
+model unguided at the same steps (equal steps) and at twice them (equal sampling cost). FID (classifier
+features, difflab-eval) of --num-samples images against Fashion-MNIST's held-out test split (twemoji: its
+training images, as time_to_quality.py), KID beside it. Noise floor: seed 0's unguided model sampled
+again with image seeds 1 and 2.
 
 Raw records: raw/autoguidance.jsonl; --report writes the "autoguidance" block of RESULTS.md from them alone.
 """
@@ -44,42 +45,38 @@ EVAL_SEED, NOISE_SEEDS = 1234, [1, 2]
 GOAL = 0.75  # issue 32: at least 25% lower held-out FID than unguided at equal sampling cost
 
 
-def runs_of(opts: argparse.Namespace, data: str, seed: int) -> dict[str, Path]:
-    return {row: opts.work / data / f"{row}_seed{seed}" for row in ("model", "tiny")}
+def model_run(opts: argparse.Namespace, data: str, seed: int) -> Path:
+    return opts.work / data / f"model_seed{seed}"
 
 
 def train(opts: argparse.Namespace, data: str, seed: int) -> dict:
-    """Both runs of (data, seed), each timed from its launch to its last checkpoint; read back when done."""
-    runs = runs_of(opts, data, seed)
+    """The run of (data, seed), timed from its launch to its last checkpoint; read back when done."""
+    run = model_run(opts, data, seed)
     done = opts.work / data / f"trained_seed{seed}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    every = opts.steps // 4
-    args = {
-        "model": ["model/ema=posthoc", "model.ema.snapshot_every=25", f"trainer.max_steps={opts.steps}"],
-        "tiny": ["model.unet=tiny", f"trainer.max_steps={opts.steps // 2}"],
-    }
-    timing = {}
-    for row, run in runs.items():
-        t0 = time.time()
-        run_command(
-            [
-                str(BIN / "difflab-train"),
-                f"data={data}",
-                f"seed={seed}",
-                *args[row],
-                f"callbacks.model_checkpoint.every_n_train_steps={every}",
-                "callbacks.model_checkpoint.save_top_k=-1",
-                "callbacks.sample_grid=null",
-                "logger=none",
-                f"hydra.run.dir={run}",
-            ],
-            opts.work,
-            opts.code,
-        )
-        last = max((run / "checkpoints").glob("step_*.ckpt"))
-        timing[row] = {"seconds": last.stat().st_mtime - t0, "steps": int(last.stem.split("_")[1])}
-        print(f"trained {data} {row} seed {seed}: {timing[row]['seconds']:.0f} s", flush=True)
+    t0 = time.time()
+    run_command(
+        [
+            str(BIN / "difflab-train"),
+            f"data={data}",
+            f"seed={seed}",
+            "model/ema=posthoc",
+            f"model.ema.snapshot_every={max(1, opts.steps // 40)}",
+            "model/guide=tiny",
+            f"trainer.max_steps={opts.steps}",
+            f"callbacks.model_checkpoint.every_n_train_steps={opts.steps // 4}",
+            "callbacks.model_checkpoint.save_top_k=-1",
+            "callbacks.sample_grid=null",
+            "logger=none",
+            f"hydra.run.dir={run}",
+        ],
+        opts.work,
+        opts.code,
+    )
+    last = max((run / "checkpoints").glob("step_*.ckpt"))
+    timing = {"seconds": last.stat().st_mtime - t0, "steps": int(last.stem.split("_")[1])}
+    print(f"trained {data} seed {seed}: {timing['seconds']:.0f} s", flush=True)
     done.write_text(json.dumps(timing))
     return timing
 
@@ -91,7 +88,7 @@ def evaluate(
     out = opts.work / "eval" / data / f"seed{seed}_{name}_eval{eval_seed}"
     if (out / "done").is_file():
         return json.loads((out / "results.json").read_text())
-    ckpt = runs_of(opts, data, seed)["model"] / "checkpoints" / f"step_{opts.steps:07d}.ckpt"
+    ckpt = model_run(opts, data, seed) / "checkpoints" / f"step_{opts.steps:07d}.ckpt"
     rows = run_eval(opts, data, ckpt, out, eval_seed, f"sampler={SAMPLER}", *args)
     (out / "done").touch()
     return rows
@@ -105,11 +102,10 @@ def run(opts: argparse.Namespace) -> None:
     for seed in opts.seeds:
         for data in opts.data:
             timing = train(opts, data, seed)
-            tiny = runs_of(opts, data, seed)["tiny"] / "checkpoints" / "last.ckpt"
             guides = {
                 f"step:{opts.steps // 4}": "early checkpoint",
                 "ema:0.02": "short post-hoc EMA",
-                str(tiny): "tiny",
+                "alongside": "tiny alongside",
             }
             rec.record(kind="run", data=data, seed=seed, steps=opts.steps, timing=timing)
             calls = [("unguided", [f"steps=[{unguided}]"], EVAL_SEED)]
@@ -175,8 +171,9 @@ def build_report(records: list[dict]) -> str:
         f"EMA) unguided and guided, {SAMPLER}. Classifier-FID of {first['num_samples']} samples (image seed "
         f"{EVAL_SEED}); each cell: median [min-max] over seeds. Guides: the model's checkpoint at a "
         "quarter of its training (early checkpoint), its post-hoc EMA at σ_rel 0.02 (short post-hoc EMA), "
-        "the `tiny` UNet trained on the same data for half the steps (tiny). A guided step costs two network "
-        "evaluations: equal cost compares guided n steps with unguided 2n.",
+        "the `tiny` UNet trained alongside (`model/guide=tiny`: a quarter of each batch, the first quarter "
+        "of the run; tiny alongside). A guided step costs two network evaluations: equal cost compares "
+        "guided n steps with unguided 2n. The guide's training cost: the guide_cost block.",
         "",
         machine_line(records),
     ]
@@ -229,6 +226,11 @@ def build_report(records: list[dict]) -> str:
                 f"Best guided setting (median FID): {best[0]}, w = {best[1]}, {best[2]} steps: "
                 f"{medians[best]:.3g}."
             )
+            per_guide = []
+            for g in dict.fromkeys(k[0] for k in medians if k[0] is not None):
+                k = min((k for k in medians if k[0] == g), key=medians.get)
+                per_guide.append(f"{g} w = {k[1]} ({medians[k]:.3g})")
+            lines.append("Best w per guide (median FID): " + "; ".join(per_guide) + ".")
         floor = {
             p["eval_seed"]: p["fid"]
             for p in pts.values()
@@ -244,17 +246,6 @@ def build_report(records: list[dict]) -> str:
                 f"{sorted(floor)}: "
                 f"FID spread {spread:.3g} ({spread / statistics.median(floor.values()):.1%} of the median)."
             )
-        runs = list({r["seed"]: r for r in records if r.get("kind") == "run" and r["data"] == data}.values())
-        if runs:
-            per_step = [
-                (r["timing"]["tiny"]["seconds"] / r["timing"]["tiny"]["steps"])
-                / (r["timing"]["model"]["seconds"] / r["timing"]["model"]["steps"])
-                for r in runs
-            ]
-            lines.append(
-                f"Training cost of the tiny guide: seconds per step (start-up included) ÷ the model's, "
-                f"{cell(per_step)}; it trains for half the steps."
-            )
     return "\n".join(lines)
 
 
@@ -269,10 +260,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", default=["fashion_mnist", "twemoji"], choices=list(HELD_OUT))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=500, help="the model's optimizer steps")
+    p.add_argument("--steps", type=int, default=2000, help="the model's optimizer steps (the default job's)")
     p.add_argument("--steps-guided", nargs="+", type=int, default=[10])
-    p.add_argument("--weights", nargs="+", type=float, default=[1.5, 2.5])
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--weights", nargs="+", type=float, default=[1.25, 1.5, 2.0])
+    p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--num-real", type=int, default=10000)
     p.add_argument("--work", type=Path, default=Path("/tmp/autoguidance"))
     p.add_argument("--raw", type=Path, default=RAW)
