@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from difflab.diffusion.guidance import GuidedUNet
-from difflab.diffusion.meanflow_pipeline import MeanFlowScheduler
+from difflab.diffusion.pipeline import MeanFlowScheduler
 from difflab.diffusion.sampling import build_sampler, image_generators, sample_batch
 from difflab.evaluate import COMMAND as EVAL
 from difflab.export import COMMAND as EXPORT
@@ -177,7 +177,7 @@ def test_guided_export_loads_in_diffusers_and_draws_difflab_sample_images(run, t
     code = (out / "pipeline.py").read_text()
     assert "import difflab" not in code and "from difflab" not in code  # loads without difflab
     pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=str(out), trust_remote_code=True)
-    assert (type(pipe).__name__, pipe.config.guidance) == ("GuidedPipeline", 2.0)
+    assert (type(pipe).__name__, pipe.config.guidance) == ("DifflabPipeline", 2.0)
     pipe.scheduler = build_sampler("dpmsolver++", pipe.scheduler.config)  # difflab-sample's default
     ref = pipe(batch_size=4, generator=image_generators(7, range(4)), num_inference_steps=6, output_type="np")
     ours = SAMPLE.call(
@@ -294,9 +294,9 @@ def test_readme_autoguidance_lines_as_written(tmp_path):
     rows = json.loads((tmp_path / "eval_guidance" / "results.json").read_text())
     assert [(r["guide"], r["guidance"]) for r in rows] == [
         (None, 1.0),
-        *[("step:100", w) for w in (1.5, 2.0, 2.5)],
+        *[(g, w) for g in ("step:100", "alongside") for w in (1.5, 2.0, 2.5)],
     ]
     assert (tmp_path / "eval_guidance" / "fid_vs_guidance.png").is_file()
     assert len(list((tmp_path / "samples_guided").glob("*.png"))) == 9  # 8 images + grid.png
     index = json.loads((tmp_path / "exported" / "digits_guided" / "model_index.json").read_text())
-    assert index["_class_name"] == "GuidedPipeline" and index["guidance"] == 2.0
+    assert index["_class_name"] == "DifflabPipeline" and index["guidance"] == 2.0 and index["guide"][0]

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from difflab.diffusion.meanflow import MeanFlowProcess
-from difflab.diffusion.meanflow_pipeline import MeanFlowScheduler
 from difflab.diffusion.noise import NoiseLevels, objective_of
+from difflab.diffusion.pipeline import MeanFlowScheduler
 from difflab.diffusion.sampling import build_sampler, sample_batch, sampler_problem, steps_problem
 from difflab.diffusion.unet import UNet2DModel
 from difflab.errors import DifflabError
@@ -197,7 +197,7 @@ def test_export_loads_in_diffusers_with_its_own_pipeline_and_draws_difflab_sampl
     out = EXPORT.call([f"ckpt={meanflow_ckpt}", f"out={tmp_path / 'pipe'}"])
     assert not re.search(r"^\s*(from|import) difflab", (out / "pipeline.py").read_text(), flags=re.M)
     pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=str(out), trust_remote_code=True)
-    assert type(pipe).__name__ == "MeanFlowPipeline"
+    assert type(pipe).__name__ == "DifflabPipeline"
     ref = pipe(
         batch_size=3, generator=image_generators(7, range(3)), num_inference_steps=steps, output_type="np"
     )

@@ -137,7 +137,7 @@ def test_a_meanflow_guide_trains_alongside_and_exports_guided(trained_runs, tmp_
     assert load_checkpoint(ckpt)["difflab"]["guide_unet_config"]["class_embed_type"] == "timestep"
     out = EXPORT.call([f"ckpt={ckpt}", f"out={tmp_path / 'pipe'}", "guide=alongside", "guidance=2.0"])
     pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=str(out), trust_remote_code=True)
-    assert (type(pipe).__name__, pipe.config.guidance) == ("MeanFlowPipeline", 2.0)
+    assert (type(pipe).__name__, pipe.config.guidance) == ("DifflabPipeline", 2.0)
     common = ["sampler=meanflow", "steps=2", "num_images=3", "seed=7", "grid=false", f"ckpt={ckpt}"]
     guided = pixels(SAMPLE.call([*common, "guide=alongside", "guidance=2.0", f"out={tmp_path / 'g'}"]))
     plain = pixels(SAMPLE.call([*common, f"out={tmp_path / 'p'}"]))

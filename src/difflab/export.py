@@ -44,10 +44,8 @@ def export(
     # subclass only reads dtype faster), so the folder loads wherever diffusers does.
     unet, sched_cfg, _ = load_trained_unet(ckpt, use_ema=use_ema, unet_class=UNet2DModel, ema_std=ema_std)
     weak = load_guide(guide, ckpt, use_ema, unet_class=UNet2DModel) if guide is not None else None
-    if objective_of(sched_cfg) == "meanflow":
-        write_meanflow_pipeline(unet, sched_cfg, out, weak, guidance)
-    elif weak is not None:
-        write_guided_pipeline(unet, weak, guidance, sched_cfg, out)
+    if objective_of(sched_cfg) == "meanflow" or weak is not None:
+        write_difflab_pipeline(unet, sched_cfg, out, weak, guidance)
     else:
         # DDPMPipeline's loop (noise, then step() over the timesteps) runs a flow model with diffusers'
         # flow Euler scheduler as well: the export of either objective loads with from_pretrained.
@@ -60,43 +58,36 @@ def export(
     return Path(out)
 
 
-def write_meanflow_pipeline(
+def write_difflab_pipeline(
     unet: UNet2DModel, sched_cfg: dict, out: str, guide: UNet2DModel | None = None, guidance: float = 1.0
 ) -> None:
-    """A MeanFlow model's folder: diffusers' UNet2DModel, a flow scheduler config that carries T (and
-    ``objective: meanflow``, which difflab-sample reads), and its own pipeline class as ``pipeline.py``
-    (diffusion/meanflow_pipeline.py, torch and diffusers only): DDPMPipeline's loop has no second time
-    input. diffusers loads it with ``DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR,
-    trust_remote_code=True)`` (the code is the folder's own pipeline.py). With ``guide``, both UNets and
-    the weight ``guidance`` (autoguidance)."""
+    """A folder DDPMPipeline cannot run (a MeanFlow model: its loop has no second time input; an
+    autoguided one: two UNets): diffusers' UNet2DModel(s), the scheduler, ``guidance`` in
+    model_index.json, and difflab's pipeline class as ``pipeline.py`` (diffusion/pipeline.py, torch and
+    diffusers only). diffusers loads it with ``DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR,
+    trust_remote_code=True)`` (the code is the folder's own pipeline.py). A MeanFlow model's scheduler is
+    diffusers' flow scheduler carrying T, its config the model's (``objective: meanflow``, which
+    difflab-sample reads); model_index.json says ``meanflow: true`` to the pipeline."""
     import json
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from difflab.diffusion import meanflow_pipeline
+    from difflab.diffusion import pipeline
 
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=sched_cfg["num_train_timesteps"])
-    pipe = meanflow_pipeline.MeanFlowPipeline(unet=unet, scheduler=scheduler, guide=guide, guidance=guidance)
-    with atomic_dir(out) as partial:
+    meanflow = objective_of(sched_cfg) == "meanflow"
+    if meanflow:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=sched_cfg["num_train_timesteps"])
+    else:
+        scheduler = scheduler_class(objective_of(sched_cfg)).from_config(sched_cfg)
+    pipe = pipeline.DifflabPipeline(
+        unet=unet, scheduler=scheduler, guide=guide, guidance=guidance, meanflow=meanflow
+    )
+    with atomic_dir(out) as partial:  # a kill mid-write leaves no half pipeline, a rerun no litter
         pipe.save_pretrained(partial, safe_serialization=True)
-        sched_path = Path(partial) / "scheduler" / "scheduler_config.json"
-        sched_path.write_text(json.dumps({**json.loads(sched_path.read_text()), **sched_cfg}, indent=2))
-        (Path(partial) / "pipeline.py").write_text(Path(meanflow_pipeline.__file__).read_text())
-
-
-def write_guided_pipeline(
-    unet: UNet2DModel, guide: UNet2DModel, guidance: float, sched_cfg: dict, out: str
-) -> None:
-    """An autoguided model's folder: both UNets (diffusers' class), the scheduler a plain export of
-    this objective saves, the weight in model_index.json, and its pipeline class as ``pipeline.py``
-    (diffusion/guided_pipeline.py, torch and diffusers only), loaded as the MeanFlow export is."""
-    from difflab.diffusion import guided_pipeline
-
-    scheduler = scheduler_class(objective_of(sched_cfg)).from_config(sched_cfg)
-    pipe = guided_pipeline.GuidedPipeline(unet=unet, guide=guide, scheduler=scheduler, guidance=guidance)
-    with atomic_dir(out) as partial:
-        pipe.save_pretrained(partial, safe_serialization=True)
-        (Path(partial) / "pipeline.py").write_text(Path(guided_pipeline.__file__).read_text())
+        if meanflow:
+            sched_path = Path(partial) / "scheduler" / "scheduler_config.json"
+            sched_path.write_text(json.dumps({**json.loads(sched_path.read_text()), **sched_cfg}, indent=2))
+        (Path(partial) / "pipeline.py").write_text(Path(pipeline.__file__).read_text())
 
 
 def push(out: Path, repo_id: str, private: bool) -> None:

@@ -28,8 +28,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from difflab.diffusion.meanflow_pipeline import MeanFlowScheduler
 from difflab.diffusion.noise import FlowProcess, NoiseLevels
+from difflab.diffusion.pipeline import MeanFlowScheduler
 from difflab.rules import Above, AtLeast, Between
 
 

@@ -43,7 +43,7 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
     # MeanFlow (model=meanflow): jumps of the learned average velocity, 1-4 steps (diffusion/meanflow.py).
-    "meanflow": ("MeanFlowScheduler", {}),  # difflab's: diffusion/meanflow_pipeline.py
+    "meanflow": ("MeanFlowScheduler", {}),  # difflab's: diffusion/pipeline.py
 }
 # The names as a type, for the signatures that take one (the start-up check reads it: rules.py).
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
@@ -229,7 +229,7 @@ def build_sampler(name: str, train_scheduler_config: dict, **overrides: object) 
     if problem:
         raise DifflabError(problem)
     if name == "meanflow":
-        from difflab.diffusion.meanflow_pipeline import MeanFlowScheduler
+        from difflab.diffusion.pipeline import MeanFlowScheduler
 
         return MeanFlowScheduler.from_config(dict(train_scheduler_config))
     cls_name, extra = SAMPLERS[name]

@@ -1,21 +1,32 @@
-"""MeanFlow's sampler and a diffusers pipeline that drives it (difflab's model=meanflow). difflab-sample
-uses the sampler; difflab-export writes this file beside an export as its ``pipeline.py``: it imports
-torch and diffusers only, so the folder loads without difflab installed, and draws with the same code:
+"""The diffusers pipeline of every difflab export that DDPMPipeline cannot run: a MeanFlow model, and an
+autoguided model of any objective (both UNets). difflab-export writes this file beside such an export as
+its ``pipeline.py``: it imports torch and diffusers only, so the folder loads without difflab installed,
+and draws with difflab-sample's own code:
 
     pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
     images = pipe(batch_size=16, num_inference_steps=1).images
 
-An export with ``guide=`` carries the guide too (autoguidance, difflab's diffusion/guidance.py): each
-jump's average velocity is guide + w·(model − guide), ``guidance`` = w (the weight exported, overridable
-per call; 1.0 skips the guide).
+One class for both (``DifflabPipeline``): diffusers loads every folder's ``pipeline.py`` into the same
+module, where a second pipeline class left by an earlier load in the process would make it refuse the
+next folder.
 
-The UNet predicts the average velocity u(z_t, r, t) over [r, t] (timestep t·T, class label (t − r)·T);
-``num_inference_steps`` equal jumps z_r = z_t − (t − r)·u go from pure noise (t = 1) to an image (r = 0),
-``MeanFlowScheduler`` below, as ``difflab-sample sampler=meanflow``. The pipeline's scheduler component
-(diffusers' flow scheduler, so diffusers loads it without custom code) only carries T.
+MeanFlow (``meanflow`` true in model_index.json): the UNet predicts the average velocity
+u(z_t, r, t) over [r, t] (timestep t·T, class label (t − r)·T); ``num_inference_steps`` equal jumps
+z_r = z_t − (t − r)·u go from pure noise (t = 1) to an image (r = 0), ``MeanFlowScheduler`` below, as
+``difflab-sample sampler=meanflow``. The pipeline's scheduler component (diffusers' flow scheduler, so
+diffusers loads it without custom code) only carries T.
+
+Other objectives: DDPMPipeline's loop (noise, then ``step()`` over the scheduler's timesteps), so any
+diffusers scheduler built from ``pipe.scheduler.config`` can replace the saved one.
+
+Autoguidance (a ``guide`` component, difflab's diffusion/guidance.py): each network output is
+guide + w·(model − guide), ``guidance`` = w (the weight exported, overridable per call; 1.0 skips the
+guide).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -80,39 +91,52 @@ class MeanFlowScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
-class MeanFlowPipeline(DiffusionPipeline):
+class DifflabPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet->guide"
     _optional_components = ["guide"]
 
-    def __init__(self, unet, scheduler, guide=None, guidance: float = 1.0) -> None:
+    def __init__(self, unet, scheduler, guide=None, guidance: float = 1.0, meanflow: bool = False) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, guide=guide)
-        self.register_to_config(guidance=float(guidance))
+        self.register_to_config(guidance=float(guidance), meanflow=bool(meanflow))
 
     @torch.no_grad()
     def __call__(
         self,
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 1,
+        num_inference_steps: int | None = None,
         guidance: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
+        """``num_inference_steps``: default 1 for a MeanFlow model, 20 for the others."""
         weight = float(self.config.guidance if guidance is None else guidance)
         if weight != 1.0 and self.guide is None:
             raise ValueError(f"guidance={weight} needs a guide: this pipeline was exported without one")
+        meanflow = self.config.meanflow
+        steps = num_inference_steps or (1 if meanflow else 20)
         cfg = self.unet.config
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        sampler = MeanFlowScheduler(num_train_timesteps=self.scheduler.config.num_train_timesteps)
-        sampler.set_timesteps(num_inference_steps, device=self.device)
+        if meanflow:
+            sampler = MeanFlowScheduler(num_train_timesteps=self.scheduler.config.num_train_timesteps)
+            sampler.set_timesteps(steps, device=self.device)
+            extra, scale = {}, lambda x, t: x
+        else:
+            sampler = self.scheduler
+            sampler.set_timesteps(steps, device=self.device)
+            x = x * getattr(sampler, "init_noise_sigma", 1.0)
+            scale = getattr(sampler, "scale_model_input", lambda x, t: x)
+            takes_generator = "generator" in inspect.signature(sampler.step).parameters
+            extra = {"generator": generator} if takes_generator else {}
         for t in self.progress_bar(sampler.timesteps):
-            inputs = sampler.model_inputs(t, batch_size)
-            u = self.unet(x, t, **inputs).sample
+            model_in = scale(x, t)
+            inputs = sampler.model_inputs(t, batch_size) if meanflow else {}
+            out = self.unet(model_in, t, **inputs).sample
             if weight != 1.0:
-                u = torch.lerp(self.guide(x, t, **inputs).sample, u, weight)
-            x = sampler.step(u, t, x).prev_sample
+                out = torch.lerp(self.guide(model_in, t, **inputs).sample, out, weight)
+            x = sampler.step(out, t, x, **extra).prev_sample
         image = (x.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
         if output_type == "pil":
             image = self.numpy_to_pil(image)
