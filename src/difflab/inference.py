@@ -123,16 +123,32 @@ def _load_posthoc(unet: torch.nn.Module, folder: Path, step: int, p: Path, ema_s
             param.copy_(weights[name])
 
 
-def schedule_of(ckpt: str | os.PathLike) -> dict | None:
-    """The noise-schedule config of a checkpoint or exported pipeline, read without loading weights
-    (the checkpoint is memory-mapped), for the start-up checks; None where it cannot be read (the run
-    itself then says why, in one line)."""
-    path = Path(ckpt)
+def configs_of(path: str | os.PathLike, key: str = "ckpt") -> tuple[dict, dict]:
+    """(UNet config, noise-schedule config) of a checkpoint or exported pipeline, read without its
+    weights (the checkpoint is memory-mapped), for the start-up checks; ``key`` names the setting in
+    the one line said where it cannot be read."""
+    path = Path(path)
     try:
         if path.is_dir():
-            return json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        return RunRecord.peek(path).scheduler_config
-    except Exception:  # any unreadable file: reported by the loader, with its reasons, once the run starts
+            unet = json.loads((path / "unet" / "config.json").read_text())
+            sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+            return unet, sched
+        record = RunRecord.peek(path)
+        return dict(record.unet_config), dict(record.scheduler_config)
+    except DifflabError:
+        raise
+    except Exception as e:  # any unreadable file, whatever library raised it
+        raise DifflabError(
+            f"{key}={path} is not a difflab checkpoint or exported pipeline ({type(e).__name__})"
+        ) from None
+
+
+def schedule_of(ckpt: str | os.PathLike) -> dict | None:
+    """The noise-schedule config of a checkpoint or exported pipeline (configs_of), or None where it
+    cannot be read: the run itself then says why, in one line, with its reasons."""
+    try:
+        return configs_of(ckpt)[1]
+    except DifflabError:
         return None
 
 

@@ -15,10 +15,11 @@ import lightning as L
 from torch import nn
 
 from difflab.cadence import due
-from difflab.diffusion.guidance import EMA, STEP, GuidedUNet, describe, load_guide, mismatch
+from difflab.diffusion.guidance import EMA, STEP, GuidedUNet, load_guide, mismatch
 from difflab.diffusion.sampling import SamplerName, build_sampler
 from difflab.diffusion.trained_guide import ALONGSIDE
 from difflab.errors import DifflabError
+from difflab.inference import configs_of
 from difflab.metrics.fid import FIDEvaluator, prepare_extractor, real_features
 from difflab.rules import AtLeast
 from difflab.rundir import make_writable_dir
@@ -114,7 +115,7 @@ class FIDCallback(L.Callback):
             if not Path(self.guide).exists():
                 raise DifflabError(f"{key} does not exist; give a checkpoint, an exported pipeline or step:N")
             mine = (dict(pl_module.unet.config), dict(pl_module.noise_scheduler.config))
-            if problem := mismatch(key, describe(Path(self.guide), "callbacks.fid.guide"), mine, "this run"):
+            if problem := mismatch(key, configs_of(self.guide, "callbacks.fid.guide"), mine, "this run"):
                 raise DifflabError(problem)
 
     def reference_data(self, datamodule: object, run_config: dict | None) -> object:

@@ -18,7 +18,6 @@ runs trained with model/guide=tiny: diffusion/trained_guide.py).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from torch import nn
 
 from difflab.diffusion.trained_guide import ALONGSIDE
 from difflab.errors import DifflabError
+from difflab.inference import configs_of, load_trained_unet
 
 STEP, EMA = re.compile(r"step:(\d+)"), re.compile(r"ema:(\S+)")
 # What a guide must share with the model: the images (shape) and what the network's output means.
@@ -92,25 +92,6 @@ def guide_source(guide: str, ckpt: str) -> tuple[Path, float | None]:
     return path, None
 
 
-def describe(path: Path, key: str = "guide") -> tuple[dict, dict]:
-    """(UNet config, noise-schedule config) of a checkpoint or exported pipeline, without its weights."""
-    from difflab.run_record import RunRecord
-
-    try:
-        if path.is_dir():
-            unet = json.loads((path / "unet" / "config.json").read_text())
-            sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-            return unet, sched
-        record = RunRecord.peek(path)
-        return dict(record.unet_config), dict(record.scheduler_config)
-    except DifflabError:
-        raise
-    except Exception as e:  # any unreadable file, whatever library raised it
-        raise DifflabError(
-            f"{key}={path} is not a difflab checkpoint or exported pipeline ({type(e).__name__})"
-        ) from None
-
-
 def mismatch(key: str, theirs: tuple[dict, dict], mine: tuple[dict, dict], model: str) -> str | None:
     """One line naming what a guide (its UNet and schedule configs) differs in from ``model``, or None."""
     from difflab.diffusion.noise import objective_of
@@ -135,7 +116,7 @@ def mismatch(key: str, theirs: tuple[dict, dict], mine: tuple[dict, dict], model
 def guide_problem(guide: str, ckpt: str) -> str | None:
     """Why ``guide`` cannot guide the model of ``ckpt``, or None: the start-up check (weights unread)."""
     try:
-        mine = describe(Path(ckpt), "ckpt")
+        mine = configs_of(Path(ckpt), "ckpt")
     except DifflabError:
         return None  # the model's own loader says what is wrong with ckpt
     if guide == ALONGSIDE:
@@ -165,7 +146,7 @@ def guide_problem(guide: str, ckpt: str) -> str | None:
             )
         return None  # the run's own model, another EMA of it
     try:
-        return mismatch(f"guide={guide}", describe(path), mine, ckpt)
+        return mismatch(f"guide={guide}", configs_of(path, "guide"), mine, ckpt)
     except DifflabError as e:
         return str(e)
 
@@ -186,8 +167,6 @@ def load_guide(
     guide: str, ckpt: str, use_ema: bool, channels_last: bool = False, unet_class: type | None = None
 ) -> nn.Module:
     """The guide network named by ``guide`` (checked by guide_problem at start-up)."""
-    from difflab.inference import load_trained_unet
-
     if guide == ALONGSIDE:
         return load_trained_unet(ckpt, use_ema, channels_last, unet_class, part="guide")[0]
     path, std = guide_source(guide, ckpt)

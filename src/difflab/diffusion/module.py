@@ -336,26 +336,22 @@ class DiffusionModule(L.LightningModule):
             self.ema.to(self.device)
 
     # ----------------------------------------------------------------------------------- sampling
-    @contextlib.contextmanager
-    def sampling_unet(self) -> Iterator[UNet2DModel]:
+    def sampling_unet(self) -> contextlib.AbstractContextManager[UNet2DModel]:
         """The UNet as every grid and FID evaluation samples it: EMA weights swapped in, eval mode.
         The live weights and the training mode come back afterwards, even on error."""
-        was_training = self.unet.training
-        self.unet.eval()
-        try:
-            with swapped_in(self.ema, self.unet) as unet:
-                yield unet
-        finally:
-            self.unet.train(was_training)
+        return _for_sampling(self.unet, self.ema)
 
-    @contextlib.contextmanager
-    def sampling_guide(self) -> Iterator[UNet2DModel]:
+    def sampling_guide(self) -> contextlib.AbstractContextManager[UNet2DModel]:
         """The guide trained alongside (model.guide), as sampling_unet gives the model."""
-        guide = self.guide.unet
-        was_training = guide.training
-        guide.eval()
-        try:
-            with swapped_in(self.guide.ema, guide) as unet:
-                yield unet
-        finally:
-            guide.train(was_training)
+        return _for_sampling(self.guide.unet, self.guide.ema)
+
+
+@contextlib.contextmanager
+def _for_sampling(unet: UNet2DModel, ema: EMAModel | PowerFunctionEMA | None) -> Iterator[UNet2DModel]:
+    was_training = unet.training
+    unet.eval()
+    try:
+        with swapped_in(ema, unet) as swapped:
+            yield swapped
+    finally:
+        unet.train(was_training)
