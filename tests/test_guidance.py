@@ -6,6 +6,7 @@ and the FID callback take a guide; bad input is one line each."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -196,23 +197,26 @@ def test_guided_export_loads_in_diffusers_and_draws_difflab_sample_images(run, t
         assert np.abs(img[..., 0] - np.round(ref.images[i, ..., 0] * 255)).max() <= 1.0
 
 
-def test_fid_callback_guided_by_the_runs_own_earlier_weights_survives_a_resume(tmp_path):
-    """callbacks.fid.guide=step:10: the EMA weights of step 10 guide every later FID (at step 10 itself
-    the guide is the model: unguided values); fid.jsonl names the guide. They travel in the checkpoint: a
-    run resumed from step 20 (a fresh process) logs the uninterrupted run's guided FID at step 30."""
-    import shutil
-
-    fid = [
+def cheap_fid(cache: Path) -> list[str]:
+    """The FID callback every 10 steps on 20 samples of 3 steps against 100 real images."""
+    return [
         "callbacks=with_fid",
         "callbacks.fid.every_n_steps=10",
         "callbacks.fid.num_samples=20",
         "callbacks.fid.num_real=100",
         "callbacks.fid.batch_size=20",
         "callbacks.fid.steps=3",
-        "callbacks.fid.guide=step:10",
-        "callbacks.fid.guidance=2.0",
-        f"metrics.cache_dir={tmp_path / 'cache'}",
+        f"metrics.cache_dir={cache}",
     ]
+
+
+def test_fid_callback_guided_by_the_runs_own_earlier_weights_survives_a_resume(tmp_path):
+    """callbacks.fid.guide=step:10: the EMA weights of step 10 guide every later FID (at step 10 itself
+    the guide is the model: unguided values); fid.jsonl names the guide. They travel in the checkpoint: a
+    run resumed from step 20 (a fresh process) logs the uninterrupted run's guided FID at step 30."""
+    import shutil
+
+    fid = [*cheap_fid(tmp_path / "cache"), "callbacks.fid.guide=step:10", "callbacks.fid.guidance=2.0"]
     args = [*GUIDED_30, *fid]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     train(compose_config(whole, args))

@@ -154,16 +154,9 @@ def test_a_meanflow_guide_trains_alongside_and_exports_guided(trained_runs, tmp_
 def test_fid_callback_guided_by_the_guide_alongside(tmp_path):
     from difflab.train import train
     from tests.conftest import compose_config
+    from tests.test_guidance import cheap_fid
 
-    fid = [
-        "callbacks=with_fid",
-        "callbacks.fid.every_n_steps=10",
-        "callbacks.fid.num_samples=20",
-        "callbacks.fid.num_real=100",
-        "callbacks.fid.batch_size=20",
-        "callbacks.fid.steps=3",
-        f"metrics.cache_dir={tmp_path / 'cache'}",
-    ]
+    fid = cheap_fid(tmp_path / "cache")
     runs = {}
     for name, extra in [
         ("plain", []),
