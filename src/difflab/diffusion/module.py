@@ -174,10 +174,8 @@ class DiffusionModule(L.LightningModule):
         objective = self.process.objective_loss(weighted)
         if self.weighting is not None:
             objective = self.weighting(weighted, self.process.log_snr(t)).mean()
-        if self.guide is not None and (
-            self._guide_trains() or (self._trainer and self.trainer.world_size > 1)
-        ):
-            objective = objective + self._guide_objective(x0, noise, drawn, g)
+        if self.guide is not None and (guide_loss := self._guide_objective(x0, noise, drawn, g)) is not None:
+            objective = objective + guide_loss
 
         self.loss_window.add(loss, per_sample, t)
         if self._trainer is None:
@@ -198,11 +196,12 @@ class DiffusionModule(L.LightningModule):
 
     def _guide_objective(
         self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, g: torch.Generator
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """The trained guide's loss on the batch's first images, with their noise and levels (its own
-        draws, MeanFlow's second time, come from ``g`` after the model's)."""
-        if not self._guide_trains():  # under DDP: single processes skip the frozen guide outright
-            return self.guide.idle_loss()
+        draws, MeanFlow's second time, come from ``g`` after the model's); once it is frozen, its zero
+        loss under DDP and None (nothing to run) in a single process."""
+        if not self._guide_trains():
+            return self.guide.idle_loss() if self._trainer and self.trainer.world_size > 1 else None
         k = self.guide.batch_size(x0.shape[0])
         pred, target, t = self.process.prediction_and_target(self.guide.unet, x0[:k], noise[:k], t[:k], g)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
